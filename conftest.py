@@ -1,0 +1,5 @@
+"""pytest: make the flat top-level modules importable from tests/."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
