@@ -1,0 +1,340 @@
+"""data.py: MVTec AD / LOCO + MVTec Caption loading, its error messages, the few-shot split, mask sampling
+and the toy world (layout, determinism, and that the picture follows the caption)."""
+import hashlib
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+SIZE = 64  # toy images in tests: small enough to generate a category in about a second
+
+
+def _png(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(path)
+    return path
+
+
+def _text(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+def _square(h, w, y0, y1, x0, x1, value=255):
+    m = np.zeros((h, w), np.uint8)
+    m[y0:y1, x0:x1] = value
+    return m
+
+
+def _ad_tree(root, n=3):
+    """A tiny MVTec AD category (+ MVTec Caption prompts): 2 defect types, grayscale images as in some AD categories."""
+    cat = root / "screw"
+    for i in range(4):
+        _png(cat / "train" / "good" / f"{i:03d}.png", np.full((16, 16), 100 + i))
+    _png(cat / "test" / "good" / "000.png", np.full((16, 16), 90))
+    for defect in ("scratch", "crack"):
+        for i in range(n):
+            _png(cat / "test" / defect / f"{i:03d}.png", np.full((16, 16), 50 + i))
+            _png(cat / "ground_truth" / defect / f"{i:03d}_mask.png", _square(16, 16, 2, 6, 2, 6))
+            _text(cat / "prompt" / defect / f"{i:03d}.txt", f"  A naïve {defect} number {i}\n\n")
+    return cat
+
+
+def _loco_tree(root):
+    """A tiny MVTec LOCO category: one anomaly with two mask regions in ground_truth/<defect>/000/."""
+    cat = root / "juice_bottle"
+    _png(cat / "train" / "good" / "000.png", np.zeros((20, 20, 3)))
+    _png(cat / "validation" / "good" / "000.png", np.zeros((20, 20, 3)))
+    _png(cat / "test" / "logical_anomalies" / "000.png", np.zeros((20, 20, 3)))
+    _png(cat / "ground_truth" / "logical_anomalies" / "000" / "000.png", _square(20, 20, 0, 5, 0, 5))
+    _png(cat / "ground_truth" / "logical_anomalies" / "000" / "001.png", _square(20, 20, 10, 20, 10, 20))
+    _text(cat / "prompt" / "logical_anomalies" / "000.txt", "The label is missing")
+    return cat
+
+
+def _files_digest(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    return {c: data.load_category(data.make_toy(root, c, size=SIZE, seed=0)) for c in data.TOY_CATEGORIES}
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def test_toy_category_has_the_mvtec_layout_and_counts(toy):
+    """Every code path is the real one only if the toy world is a valid MVTec + MVTec Caption folder."""
+    for name, cat in toy.items():
+        assert cat.name == name and cat.defects == sorted(data.TOY_DEFECTS[name])
+        assert len(cat.train_good) >= 200 and len(cat.test_good) >= 20
+        for defect in cat.defects:
+            items = cat.anomalies_of(defect)
+            assert len(items) >= 15
+            assert [a.image.name for a in items] == sorted(a.image.name for a in items)
+        for a in cat.anomalies:
+            assert a.mask_files == (cat.folder / "ground_truth" / a.defect / f"{a.image.stem}_mask.png",)
+            assert a.caption and a.caption == a.caption.strip()
+
+
+def test_read_image_and_mask_give_the_documented_tensors(toy):
+    """Models rely on images being float [3, S, S] in [0, 1] and masks exactly {0, 1} of shape [1, S, S]."""
+    a = toy["cable"].anomalies[0]
+    image, mask = data.read_image(a.image, 48), data.read_mask(a, 48)
+    assert image.shape == (3, 48, 48) and image.dtype == torch.float32
+    assert 0 <= image.min() and image.max() <= 1 and image.std() > 0.05
+    assert mask.shape == (1, 48, 48) and set(mask.unique().tolist()) == {0.0, 1.0}
+
+
+def test_ad_tree_is_parsed_with_stripped_captions_and_binarised_masks(tmp_path):
+    """MVTec AD + Caption: one caption per anomaly with the same index, UTF-8, stripped; grayscale -> RGB."""
+    cat_dir = _ad_tree(tmp_path)
+    half = np.where(_square(16, 16, 0, 8, 0, 16) > 0, 128, 127)  # 128 is foreground, 127 is not (> 127)
+    _png(cat_dir / "ground_truth" / "crack" / "001_mask.png", half)
+    cat = data.load_category(cat_dir)
+    assert cat.defects == ["crack", "scratch"] and len(cat.train_good) == 4 and len(cat.test_good) == 1
+    assert [(a.defect, a.image.name) for a in cat.anomalies][:2] == [("crack", "000.png"), ("crack", "001.png")]
+    assert cat.anomalies[1].caption == "A naïve crack number 1"
+    image = data.read_image(cat.anomalies[0].image, 16)
+    assert image.shape == (3, 16, 16) and torch.equal(image[0], image[2])
+    mask = data.read_mask(cat.anomalies[1], 16)
+    assert mask[0, :8].eq(1).all() and mask[0, 8:].eq(0).all()
+
+
+def test_folder_without_test_good_loads(tmp_path):
+    """A folder written by sample.py has no test/good and must still load."""
+    cat_dir = _ad_tree(tmp_path)
+    for p in (cat_dir / "test" / "good").iterdir():
+        p.unlink()
+    (cat_dir / "test" / "good").rmdir()
+    assert data.load_category(cat_dir).test_good == []
+
+
+def test_loco_region_masks_merge_as_a_union(tmp_path):
+    """MVTec LOCO stores one PNG per defect region; the anomaly's mask is all of them together."""
+    cat = data.load_category(_loco_tree(tmp_path))
+    a = cat.anomalies[0]
+    assert len(a.mask_files) == 2 and len(cat.validation_good) == 1
+    mask = data.read_mask(a, 20)[0]
+    assert mask.sum() == 25 + 100 and mask[:5, :5].all() and mask[10:, 10:].all()
+
+
+def test_loco_merged_mask_folder_is_preferred(tmp_path):
+    """MVTec Caption's merged masks are used when present, instead of the per-region folder."""
+    cat_dir = _loco_tree(tmp_path)
+    merged_dir = cat_dir / "ground_truth_merge_mask" / "logical_anomalies_merge_mask"
+    merged = _png(merged_dir / "000.png", _square(20, 20, 0, 2, 0, 2))
+    a = data.load_category(cat_dir).anomalies[0]
+    assert a.mask_files == (merged,) and data.read_mask(a, 20).sum() == 4
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def test_missing_category_folder_says_where_to_download_and_hints_toy(tmp_path):
+    """A first-time user without the dataset must learn where to get it, or to try --toy."""
+    with pytest.raises(FileNotFoundError, match="--toy") as e:
+        data.load_category(tmp_path / "bottle")
+    assert str(tmp_path / "bottle") in str(e.value) and data.MVTEC_AD_URL in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_caption_count_mismatch_names_the_folder_and_both_counts(tmp_path):
+    """One caption per anomalous image: an extra caption means the prompts belong to another version."""
+    cat_dir = _ad_tree(tmp_path)
+    _text(cat_dir / "prompt" / "scratch" / "003.txt", "extra")
+    with pytest.raises(ValueError, match=r"prompt/scratch: 4 captions for 3 images"):
+        data.load_category(cat_dir)
+
+
+def test_missing_caption_or_mask_names_the_image(tmp_path):
+    """With the counts right but a name wrong, the error names the image that lacks its caption or mask."""
+    cat_dir = _ad_tree(tmp_path)
+    (cat_dir / "prompt" / "crack" / "002.txt").rename(cat_dir / "prompt" / "crack" / "007.txt")
+    with pytest.raises(FileNotFoundError, match=r"test/crack/002.png: no caption"):
+        data.load_category(cat_dir)
+    (cat_dir / "prompt" / "crack" / "007.txt").rename(cat_dir / "prompt" / "crack" / "002.txt")
+    gt = cat_dir / "ground_truth" / "scratch"
+    (gt / "001_mask.png").rename(gt / "009_mask.png")
+    with pytest.raises(FileNotFoundError, match=r"test/scratch/001\.\*: no mask"):
+        data.load_category(cat_dir)
+
+
+def test_image_mask_size_mismatch_names_both_files(tmp_path):
+    """A mask of another size cannot be aligned with its image; both files and sizes are named."""
+    cat_dir = _ad_tree(tmp_path)
+    _png(cat_dir / "ground_truth" / "crack" / "001_mask.png", np.zeros((8, 8)))
+    with pytest.raises(ValueError, match=r"test/crack/001.png is 16x16 but its mask .*crack/001_mask.png is 8x8"):
+        data.load_category(cat_dir)
+
+
+def test_truncated_png_is_named(tmp_path):
+    """A half-copied file must fail at load time, naming it, not crash mid-training."""
+    cat_dir = _ad_tree(tmp_path)
+    bad = _png(cat_dir / "train" / "good" / "002.png", np.random.default_rng(0).integers(0, 255, (64, 64, 3)))
+    bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])
+    with pytest.raises(ValueError, match=r"train/good/002.png: unreadable image"):
+        data.load_category(cat_dir)
+
+
+def test_stray_file_in_an_image_folder_is_named(tmp_path):
+    """Nothing is skipped silently: a non-image file among the test images is reported, not ignored."""
+    cat_dir = _ad_tree(tmp_path)
+    _text(cat_dir / "test" / "crack" / "notes.txt", "x")
+    with pytest.raises(ValueError, match=r"test/crack/notes.txt: unexpected file"):
+        data.load_category(cat_dir)
+
+
+def test_unknown_defect_type_lists_the_known_ones(tmp_path):
+    """A typo in --defect must show the defect types that exist."""
+    cat = data.load_category(_ad_tree(tmp_path))
+    with pytest.raises(ValueError, match=r"unknown defect type 'scrach'; this category has: crack, scratch"):
+        cat.anomalies_of("scrach")
+
+
+# ---------------------------------------------------------------------------------------------- split
+
+
+def test_few_shot_split_is_first_third_disjoint_and_deterministic():
+    """The generator may see only the first third of each defect type; evaluation never sees those."""
+    counts = (("a", 10), ("b", 2), ("c", 1))
+    items = [data.Anomaly(Path(f"test/{d}/{i:03d}.png"), (), "c", d) for d, n in counts for i in range(n)]
+    shuffled = items[:]
+    random.Random(0).shuffle(shuffled)
+    train, held = data.few_shot_split(shuffled)
+    assert (train, held) == data.few_shot_split(items)
+    assert not set(train) & set(held) and len(train) + len(held) == len(items)
+    assert [sum(a.defect == d for a in train) for d in "abc"] == [3, 1, 1]  # floor of a third, at least one
+    for d in "abc":
+        names_t = [a.image.name for a in train if a.defect == d]
+        names_h = [a.image.name for a in held if a.defect == d]
+        assert all(t < h for t in names_t for h in names_h)
+
+
+# ---------------------------------------------------------------------------------------------- masks
+
+
+@pytest.mark.parametrize("size", [32, 64, 100])
+def test_perlin_mask_is_binary_nonempty_and_bounded(size):
+    """A generation mask must exist (non-empty), be binary, and never swallow the whole image."""
+    g = torch.Generator().manual_seed(size)
+    for _ in range(8):
+        m = data.perlin_mask(size, g)
+        assert m.shape == (1, size, size) and set(m.unique().tolist()) <= {0.0, 1.0}
+        assert 0 < m.mean() <= 0.5
+
+
+def test_sample_mask_is_deterministic_per_generator_seed():
+    """Re-running a sampling job with the same seed must reproduce the same masks."""
+    real = torch.zeros(2, 1, 40, 40)
+    real[0, :, 10:20, 10:30] = 1
+    real[1, :, 25:35, 5:15] = 1
+    draw = lambda seed: [data.sample_mask(64, g, real) for g in [torch.Generator().manual_seed(seed)] for _ in range(6)]
+    a, b, c = draw(1), draw(1), draw(2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    assert all(m.shape == (1, 64, 64) and m.sum() > 0 and set(m.unique().tolist()) <= {0.0, 1.0} for m in a)
+
+
+def test_jittered_real_mask_keeps_roughly_its_area_but_moves():
+    """Jitter varies a real mask's place and pose, not its size: scale is 0.85-1.15 (area 0.72-1.32)."""
+    real = torch.zeros(1, 1, 64, 64)
+    real[..., 20:40, 24:40] = 1  # 320 px, away from the borders
+    g = torch.Generator().manual_seed(0)
+    masks = [data.sample_mask(64, g, real, p_real=1.0) for _ in range(20)]
+    areas = torch.stack([m.sum() for m in masks]) / real.sum()
+    assert areas.min() > 0.6 and areas.max() < 1.45
+    assert sum(not torch.equal(m, real[0]) for m in masks) >= 18
+
+
+# ---------------------------------------------------------------------------------------------- toy world
+
+
+def test_toy_is_byte_identical_for_a_seed_and_differs_across_seeds(tmp_path):
+    """Experiments on the toy world are reproducible only if the same seed writes the same files."""
+    a = _files_digest(data.make_toy(tmp_path / "a", "bottle", size=32, seed=0))
+    b = _files_digest(data.make_toy(tmp_path / "b", "bottle", size=32, seed=0))
+    c = _files_digest(data.make_toy(tmp_path / "c", "bottle", size=32, seed=1))
+    assert a == b
+    assert a.keys() == c.keys()
+    assert sum(a[k] != c[k] for k in a if k.endswith(".png")) > 0.9 * sum(k.endswith(".png") for k in a)
+
+
+def test_ensure_toy_generates_once_and_refuses_to_overwrite_real_data(tmp_path):
+    """The toy category is made on first use only; a real folder of the same name is never deleted."""
+    folder = data.ensure_toy("cable", root=tmp_path, size=32)
+    first = folder / "train" / "good" / "000.png"
+    stamp = first.stat().st_mtime_ns
+    assert data.ensure_toy("cable", root=tmp_path, size=32) == folder and first.stat().st_mtime_ns == stamp
+    data.ensure_toy("cable", root=tmp_path, size=40)  # another size: the old images must not be reused
+    assert Image.open(first).size == (40, 40)
+    (tmp_path / "bottle").mkdir()
+    with pytest.raises(FileExistsError, match="not a toy category"):
+        data.ensure_toy("bottle", root=tmp_path, size=32)
+
+
+def test_toy_anomaly_equals_its_normal_twin_outside_the_mask():
+    """Masks tightly cover what changed: outside, the anomaly is its normal image pixel for pixel."""
+    for category, defects in data.TOY_DEFECTS.items():
+        for k, defect in enumerate(defects):
+            image, mask, caption, normal = data._toy_sample(category, SIZE, np.random.default_rng([0, k]), defect, k)
+            assert np.array_equal(image[~mask], normal[~mask])
+            assert (np.abs(image[mask].astype(int) - normal[mask]).max(-1) > 8).mean() > 0.8
+
+
+def test_toy_picture_draws_the_colour_its_caption_names(toy):
+    """The caption decides what is drawn: the swap colour, the black hole, the copper core, the stain colour."""
+    checked = [a for a in toy["cable"].anomalies] + toy["bottle"].anomalies_of("contamination")
+    for a in checked:
+        colour = data.caption_colour(a.caption)
+        assert colour is not None
+        assert data.drawn_colour(data.read_image(a.image, SIZE), data.read_mask(a, SIZE)) == colour, a.caption
+    stains = {data.caption_colour(a.caption) for a in toy["bottle"].anomalies_of("contamination")}
+    assert stains >= {"red", "green", "blue", "yellow"}
+    assert all(data.caption_colour(a.caption) is None for a in toy["bottle"].anomalies_of("broken_large"))
+
+
+def test_caption_colour_reads_the_drawn_colour_from_toy_captions():
+    """Swap -> the replacing colour; missing -> black; cut -> copper; contamination -> its colour."""
+    assert data.caption_colour("The blue cable is replaced by a repeated green cable") == "green"
+    assert data.caption_colour("One gray cable is missing, replaced by a black hole") == "black"
+    assert data.caption_colour("One grey cable is missing") == "black"
+    assert data.caption_colour("The insulation of the green cable is cut, exposing the copper core") == "copper"
+    assert data.caption_colour("A small red contamination lies inside the bottle") == "red"
+    assert data.caption_colour("A large piece of the bottle rim is broken off at the top left") is None
+
+
+def test_drawn_colour_is_the_nearest_named_colour_of_the_median():
+    """The median ignores a few outlier pixels (edges, noise) inside the mask."""
+    image = torch.zeros(3, 8, 8)
+    image[:, :4] = torch.tensor([45, 150, 70]).view(3, 1, 1) / 255  # greenish
+    image[:, 0, 0] = 1.0                                             # one white outlier
+    mask = torch.zeros(1, 8, 8)
+    mask[:, :4] = 1
+    assert data.drawn_colour(image, mask) == "green"
+    with pytest.raises(ValueError, match="empty"):
+        data.drawn_colour(image, torch.zeros(1, 8, 8))
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_writes_the_toy_category_and_a_preview(tmp_path, capsys):
+    """`python data.py --toy --category cable --out DIR` writes DIR/cable and a preview grid, and says where."""
+    data.main(["--toy", "--category", "cable", "--out", str(tmp_path), "--size", "32", "--rows", "2"])
+    preview = tmp_path / "cable_preview.png"
+    assert str(preview) in capsys.readouterr().out
+    assert data.load_category(tmp_path / "cable").defects == sorted(data.TOY_DEFECTS["cable"])
+    with Image.open(preview) as im:
+        assert im.size[1] == 3 * 2 * (128 + 2)  # 2 rows for each of 3 defect types
+    with pytest.raises(SystemExit) as e:
+        data.main(["--help"])
+    assert e.value.code == 0
