@@ -1,0 +1,202 @@
+"""Speed and memory figures for the toy and MVTec presets, printed as one markdown table.
+
+    python bench.py [--device cpu|cuda] [--preset toy|mvtec|all] [--quick]
+
+Each `bench_<thing>(cfg, device, quick)` function returns rows (dicts with the columns below); add a
+new figure by writing such a function and listing it in BENCHES. Times are the median of a few runs
+after one warm-up run (one run for the MVTec preset on CPU). FLOPs are counted by torch.utils.flop_counter (matmuls, convolutions and
+attention; elementwise ops are free), and compared with this machine's matmul peak, measured in the
+same run on a large square matmul, so "% of peak" says how well the model uses the hardware.
+On CUDA the models run under bf16 autocast, as train.py does, and the peak is bf16's; on CPU all is fp32.
+Depends on axf.py (the presets), unet.py and vae.py.
+"""
+import argparse
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import axf
+from unet import UNet
+from vae import VAE
+
+COLUMNS = ["preset", "benchmark", "batch", "ms", "GFLOP", "GFLOP/s", "% of peak", "peak memory (MB)"]
+
+
+# ----------------------------------------------------------------------------------------------
+# measuring helpers
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn, device, repeats):
+    """(median seconds over `repeats` runs, FLOPs of one run). The first run warms up (allocations, kernel
+    choice) and is the one whose FLOPs torch.utils.flop_counter counts (matmuls, convolutions, attention)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2], counter.get_total_flops()
+
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device):
+    """CUDA: the most memory tensors held since the last reset. CPU: the process's max RSS so far (Linux: KB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return float("nan")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (the training setting); a no-op context on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def matmul_peak_gflops(device, quick):
+    """This machine's dense matmul throughput: the yardstick for the "% of peak" column."""
+    n = (1024 if quick else 2048) if device.type == "cpu" else 8192
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    seconds, flops = measure(lambda: a @ b, device, 5)
+    return flops / seconds / 1e9
+
+
+def row(cfg, name, batch, seconds_and_flops, device, note=""):
+    seconds, flops = seconds_and_flops
+    return {"preset": cfg["preset"] + note, "benchmark": name, "batch": batch, "ms": seconds * 1e3,
+            "GFLOP": flops / 1e9, "GFLOP/s": flops / seconds / 1e9, "peak memory (MB)": peak_memory_mb(device)}
+
+
+def batch_and_repeats(cfg, device, quick):
+    """The preset's batch and 3 timed runs; on CPU the MVTec preset runs one sample once, so that the whole
+    bench takes about 2 minutes on a 2-core machine."""
+    if device.type == "cpu" and cfg["preset"] == "mvtec":
+        return 1, 1, " (CPU: batch 1)"
+    return cfg["batch_size"], 1 if quick else 3, ""
+
+
+# ----------------------------------------------------------------------------------------------
+# the benchmarks: each returns a list of rows
+
+def bench_unet(cfg, device, quick):
+    """The latent UNet: one training step (forward, backward, AdamW) and one inference forward."""
+    B, repeats, note = batch_and_repeats(cfg, device, quick)
+    f = 2 ** (len(cfg["vae_channel_mult"]) - 1)
+    size, C = cfg["image_size"] // f, cfg["vae_latent_channels"]
+    model = UNet(C, C, cfg["unet_channels"], cfg["unet_channel_mult"], cfg["unet_num_res_blocks"],
+                 cfg["unet_attention_levels"], cfg["unet_num_heads"], cfg["context_dim"]).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(B, C, size, size, device=device)
+    t = torch.randint(0, 1000, (B,), device=device)
+    context = torch.randn(B, 3 * cfg["num_tokens"], cfg["context_dim"], device=device)  # [B, 3k, d]: the X-embedding
+    noise = torch.randn_like(x)
+
+    def train_step():
+        with autocast(device):
+            loss = (model(x, t, context).float() - noise).square().mean()  # Eq. (17)'s ε-loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def forward():
+        with autocast(device):
+            model(x, t, context)
+
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    name = f"UNet {params:.1f}M params, {size}x{size}x{C} latent"
+    rows = []
+    reset_peak_memory(device)
+    rows.append(row(cfg, f"{name}: training step", B, measure(train_step, device, repeats), device, note))
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    reset_peak_memory(device)
+    rows.append(row(cfg, f"{name}: forward (sampling step)", B, measure(forward, device, repeats), device, note))
+    return rows
+
+
+def bench_vae(cfg, device, quick):
+    """The KL autoencoder: encoding a batch of images to latents, decoding latents to images."""
+    B, repeats, note = batch_and_repeats(cfg, device, quick)
+    vae = VAE(3, cfg["vae_channels"], cfg["vae_channel_mult"], 2, cfg["vae_latent_channels"]).to(device).eval()
+    x = torch.rand(B, 3, cfg["image_size"], cfg["image_size"], device=device) * 2 - 1
+    with torch.no_grad():
+        z = vae.encode(x).mode()
+
+    @torch.no_grad()
+    def encode():
+        with autocast(device):
+            vae.encode_latents(x)
+
+    @torch.no_grad()
+    def decode():
+        with autocast(device):
+            vae.decode_latents(z)
+
+    params = sum(p.numel() for p in vae.parameters()) / 1e6
+    name = f"VAE {params:.1f}M params, {cfg['image_size']} px"
+    rows = []
+    for what, fn in (("encode", encode), ("decode", decode)):
+        reset_peak_memory(device)
+        rows.append(row(cfg, f"{name}: {what}", B, measure(fn, device, repeats), device, note))
+    return rows
+
+
+BENCHES = [bench_unet, bench_vae]
+
+
+# ----------------------------------------------------------------------------------------------
+
+def markdown_table(rows):
+    def fmt(value):
+        if isinstance(value, float):
+            return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
+        return str(value)
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--preset", default="all", choices=["all", *axf.PRESETS])
+    parser.add_argument("--quick", action="store_true", help="one timed run each and a smaller peak matmul")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    presets = list(axf.PRESETS) if args.preset == "all" else [args.preset]
+    peak = matmul_peak_gflops(device, args.quick)
+    rows = []
+    for preset in presets:
+        cfg = axf.resolve_config(preset)
+        for bench in BENCHES:
+            rows += bench(cfg, device, args.quick)
+    for r in rows:
+        if "GFLOP/s" in r:
+            r["% of peak"] = 100 * r["GFLOP/s"] / peak
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    dtype = "bf16 autocast" if device.type == "cuda" else "fp32"
+    print(f"{name}, torch {torch.__version__}, {dtype}; matmul peak {peak:.0f} GFLOP/s "
+          f"({'CUDA max allocated' if device.type == 'cuda' else 'process max RSS so far'} as peak memory)\n")
+    print(markdown_table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""unet.UNet: the ε-network of §4.3. Shapes, wiring of t and context, training, checkpointing, autocast."""
+import pytest
+import torch
+
+from unet import UNet, timestep_embedding
+
+TINY = dict(in_channels=4, out_channels=4, channels=32, channel_mult=(1, 2), num_res_blocks=1,
+            attention_levels=(1,), num_heads=2, context_dim=16)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These UNets are tiny: on a shared 2-core machine a second thread costs more than it brings."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def randomise(model, seed=0):
+    """Perturb every parameter (the zero-initialised output layers included) so every path carries signal."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            scale = 0.5 / p[0].numel() ** 0.5 if p.dim() > 1 else 0.1  # weights by fan-in; biases, norms small
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def inputs(B, C=4, H=8, W=8, tokens=3, dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, C, H, W, generator=g), torch.randint(0, 1000, (B,), generator=g),
+            torch.randn(B, tokens, dim, generator=g))
+
+
+@pytest.mark.parametrize("config, B, H, W", [
+    (dict(channel_mult=(1, 2), attention_levels=(0,)), 1, 8, 8),
+    (dict(channel_mult=(1, 2, 2), attention_levels=(1, 2), num_res_blocks=2), 3, 8, 16),  # 3 levels, non-square
+    (dict(channel_mult=(1, 1, 2), attention_levels=(), out_channels=8), 2, 16, 8),  # attention in the middle only
+])
+def test_output_has_the_input_shape(config, B, H, W):
+    """ε has the shape of x_t (out_channels wide) for any level count, attention placement and batch size."""
+    model = UNet(**dict(TINY, **config))
+    x, t, ctx = inputs(B, H=H, W=W)
+    assert model(x, t, ctx).shape == (B, config.get("out_channels", 4), H, W)
+
+
+def test_fresh_unet_predicts_zero():
+    """The zero-initialised output layers make a fresh UNet (and every fresh residual block) a no-op."""
+    x, t, ctx = inputs(2)
+    assert torch.equal(UNet(**TINY)(x, t, ctx), torch.zeros(2, 4, 8, 8))
+
+
+def test_output_depends_on_context_and_timestep():
+    """Cross-attention must read the context and ResBlocks the timestep, or the condition e_t is ignored."""
+    model = randomise(UNet(**TINY))
+    x, t, ctx = inputs(2)
+    out = model(x, t, ctx)
+    assert not torch.allclose(out, model(x, t, ctx + torch.randn_like(ctx)), atol=1e-4)
+    assert not torch.allclose(out, model(x, (t + 100) % 1000, ctx), atol=1e-4)
+
+
+def test_each_sample_uses_its_own_timestep_and_context():
+    """A batch is a set of independent samples: row i of the output only depends on x_i, t_i, context_i."""
+    model = randomise(UNet(**TINY))
+    x, t, ctx = inputs(3)
+    out = model(x, t, ctx)
+    for i in range(3):
+        torch.testing.assert_close(out[i:i + 1], model(x[i:i + 1], t[i:i + 1], ctx[i:i + 1]), rtol=1e-4, atol=1e-5)
+
+
+def test_timestep_embedding_is_the_ldm_sinusoid():
+    """cos then sin of t / 10000^(i / half): the layout LDM checkpoints (and the DDF module) expect."""
+    t = torch.tensor([0, 7, 999])
+    emb = timestep_embedding(t, 8)
+    freqs = torch.tensor([10000 ** (-i / 4) for i in range(4)])
+    torch.testing.assert_close(emb, torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], 1))
+    assert timestep_embedding(t, 7).shape == (3, 7)
+
+
+def test_bad_inputs_are_clear_errors():
+    """A shared scalar timestep or a latent the UNet cannot halve must fail with a message, not a shape error deep inside."""
+    model = UNet(**TINY)
+    x, t, ctx = inputs(2)
+    with pytest.raises(ValueError, match="one timestep per sample"):
+        model(x, torch.tensor(5), ctx)
+    with pytest.raises(ValueError, match="divisible by 2"):
+        model(torch.randn(2, 4, 7, 8), t, ctx)
+    with pytest.raises(ValueError, match="attention_levels"):
+        UNet(**dict(TINY, attention_levels=(2,)))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """Checkpointing only recomputes activations in backward: loss and gradients must be unchanged."""
+    model = randomise(UNet(**TINY))
+    x, t, ctx = inputs(2)
+    grads = []
+    for ckpt in (False, True):
+        model.gradient_checkpointing = ckpt
+        model.zero_grad()
+        model(x, t, ctx).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_runs_under_bf16_autocast():
+    """Training on a GPU uses bf16 autocast; the same code must run under it (checked here on CPU) and agree."""
+    model = randomise(UNet(**TINY))
+    x, t, ctx = inputs(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, t, ctx)
+    assert out.dtype == torch.bfloat16
+    ref = model(x, t, ctx)
+    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_overfits_one_batch():
+    """The ε-loss (Eq. 17) on one fixed batch, t and noise must fall 10x in 40 steps (it falls ~500x)."""
+    torch.manual_seed(0)
+    model = UNet(**TINY)
+    x, t, ctx = inputs(4)
+    target = torch.randn_like(x)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(40):
+        loss = (model(x, t, ctx) - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
