@@ -3,10 +3,23 @@
 What this file holds, in reading order:
   CONFIG           one flat dict of every setting, with a toy (CPU) and an MVTec (one GPU) preset
   DDPM             the noise schedule and the samplers (Eq. 6-12, 15): q_sample, ancestral step, DDIM step
+  MIF              semantic (Eq. 1), location (Eq. 2, with mask_encoder.py), textural (Eq. 3) tokens,
+                   concatenated (Eq. 4) and refined by the Aggregator into the X-embedding (Eq. 5)
+  DDF              e_t = f_phi(e_X, t), the UNet's cross-attention context (Eq. 13-15)
+  AnomalyXFusion   the whole model: the loss (Eq. 17) and blended sampling (Eq. 16)
+  build_clip, load_checkpoint   CLIP for the config, and checkpoints that load by themselves
 """
 import math
+from pathlib import Path
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import clip
+from mask_encoder import LocationTokens, MaskEncoder
+from unet import UNet, timestep_embedding
+from vae import VAE
 
 # ----------------------------------------------------------------------------------------------
 # CONFIG: one flat dict, so that every key can be overridden as `--key value` on the command line.
@@ -39,8 +52,39 @@ CONFIG = dict(
     schedule="scaled_linear",
     beta_start=0.00085,
     beta_end=0.012,
-    # training
+    # MIF (paper §4.2): the mask encoder and the aggregator
+    mask_channels=32,
+    mask_feature_channels=64,
+    aggregator_heads=4,
+    # the Table 6 ablations: semantic tokens, the whole MIF (location + texture + aggregator), DDF
+    use_text=True,
+    use_mif=True,
+    use_ddf=True,
+    # training, stage 1 (VAE) and 2 (mask autoencoder)
+    vae_steps=1000,
+    vae_batch_size=16,
+    vae_lr=2e-4,
+    mask_steps=300,
+    mask_lr=1e-3,
+    # training, stage 3 (AnomalyXFusion)
+    steps=2000,
     batch_size=16,
+    lr=3e-4,
+    warmup_steps=100,
+    grad_clip=1.0,
+    ema_decay=0.999,
+    anomaly_fraction=0.75,    # of each batch: the few-shot anomalies are what the model must learn
+    outside_loss_weight=0.1,  # Eq. (17) weight of an anomalous image's cells outside its mask
+    cond_dropout=0.1,         # condition dropped to the null one: classifier-free guidance
+    shift_cells=2,            # random roll of latent and mask, in latent cells
+    checkpoint_every=250,
+    preview_every=1000,
+    # sampling (Eq. 16)
+    sampler="ddim",
+    sample_steps=50,
+    guidance_scale=3.0,
+    eta=0.0,
+    composite_radius=2,       # px the mask is dilated, then feathered, for the final composite
 )
 
 PRESETS = {
@@ -73,7 +117,7 @@ def resolve_config(preset, overrides=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# DDPM (to be written here by the diffusion-core engineer)
+# DDPM
 # The forward process (Eq. 6-10) is fixed by a schedule of betas; the reverse process (Eq. 11, 12,
 # 15) is the network's ε turned into a step from x_t to x_{t-1}. The schedule is buffers of one
 # nn.Module so it follows the model to the GPU; every method takes one timestep per sample.
@@ -163,3 +207,311 @@ class DDPM(torch.nn.Module):
             raise ValueError(f"num_sample_steps must be in 1..{self.num_steps}, got {num_sample_steps}")
         ratio = self.num_steps // num_sample_steps
         return (torch.arange(num_sample_steps) * ratio).flip(0)  # e.g. [980, 960, ..., 20, 0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-modal In-Fusion (MIF, paper §4.2): semantic, location and textural embeddings, each k
+# tokens of width d, concatenated and refined by a self-attention aggregator into the X-embedding.
+
+
+def unit_tokens(features, num_tokens):
+    """L2-normalise CLIP features [B, d] and repeat them into k tokens [B, k, d] (Eq. 1, 3).
+
+    Unit-norm vectors have entries of size ~1/sqrt(d); multiplying by sqrt(d) gives them unit
+    scale per entry, like the location tokens they are concatenated with.
+    """
+    features = F.normalize(features.float(), dim=-1) * math.sqrt(features.shape[-1])
+    return features[:, None, :].expand(-1, num_tokens, -1)
+
+
+class Aggregator(nn.Module):
+    """The multi-modal aggregator: e_X = e_X + MLP(ATT(e_X)) (Eq. 5).
+
+    No positional embedding: every token is treated alike, so the aggregator is equivariant to
+    any reordering of the tokens (a property the tests check).
+    """
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, e_x):
+        h = self.norm(e_x)
+        attended, _ = self.attn(h, h, h, need_weights=False)
+        return e_x + self.mlp(attended)  # Eq. (5)
+
+
+class DynamicDifFusion(nn.Module):
+    """DDF: e_t = f_phi(e_X, t), a conditioned MLP (Eq. 14).
+
+    The timestep is aligned to the token width (e_tim), concatenated to every token and fed to
+    an MLP; the residual keeps e_X reachable so the module can learn how much each step needs.
+    """
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = dim
+        self.time_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.mlp = nn.Sequential(nn.Linear(2 * dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, e_x, t):
+        e_tim = self.time_mlp(timestep_embedding(t, self.dim).to(e_x.dtype))  # [B, d]
+        e_tim = e_tim[:, None, :].expand_as(e_x)  # [B, n, d]
+        return e_x + self.mlp(torch.cat([e_x, e_tim], dim=-1))  # Eq. (14)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model: frozen CLIP, the VAE, the UNet and the MIF + DDF conditioning, with the loss
+# (Eq. 17) and blended sampling (Eq. 16).
+
+
+def latent_mask(mask, factor):
+    """Pixel mask [B, 1, S, S] -> latent mask [B, 1, S/f, S/f]: a latent cell is in if any pixel is."""
+    return F.max_pool2d(mask, factor) if factor > 1 else mask
+
+
+def composite_mask(mask, radius):
+    """The final compositing weight: the mask dilated by `radius` px, then feathered by a box blur.
+
+    Its support is the mask dilated by 2 * radius: beyond that the weight is exactly 0, so the
+    output there is the normal image, pixel for pixel.
+    """
+    if radius == 0:
+        return mask
+    size = 2 * radius + 1
+    dilated = F.max_pool2d(mask, size, stride=1, padding=radius)
+    return F.avg_pool2d(dilated, size, stride=1, padding=radius, count_include_pad=False)
+
+
+class AnomalyXFusion(nn.Module):
+    """VAE + UNet + frozen CLIP + MIF + DDF (paper Fig. 1).
+
+    `defects` names the texture-token rows: row 0 is "good" (normal training images), then one
+    row per defect type of the category.
+    """
+
+    def __init__(self, config, clip_model, defects):
+        super().__init__()
+        self.config = dict(config)
+        self.defects = ["good"] + list(defects)
+        d, k = config["context_dim"], config["num_tokens"]
+        self.use_text, self.use_mif, self.use_ddf = config["use_text"], config["use_mif"], config["use_ddf"]
+        self.vae = VAE(3, config["vae_channels"], config["vae_channel_mult"], latent_channels=config["vae_latent_channels"])
+        self.latent_factor = 2 ** (len(config["vae_channel_mult"]) - 1)
+        self.unet = UNet(config["vae_latent_channels"], config["vae_latent_channels"], config["unet_channels"],
+                         config["unet_channel_mult"], config["unet_num_res_blocks"], config["unet_attention_levels"],
+                         config["unet_num_heads"], context_dim=d)
+        self.ddpm = DDPM(config["num_diffusion_steps"], config["schedule"], config["beta_start"], config["beta_end"])
+        # CLIP is frozen (§4.2): no gradient ever reaches it, and it is left out of the optimiser
+        self.clip = clip_model.eval().requires_grad_(False)
+        if clip_model.text_projection.shape[1] != d:
+            raise ValueError(f"CLIP embeds to {clip_model.text_projection.shape[1]} dims but context_dim is {d}")
+        self._text_cache = {}
+        if self.use_mif:
+            self.mask_encoder = MaskEncoder(config["image_size"], config["mask_channels"], config["mask_feature_channels"])
+            self.location = LocationTokens(config["mask_feature_channels"], k, d)
+            # learnable texture tokens, one set of k per (category, defect type); init_textures()
+            # sets them from CLIP image features (Eq. 3)
+            self.texture_tokens = nn.Parameter(torch.randn(len(self.defects), k, d))
+            self.aggregator = Aggregator(d, config["aggregator_heads"])
+        if self.use_ddf:
+            self.ddf = DynamicDifFusion(d)
+        num_context = k * (self.use_text + 2 * self.use_mif) or k
+        # the empty condition: classifier-free guidance's unconditional branch, and the whole
+        # context when every modality is switched off (Table 6, first row)
+        self.null_context = nn.Parameter(torch.randn(1, num_context, d) * 0.02)
+
+    # --- the three modalities ---------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_captions(self, captions):
+        """Frozen CLIP text features [B, d] of the captions, cached: captions repeat every epoch."""
+        missing = sorted({c for c in captions if c not in self._text_cache})
+        if missing:
+            tokens = clip.tokenize(missing, truncate=True).to(self.null_context.device)
+            for caption, feature in zip(missing, self.clip.encode_text(tokens).float()):
+                self._text_cache[caption] = feature
+        return torch.stack([self._text_cache[c] for c in captions]).to(self.null_context.device)
+
+    @torch.no_grad()
+    def encode_texture(self, images, masks):
+        """Frozen CLIP image features [B, d] of image * mask (Eq. 3): the anomaly's own pixels."""
+        pixels = clip.normalize_images(images * masks, self.clip.visual.input_resolution)
+        return self.clip.encode_image(pixels.to(self.null_context.dtype)).float()
+
+    @torch.no_grad()
+    def init_textures(self, defect_ids, images, masks):
+        """Initialise each defect's texture tokens from the mean CLIP feature of its examples."""
+        features = self.encode_texture(images, masks)
+        for row in defect_ids.unique():
+            mean = features[defect_ids == row].mean(0, keepdim=True)
+            self.texture_tokens.data[row] = unit_tokens(mean, self.texture_tokens.shape[1])[0]
+
+    def condition(self, captions, masks, defect_ids, t, textures=None, drop=None):
+        """The cross-attention context e_t [B, n, d] of Eq. (13)-(15).
+
+        textures: optional [B, k, d] texture tokens (from a reference image) instead of the
+        learned ones; drop: optional bool [B], samples whose condition is replaced by the null one.
+        """
+        k = self.config["num_tokens"]
+        parts = []
+        if self.use_text:
+            parts.append(unit_tokens(self.encode_captions(captions), k))  # Eq. (1): e_sem [B, k, d]
+        if self.use_mif:
+            parts.append(self.location(self.mask_encoder(masks)))  # Eq. (2): e_loc [B, k, d]
+            parts.append(self.texture_tokens[defect_ids] if textures is None else textures)  # Eq. (3): e_tex
+        B = len(defect_ids)
+        if parts:
+            e_x = torch.cat(parts, dim=1)  # Eq. (4): e_mul [B, n, d]
+            if self.use_mif:
+                e_x = self.aggregator(e_x)  # Eq. (5): the X-embedding
+        else:
+            e_x = self.null_context.expand(B, -1, -1)
+        if drop is not None:
+            e_x = torch.where(drop[:, None, None], self.null_context.expand(B, -1, -1), e_x)
+        if self.use_ddf:
+            e_x = self.ddf(e_x, t)  # Eq. (14): e_t = f_phi(e_X, t)
+        return e_x
+
+    # --- training -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_images(self, images):
+        """Images [B, 3, S, S] in [0, 1] -> scaled latents [B, 4, S/f, S/f] (posterior mode)."""
+        return self.vae.encode(images * 2 - 1).mode() * self.vae.scale_factor
+
+    def loss(self, latents, masks, captions, defect_ids, is_anomaly, generator=None):
+        """The ε-prediction loss of Eq. (17), weighted to the anomaly region for anomalous images.
+
+        Normal images (is_anomaly False) count every latent cell alike: they teach the object
+        itself. Anomalous images count their mask fully and the rest by `outside_loss_weight`,
+        so a handful of few-shot anomalies spend the gradient on the defect, not the background.
+        """
+        B = latents.shape[0]
+        device = latents.device
+        t = torch.randint(0, self.ddpm.num_steps, (B,), device=device, generator=generator)
+        noise = torch.randn(latents.shape, device=device, generator=generator)
+        x_t = self.ddpm.q_sample(latents, t, noise)  # Eq. (10)
+        drop = torch.rand(B, device=device, generator=generator) < self.config["cond_dropout"]
+        context = self.condition(captions, masks, defect_ids, t, drop=drop)
+        eps = self.unet(x_t, t, context)
+        region = latent_mask(masks, self.latent_factor)
+        outside = self.config["outside_loss_weight"]
+        weight = torch.where(is_anomaly[:, None, None, None], region + outside * (1 - region), torch.ones_like(region))
+        # Eq. (17), squared as in DDPM, averaged over the weighted cells of each sample
+        error = ((eps.float() - noise) ** 2 * weight).sum((1, 2, 3)) / (weight.sum((1, 2, 3)) * latents.shape[1])
+        return error.mean()
+
+    # --- blended sampling ---------------------------------------------------------------------
+
+    def guided_eps(self, x_t, t, context, guidance_scale):
+        """Classifier-free guidance: eps_u + s (eps_c - eps_u), both branches in one UNet call."""
+        if guidance_scale == 1:
+            return self.unet(x_t, t, context)
+        null = self.null_context.expand_as(context) if not self.use_ddf else self.ddf(self.null_context.expand(len(t), -1, -1), t)
+        eps_cond, eps_uncond = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([context, null])).chunk(2)
+        return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+    @torch.no_grad()
+    def sample(self, normal_images, masks, captions, defect_ids, textures=None, sampler="ddim", steps=50,
+               guidance_scale=3.0, eta=0.0, generator=None, callback=None):
+        """Draw anomalies into normal images [B, 3, S, S] inside masks [B, 1, S, S] (Eq. 16).
+
+        Every step, inside the (latent) mask the latent takes the model's reverse step, outside it
+        takes the normal image's latent noised to the same step; the final image is composited so
+        that pixels outside the dilated, feathered mask are the normal image exactly.
+        callback(t, x_t) sees the blended latent after each step (t = -1 for the last).
+        """
+        device = normal_images.device
+        z0 = self.encode_images(normal_images)
+        region = latent_mask(masks, self.latent_factor)
+        # one fixed noise for the background: its latent is q_sample(z0, t, known_noise) at every t
+        known_noise = torch.randn(z0.shape, device=device, generator=generator)
+        if sampler == "ddim":
+            timesteps = [int(s) for s in self.ddpm.ddim_timesteps(steps)]
+        elif sampler == "ddpm":
+            timesteps = list(range(self.ddpm.num_steps - 1, -1, -1))
+        else:
+            raise ValueError(f"unknown sampler {sampler!r}; use 'ddim' or 'ddpm'")
+        B = z0.shape[0]
+
+        def at(step):
+            return torch.full((B,), step, device=device, dtype=torch.long)
+
+        x = torch.randn(z0.shape, device=device, generator=generator)
+        x = region * x + (1 - region) * self.ddpm.q_sample(z0, at(timesteps[0]), known_noise)
+        for i, step in enumerate(timesteps):
+            t, t_prev = at(step), at(timesteps[i + 1] if i + 1 < len(timesteps) else -1)
+            context = self.condition(captions, masks, defect_ids, t, textures=textures)
+            eps = self.guided_eps(x, t, context, guidance_scale).float()
+            if sampler == "ddim":
+                noise = torch.randn(z0.shape, device=device, generator=generator) if eta > 0 else None
+                x_model = self.ddpm.ddim_step(eps, t, t_prev, x, eta=eta, noise=noise)
+            else:
+                x_model = self.ddpm.step(eps, t, x, noise=torch.randn(z0.shape, device=device, generator=generator))
+            x_known = self.ddpm.q_sample(z0, t_prev, known_noise) if t_prev[0] >= 0 else z0
+            x = region * x_model + (1 - region) * x_known  # Eq. (16): blended step
+            if callback is not None:
+                callback(int(t_prev[0]), x)
+        decoded = ((self.vae.decode(x / self.vae.scale_factor).float() + 1) / 2).clamp(0, 1)
+        weight = composite_mask(masks, self.config["composite_radius"])
+        return normal_images * (1 - weight) + decoded * weight
+
+
+# ----------------------------------------------------------------------------------------------
+# Building CLIP, and checkpoints that load by themselves
+
+
+def build_clip(config, device="cpu"):
+    """OpenAI CLIP weights from config["clip"], or a small random CLIP for the toy preset.
+
+    A random text tower still maps different captions to different features, which is all the
+    toy world needs: the conditioning layers learn what the features mean.
+    """
+    if config["clip"]:
+        model, _ = clip.load(config["clip"], device=device)
+        width = model.text_projection.shape[1]
+        if width != config["context_dim"]:
+            print(f"context_dim set to {width}, the embedding width of {config['clip']}")
+            config["context_dim"] = width
+        return model
+    print("no --clip file given: using a small random CLIP (fine for the toy world; pass OpenAI weights for MVTec)")
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(config["seed"])
+    model = clip.CLIP(embed_dim=config["context_dim"], image_resolution=32, vision_layers=2, vision_width=64,
+                      vision_patch_size=8, context_length=77, vocab_size=49408, transformer_width=64,
+                      transformer_heads=1, transformer_layers=2)
+    torch.random.set_rng_state(generator_state)
+    return model.to(device).eval()
+
+
+def model_state_dict(model):
+    """The weights to save: everything but the frozen CLIP (saved apart only when it is random)."""
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("clip.")}
+
+
+def load_checkpoint(path, device="cpu", use_ema=True):
+    """An AnomalyXFusion checkpoint written by train.py -> (model in eval mode, checkpoint dict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint; train one with train.py first")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        config, defects = checkpoint["config"], checkpoint["defects"]
+    except Exception as error:
+        raise ValueError(f"{path}: not an AnomalyXFusion checkpoint ({type(error).__name__}: {error})") from None
+    if checkpoint["clip"] is not None:
+        clip_model = clip.build_model(checkpoint["clip"])
+    else:
+        clip_model = build_clip(config, device)
+    model = AnomalyXFusion(config, clip_model, defects)
+    missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
+    if unexpected or any(not k.startswith("clip.") for k in missing):
+        raise ValueError(f"{path}: weights do not match the model its config describes ({(missing + unexpected)[:3]} ...)")
+    if use_ema and checkpoint.get("ema"):
+        params = dict(model.named_parameters())
+        for name, value in checkpoint["ema"].items():
+            params[name].data.copy_(value)
+    return model.to(device).eval(), checkpoint
