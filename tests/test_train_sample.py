@@ -1,0 +1,105 @@
+"""train.py and sample.py end to end on a tiny toy category: every stage, resuming, the output layout, errors."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import axf
+import data
+import sample
+import train
+
+REPO = Path(__file__).resolve().parent.parent
+
+# every stage at the smallest size that still runs the real code paths
+TINY = ["--preset", "toy", "--image_size", "32", "--vae_channels", "32", "--vae_channel_mult", "1,2",
+        "--unet_channels", "32", "--unet_channel_mult", "1,2", "--unet_num_res_blocks", "1", "--context_dim", "32",
+        "--unet_num_heads", "2", "--num_tokens", "2", "--mask_channels", "8", "--mask_feature_channels", "16",
+        "--vae_steps", "2", "--mask_steps", "2", "--steps", "4", "--batch_size", "4", "--vae_batch_size", "4",
+        "--checkpoint_every", "2", "--preview_every", "4", "--sample_steps", "2", "--num_diffusion_steps", "50"]
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    data.make_toy(root, "bottle", size=32, seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(toy_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    train.main(["--category", "bottle", "--data_root", str(toy_root), "--out_dir", str(out)] + TINY)
+    return out
+
+
+def test_training_writes_every_stage_and_a_preview(trained):
+    """One command runs VAE, mask-encoder pre-training and AnomalyXFusion, and shows a preview grid."""
+    for name in ("vae.pt", "mask_ae.pt", "axf.pt", "preview_000004.png"):
+        assert (trained / name).is_file(), name
+    checkpoint = torch.load(trained / "axf.pt", weights_only=False)
+    assert checkpoint["step"] == 4 and checkpoint["config"]["image_size"] == 32
+    assert not any(k.startswith("clip.") for k in checkpoint["model"])  # CLIP is saved apart
+
+
+def test_checkpoint_loads_by_itself_with_its_config(trained):
+    """sample.py needs no size flags: the checkpoint carries its config, defects and the random CLIP."""
+    model, checkpoint = axf.load_checkpoint(trained / "axf.pt")
+    assert model.config["unet_channels"] == 32 and model.defects[0] == "good"
+    assert model.defects[1:] == data.load_category(Path(checkpoint["data_folder"])).defects
+
+
+def test_sampling_writes_an_mvtec_layout_folder(trained, toy_root, tmp_path):
+    """sample.py's output is read back by data.load_category, with the background kept outside each mask."""
+    out = tmp_path / "samples"
+    sample.main(["--category", "bottle", "--ckpt", str(trained), "--n", "2", "--out_dir", str(out), "--batch_size", "3"])
+    category = data.load_category(out)
+    assert len(category.anomalies) == 2 * len(category.defects) and (out / "preview.png").is_file()
+    assert len(category.train_good) == len(data.load_category(toy_root / "bottle").train_good)
+    for anomaly in category.anomalies:
+        assert anomaly.caption and (out / "prompt" / anomaly.defect).is_dir()
+
+
+def test_interrupted_training_resumes_at_the_saved_step(toy_root, tmp_path, monkeypatch, capsys):
+    """A kill after the step-2 checkpoint loses nothing before it: re-running continues from step 2."""
+    args = ["--category", "bottle", "--data_root", str(toy_root), "--out_dir", str(tmp_path)] + TINY
+    calls = {"n": 0}
+    real_loss = axf.AnomalyXFusion.loss
+
+    def dying_loss(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_loss(self, *a, **k)
+
+    monkeypatch.setattr(axf.AnomalyXFusion, "loss", dying_loss)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args)
+    assert torch.load(tmp_path / "axf.pt", weights_only=False)["step"] == 2
+    monkeypatch.setattr(axf.AnomalyXFusion, "loss", real_loss)
+    capsys.readouterr()
+    train.main(args)
+    assert f"resuming from {tmp_path / 'axf.pt'} at step 2" in capsys.readouterr().out
+    assert torch.load(tmp_path / "axf.pt", weights_only=False)["step"] == 4
+
+
+def run_script(*args):
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train.py", "--category", "bottle", "--data_root", "/nonexistent"], "--toy"),
+    (["train.py", "--category", "bottle", "--toy", "--steps", "many"], "invalid"),
+    (["train.py", "--category", "bottle", "--toy", "--no_such_key", "1"], "unrecognized arguments"),
+    (["train.py", "--category", "bottle", "--toy", "--clip", "/nonexistent/ViT-B-32.pt", "--out_dir", "/tmp/axf_never"],
+     "ViT-B-32.pt"),
+    (["sample.py", "--category", "bottle", "--ckpt", "/nonexistent/axf.pt"], "no such checkpoint"),
+])
+def test_bad_input_gets_one_clear_line_and_nonzero_exit(args, message):
+    """Bad flags, missing folders and missing weight files stop the script with a message a user can act on."""
+    result = run_script(*args)
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert message in last_line, result.stderr
