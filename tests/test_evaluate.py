@@ -1,0 +1,281 @@
+"""evaluate.py: metric parity with scikit-learn and the reference LPIPS (fixtures), IS and IC-LPIPS
+invariants, the baselines' anomalies, and the downstream pipeline end to end on a tiny MVTec tree."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import evaluate as E
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CASES = ("ties", "continuous", "all_tied", "tiny", "int_scores", "informative")
+
+
+def seeded_vgg16_features(features, seed=1234):
+    """Copy of make_metric_fixtures.seeded_vgg16_features (the fixture's checksum ties the two together)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in features:
+            if isinstance(layer, nn.Conv2d):
+                fan_in = layer.weight[0].numel()
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
+                layer.bias.copy_(torch.randn(layer.bias.shape, generator=g) * 0.01)
+    return sum(float(p.double().sum()) for p in features.parameters())
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread avoids OpenMP threads spin-waiting for a core on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def lpips():
+    model = E.LPIPS()
+    info = json.loads((FIXTURES / "metric_versions.json").read_text())
+    assert seeded_vgg16_features(model.features) == pytest.approx(info["vgg_checksum"], rel=1e-9)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+@pytest.mark.parametrize("case", CASES)
+def test_metrics_match_sklearn_with_ties(case):
+    """AUROC, AP and F1-max equal scikit-learn's on arrays full of ties (numpy and torch inputs)."""
+    f = np.load(FIXTURES / "metric_sklearn.npz")
+    scores, labels, expected = f[f"{case}_scores"], f[f"{case}_labels"], f[f"{case}_expected"]
+    for s, y in ((scores, labels), (torch.from_numpy(scores), torch.from_numpy(labels))):
+        got = [E.auroc(s, y), E.average_precision(s, y), E.f1_max(s, y)]
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9)
+
+
+def test_metrics_on_a_perfect_and_a_reversed_ranking():
+    """A score that separates the classes gets 1 everywhere; reversed, AUROC is 0."""
+    labels = np.array([0, 0, 0, 1, 1])
+    scores = np.array([0.1, 0.2, 0.3, 0.8, 0.9], dtype=np.float32)
+    assert (E.auroc(scores, labels), E.average_precision(scores, labels), E.f1_max(scores, labels)) == (1.0, 1.0, 1.0)
+    assert E.auroc(-scores, labels) == 0.0
+
+
+def test_metrics_reject_bad_input_with_one_line():
+    """Mismatched lengths and a single class are user errors that must say what is wrong."""
+    with pytest.raises(ValueError, match="differ in length: 3 vs 2"):
+        E.auroc(np.zeros(3), np.array([0, 1]))
+    for metric in (E.auroc, E.average_precision, E.f1_max):
+        with pytest.raises(ValueError, match="single class"):
+            metric(np.random.rand(4), np.ones(4))
+    with pytest.raises(ValueError, match="NaN"):
+        E.f1_max(np.array([0.1, np.nan]), np.array([0, 1]))
+
+
+def test_inception_score_bounds():
+    """IS is 1 when every image gets the same prediction and C for C distinct confident classes."""
+    same = torch.softmax(torch.randn(1, 7), 1).repeat(20, 1)
+    mean, std = E.inception_score(same, splits=2)
+    assert mean == pytest.approx(1.0, abs=1e-12) and std == pytest.approx(0.0, abs=1e-12)
+    mean, std = E.inception_score(torch.eye(5), splits=1)   # one-hot: 0 log 0 must not produce NaN
+    assert mean == pytest.approx(5.0, rel=1e-12) and std == 0.0
+
+
+def test_inception_score_needs_enough_images():
+    with pytest.raises(ValueError, match="N >= splits=10"):
+        E.inception_score(torch.eye(5), splits=10)
+
+
+def test_inception_probs_feeds_299px_in_minus_one_one():
+    """Inception-v3's TensorFlow weights expect 299x299 inputs in [-1, 1]; outputs are distributions."""
+    seen = []
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 4)
+
+        def forward(self, x):
+            seen.append(x)
+            return self.fc(x.mean((2, 3)))
+
+    probs = E.inception_probs(Probe(), torch.rand(5, 3, 32, 32), batch_size=2)
+    assert probs.shape == (5, 4) and torch.allclose(probs.sum(1), torch.ones(5))
+    assert seen[0].shape[-2:] == (299, 299) and min(x.min() for x in seen) < -0.5 < 0.5 < max(x.max() for x in seen)
+
+
+def test_missing_weight_files_are_named():
+    for call, flag in ((lambda: E.load_inception("nope.pth", "cpu"), "--inception"),
+                       (lambda: E.LPIPS("nope.pth"), "--vgg"), (lambda: E.build_resnet(3, "nope.pth"), "--resnet")):
+        with pytest.raises(FileNotFoundError, match=f"nope.pth: .*{flag}"):
+            call()
+
+
+def test_resnet_weights_load_without_the_head(tmp_path):
+    """An ImageNet ResNet-34 file starts the classifier (new head); another file is refused by name."""
+    ref = E.build_resnet(1000)
+    torch.save(ref.state_dict(), tmp_path / "r34.pth")
+    model = E.build_resnet(3, tmp_path / "r34.pth")
+    assert torch.equal(model.conv1.weight, ref.conv1.weight) and model.fc.out_features == 3
+    torch.save({"conv1.weight": ref.conv1.weight}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="bad.pth: not a torchvision ResNet-34"):
+        E.build_resnet(3, tmp_path / "bad.pth")
+
+
+# ---------------------------------------------------------------------------------------------- LPIPS
+
+def test_lpips_matches_reference_implementation(lpips):
+    """Same backbone weights and the official linear layers: distances equal lpips 0.1.4's."""
+    f = np.load(FIXTURES / "lpips_vgg_random.npz")
+    images, pairs = torch.from_numpy(f["images"]), torch.from_numpy(f["pairs"])
+    with torch.no_grad():
+        d = lpips(images[pairs[:, 0]], images[pairs[:, 1]])
+    np.testing.assert_allclose(d.numpy(), f["distances"], rtol=1e-4, atol=1e-6)
+
+
+def test_lpips_is_symmetric_and_zero_on_identical_inputs(lpips):
+    x, y = torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(lpips(x, y), lpips(y, x), rtol=1e-5)
+        assert torch.all(lpips(x, y) > 0) and torch.all(lpips(x, x) == 0)
+
+
+def test_ic_lpips_matches_hand_computation():
+    """Clusters by nearest centre, mean pairwise distance per cluster of >= 2, mean over clusters."""
+    dist = lambda a, b: (a - b).abs().flatten(1).mean(1)   # a stand-in distance, values by hand
+    centres = torch.stack([torch.zeros(3, 2, 2), torch.ones(3, 2, 2)])
+    gen = torch.stack([torch.full((3, 2, 2), v) for v in (0.0, 0.2, 0.4, 0.9, 0.7)])
+    # cluster 0: {0, 0.2, 0.4} -> pairs 0.2, 0.4, 0.2; cluster 1: {0.9, 0.7} -> 0.2
+    assert E.ic_lpips(gen, centres, dist, batch_size=2) == pytest.approx(((0.8 / 3) + 0.2) / 2)
+    with pytest.raises(ValueError, match="fewer|2 or more"):
+        E.ic_lpips(gen[[0, 3]], centres, dist)   # two singleton clusters only
+
+
+def test_ic_lpips_zero_for_identical_images_positive_otherwise(lpips):
+    centres = torch.rand(2, 3, 16, 16)
+    same = torch.rand(1, 3, 16, 16).repeat(2, 1, 1, 1)
+    assert E.ic_lpips(same, centres, lpips) == 0.0
+    assert E.ic_lpips(torch.rand(3, 3, 16, 16), centres[:1], lpips) > 0.0
+
+
+def test_generation_metrics_average_over_defect_types(lpips):
+    """With both networks given, IS is [mean, std] >= 1 and IC-LPIPS is the mean over the defect types."""
+    class Probe(nn.Module):   # a stand-in classifier: 3 classes from the mean colour
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return 10 * self.fc(x.mean((2, 3)))
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(7, 3, 16, 16, generator=g)
+    anomalies = (images, torch.ones(7, 1, 16, 16), torch.tensor([0, 0, 0, 0, 1, 1, 1]))
+    real = (images[[0, 4]], torch.ones(2, 1, 16, 16), torch.tensor([0, 1]))   # one centre per defect type
+    cfg = dict(batch_size=4, is_splits=2)
+    out = E.generation_metrics(anomalies, real, 2, cfg, "cpu", inception=Probe(), lpips=lpips)
+    assert len(out["is"]) == 2 and out["is"][0] >= 1.0 and out["is"][1] >= 0.0
+    expected = np.mean([E.ic_lpips(images[:4], images[[0]], lpips), E.ic_lpips(images[4:], images[[4]], lpips)])
+    assert out["ic_lpips"] == pytest.approx(expected) and out["ic_lpips"] > 0
+
+
+# ---------------------------------------------------------------------------------------------- downstream
+
+def test_segmenter_keeps_the_image_size_and_focal_loss_reduces_to_cross_entropy():
+    """The U-Net maps [B, 3, S, S] to two-class logits [B, 2, S, S]; gamma=0 focal loss is cross-entropy."""
+    logits = E.SegmentationUNet(base=2)(torch.rand(2, 3, 32, 32))
+    assert logits.shape == (2, 2, 32, 32)
+    mask = (torch.rand(2, 1, 32, 32) > 0.5).float()
+    ce = nn.functional.cross_entropy(logits, mask[:, 0].long())
+    assert E.focal_loss(logits, mask, gamma=0.0).item() == pytest.approx(ce.item(), abs=1e-4)
+    assert E.focal_loss(logits, mask).item() < ce.item()   # easy pixels are down-weighted
+
+
+def test_baselines_change_only_the_masked_pixels():
+    """DRAEM and crop-paste anomalies are normal images outside their (non-empty) masks, per defect counts."""
+    g = torch.Generator().manual_seed(0)
+    normals = torch.rand(4, 3, 32, 32)
+    real_masks = torch.zeros(2, 1, 32, 32)
+    real_masks[0, :, 2:6, 3:9] = 1
+    real_masks[1, :, 20:30, 10:12] = 1
+    real = (torch.rand(2, 3, 32, 32), real_masks, torch.tensor([0, 1]))
+    counts = {0: 3, 1: 2}
+    for images, masks, labels in (E.draem_anomalies(normals, counts, g, 32),
+                                  E.crop_paste_anomalies(real, normals, counts, g),
+                                  E.oracle_anomalies(real, counts)):
+        assert images.shape == (5, 3, 32, 32) and masks.shape == (5, 1, 32, 32)
+        assert labels.tolist() == [0, 0, 0, 1, 1] and torch.all(masks.flatten(1).sum(1) > 0)
+    images, masks, _ = E.crop_paste_anomalies(real, normals, counts, g)
+    for x, m in zip(images, masks):   # outside the mask, exactly one of the normal images
+        assert any(torch.equal(x * (1 - m), n * (1 - m)) for n in normals)
+    assert [m.sum().item() for m in masks] == [24] * 3 + [20] * 2   # pasted shapes keep their area
+
+
+def _write_png(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def _tiny_category(root, n_train=6, n_good=3, per_defect=3, size=32, seed=0):
+    """A hand-built MVTec AD + MVTec Caption tree: two defect types drawn as coloured squares."""
+    rng = np.random.default_rng(seed)
+    folder = root / "widget"
+    base = lambda: (rng.random((size, size, 3)) * 60 + 100).astype(np.uint8)
+    for i in range(n_train):
+        _write_png(folder / "train" / "good" / f"{i:03d}.png", base())
+    for i in range(n_good):
+        _write_png(folder / "test" / "good" / f"{i:03d}.png", base())
+    for defect, colour in (("red_spot", (220, 20, 20)), ("blue_spot", (20, 20, 220))):
+        for i in range(per_defect):
+            image, mask = base(), np.zeros((size, size), np.uint8)
+            y, x = rng.integers(0, size - 10, 2)
+            image[y:y + 8, x:x + 8], mask[y:y + 8, x:x + 8] = colour, 255
+            _write_png(folder / "test" / defect / f"{i:03d}.png", image)
+            _write_png(folder / "ground_truth" / defect / f"{i:03d}_mask.png", mask)
+            (folder / "prompt" / defect).mkdir(parents=True, exist_ok=True)
+            (folder / "prompt" / defect / f"{i:03d}.txt").write_text(f"a {defect.replace('_', ' ')}\n")
+    return folder
+
+
+def test_pipeline_end_to_end_writes_the_specified_json(tmp_path, capsys):
+    """Each row has exactly the contract's keys, fractions in [0, 1]; nulls are explained once per run."""
+    folder = _tiny_category(tmp_path, n_train=4)   # 4 normals: 2 segmenter steps, 1 classifier step a row
+    generated = _tiny_category(tmp_path / "gen", n_train=1, n_good=0, per_defect=2, seed=1)
+    out = tmp_path / "res" / "eval.json"
+    results = E.main(["--category", "widget", "--data_root", str(tmp_path), "--generated", str(generated),
+                      "--out", str(out), "--device", "cpu", "--image_size", "32", "--seg_width", "2",
+                      "--seg_epochs", "1", "--cls_epochs", "1", "--batch_size", "4", "--preset", "toy"])
+    assert json.loads(out.read_text()) == results and out.with_suffix(".md").is_file()
+    assert list(results) == ["axf", "draem", "crop_paste", "oracle"]
+    for row in results.values():
+        assert set(row) == {"generation", "segmentation", "classification"}
+        assert row["generation"] == {"is": None, "ic_lpips": None}
+        assert set(row["segmentation"]) == {"pixel_auroc", "pixel_ap", "pixel_f1_max",
+                                            "image_auroc", "image_ap", "image_f1_max"}
+        assert set(row["classification"]) == {"accuracy"}
+        values = list(row["segmentation"].values()) + [row["classification"]["accuracy"]]
+        assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in values)
+    printed = capsys.readouterr().out
+    assert printed.count("null: IS needs Inception-v3 weights") == 1
+    assert "| oracle |" in out.with_suffix(".md").read_text()
+
+
+def test_cli_errors_name_the_problem(tmp_path):
+    """A missing --generated, an unknown key or method, a wrong type or size, a missing folder are reported."""
+    folder = _tiny_category(tmp_path)
+    base = ["--category", "widget", "--data_root", str(tmp_path), "--generated", str(folder)]
+    with pytest.raises(SystemExit):
+        E.main(base[:-2])   # --generated is required: it sizes every row
+    with pytest.raises(SystemExit):
+        E.main(base + ["--no_such_key", "1"])
+    with pytest.raises(SystemExit):
+        E.main(base + ["--seg_epochs", "many"])
+    with pytest.raises(ValueError, match="unknown \\['gan'\\]"):
+        E.main(base + ["--methods", "draem,gan"])
+    with pytest.raises(FileNotFoundError, match="nowhere: MVTec category folder not found"):
+        E.main(base[:-1] + [str(tmp_path / "nowhere"), "--methods", "draem"])
+    with pytest.raises(ValueError, match="multiple of 32"):
+        E.main(base + ["--image_size", "48", "--methods", "draem"])
