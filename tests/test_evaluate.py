@@ -27,15 +27,6 @@ def seeded_vgg16_features(features, seed=1234):
     return sum(float(p.double().sum()) for p in features.parameters())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP threads spin-waiting for a core on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def lpips():
     model = E.LPIPS()

@@ -8,15 +8,6 @@ TINY = dict(in_channels=4, out_channels=4, channels=32, channel_mult=(1, 2), num
             attention_levels=(1,), num_heads=2, context_dim=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These UNets are tiny: on a shared 2-core machine a second thread costs more than it brings."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def randomise(model, seed=0):
     """Perturb every parameter (the zero-initialised output layers included) so every path carries signal."""
     g = torch.Generator().manual_seed(seed)

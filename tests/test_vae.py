@@ -9,15 +9,6 @@ from vae import VAE, DiagonalGaussian, vae_loss
 TINY = dict(channels=32, channel_mult=(1, 2), num_res_blocks=1, latent_channels=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These VAEs are tiny: on a shared 2-core machine a second thread costs more than it brings."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("channel_mult, f", [((1, 2, 2), 4), ((1, 1, 2, 2), 8)])
 def test_latent_is_f_times_smaller_and_decodes_back_to_image_size(channel_mult, f):
     """f = 2 ** (levels - 1): 64 px -> 16x16 latents for the toy preset's f = 4, 256 px -> 32x32 for kl-f8."""
