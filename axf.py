@@ -32,13 +32,14 @@ CONFIG = dict(
     image_size=64,
     # KL autoencoder (vae.py): two downsamplings -> 64 px images become 16x16x4 latents
     vae_channels=32,
-    vae_channel_mult=(1, 2, 4),
+    vae_channel_mult=(1, 2, 2),
+    vae_num_res_blocks=1,
     vae_latent_channels=4,
     vae_kl_weight=1e-6,       # LDM's kl-f8 weight: the latent stays close to a plain autoencoder
     # latent UNet (unet.py)
     unet_channels=64,
     unet_channel_mult=(1, 2, 2),
-    unet_num_res_blocks=2,
+    unet_num_res_blocks=1,
     unet_attention_levels=(0, 1),
     unet_num_heads=4,
     # the X-embedding (paper §4.2): k tokens per modality, each of width d = the CLIP embedding
@@ -61,8 +62,8 @@ CONFIG = dict(
     use_mif=True,
     use_ddf=True,
     # training, stage 1 (VAE) and 2 (mask autoencoder)
-    vae_steps=1000,
-    vae_batch_size=16,
+    vae_steps=400,
+    vae_batch_size=8,
     vae_lr=2e-4,
     mask_steps=300,
     mask_lr=1e-3,
@@ -93,6 +94,7 @@ PRESETS = {
         image_size=256,
         vae_channels=128,                 # the kl-f8 layout of Stable Diffusion 1.x
         vae_channel_mult=(1, 2, 4, 4),
+        vae_num_res_blocks=2,
         unet_channels=192,
         unet_channel_mult=(1, 2, 4),
         unet_num_res_blocks=2,
@@ -298,9 +300,13 @@ class AnomalyXFusion(nn.Module):
         self.defects = ["good"] + list(defects)
         d, k = config["context_dim"], config["num_tokens"]
         self.use_text, self.use_mif, self.use_ddf = config["use_text"], config["use_mif"], config["use_ddf"]
-        self.vae = VAE(3, config["vae_channels"], config["vae_channel_mult"], latent_channels=config["vae_latent_channels"])
+        self.vae = VAE(3, config["vae_channels"], config["vae_channel_mult"], config["vae_num_res_blocks"],
+                       config["vae_latent_channels"])
         self.latent_factor = 2 ** (len(config["vae_channel_mult"]) - 1)
-        self.unet = UNet(config["vae_latent_channels"], config["vae_latent_channels"], config["unet_channels"],
+        # the UNet also sees the latent mask as a fifth input channel (as Stable Diffusion's inpainting
+        # model does): Eq. (16) brings the mask into training; this way "where" is given, and the
+        # cross-attention context is left to say "what"
+        self.unet = UNet(config["vae_latent_channels"] + 1, config["vae_latent_channels"], config["unet_channels"],
                          config["unet_channel_mult"], config["unet_num_res_blocks"], config["unet_attention_levels"],
                          config["unet_num_heads"], context_dim=d)
         self.ddpm = DDPM(config["num_diffusion_steps"], config["schedule"], config["beta_start"], config["beta_end"])
@@ -396,8 +402,8 @@ class AnomalyXFusion(nn.Module):
         x_t = self.ddpm.q_sample(latents, t, noise)  # Eq. (10)
         drop = torch.rand(B, device=device, generator=generator) < self.config["cond_dropout"]
         context = self.condition(captions, masks, defect_ids, t, drop=drop)
-        eps = self.unet(x_t, t, context)
         region = latent_mask(masks, self.latent_factor)
+        eps = self.unet(torch.cat([x_t, region.to(x_t.dtype)], 1), t, context)
         outside = self.config["outside_loss_weight"]
         weight = torch.where(is_anomaly[:, None, None, None], region + outside * (1 - region), torch.ones_like(region))
         # Eq. (17), squared as in DDPM, averaged over the weighted cells of each sample
@@ -406,12 +412,15 @@ class AnomalyXFusion(nn.Module):
 
     # --- blended sampling ---------------------------------------------------------------------
 
-    def guided_eps(self, x_t, t, context, guidance_scale):
+    def guided_eps(self, x_t, region, t, context, guidance_scale):
         """Classifier-free guidance: eps_u + s (eps_c - eps_u), both branches in one UNet call."""
+        x_in = torch.cat([x_t, region.to(x_t.dtype)], 1)
         if guidance_scale == 1:
-            return self.unet(x_t, t, context)
-        null = self.null_context.expand_as(context) if not self.use_ddf else self.ddf(self.null_context.expand(len(t), -1, -1), t)
-        eps_cond, eps_uncond = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([context, null])).chunk(2)
+            return self.unet(x_in, t, context)
+        null = self.null_context.expand_as(context)
+        if self.use_ddf:
+            null = self.ddf(null, t)
+        eps_cond, eps_uncond = self.unet(torch.cat([x_in, x_in]), torch.cat([t, t]), torch.cat([context, null])).chunk(2)
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
     @torch.no_grad()
@@ -445,7 +454,7 @@ class AnomalyXFusion(nn.Module):
         for i, step in enumerate(timesteps):
             t, t_prev = at(step), at(timesteps[i + 1] if i + 1 < len(timesteps) else -1)
             context = self.condition(captions, masks, defect_ids, t, textures=textures)
-            eps = self.guided_eps(x, t, context, guidance_scale).float()
+            eps = self.guided_eps(x, region, t, context, guidance_scale).float()
             if sampler == "ddim":
                 noise = torch.randn(z0.shape, device=device, generator=generator) if eta > 0 else None
                 x_model = self.ddpm.ddim_step(eps, t, t_prev, x, eta=eta, noise=noise)

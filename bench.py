@@ -8,7 +8,7 @@ after one warm-up run (one run for the MVTec preset on CPU). FLOPs are counted b
 attention; elementwise ops are free), and compared with this machine's matmul peak, measured in the
 same run on a large square matmul, so "% of peak" says how well the model uses the hardware.
 On CUDA the models run under bf16 autocast, as train.py does, and the peak is bf16's; on CPU all is fp32.
-Depends on axf.py (the presets), unet.py and vae.py.
+Depends on axf.py (the presets and the whole model), unet.py, vae.py, clip.py and evaluate.py.
 """
 import argparse
 import time
@@ -98,13 +98,13 @@ def bench_unet(cfg, device, quick):
     B, repeats, note = batch_and_repeats(cfg, device, quick)
     f = 2 ** (len(cfg["vae_channel_mult"]) - 1)
     size, C = cfg["image_size"] // f, cfg["vae_latent_channels"]
-    model = UNet(C, C, cfg["unet_channels"], cfg["unet_channel_mult"], cfg["unet_num_res_blocks"],
+    model = UNet(C + 1, C, cfg["unet_channels"], cfg["unet_channel_mult"], cfg["unet_num_res_blocks"],
                  cfg["unet_attention_levels"], cfg["unet_num_heads"], cfg["context_dim"]).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(B, C, size, size, device=device)
+    x = torch.randn(B, C + 1, size, size, device=device)  # the latent and its mask, as axf.py feeds it
     t = torch.randint(0, 1000, (B,), device=device)
     context = torch.randn(B, 3 * cfg["num_tokens"], cfg["context_dim"], device=device)  # [B, 3k, d]: the X-embedding
-    noise = torch.randn_like(x)
+    noise = torch.randn(B, C, size, size, device=device)
 
     def train_step():
         with autocast(device):
@@ -133,7 +133,7 @@ def bench_unet(cfg, device, quick):
 def bench_vae(cfg, device, quick):
     """The KL autoencoder: encoding a batch of images to latents, decoding latents to images."""
     B, repeats, note = batch_and_repeats(cfg, device, quick)
-    vae = VAE(3, cfg["vae_channels"], cfg["vae_channel_mult"], 2, cfg["vae_latent_channels"]).to(device).eval()
+    vae = VAE(3, cfg["vae_channels"], cfg["vae_channel_mult"], cfg["vae_num_res_blocks"], cfg["vae_latent_channels"]).to(device).eval()
     x = torch.rand(B, 3, cfg["image_size"], cfg["image_size"], device=device) * 2 - 1
     with torch.no_grad():
         z = vae.encode(x).mode()
@@ -157,7 +157,79 @@ def bench_vae(cfg, device, quick):
     return rows
 
 
-BENCHES = [bench_unet, bench_vae]
+def bench_axf(cfg, device, quick):
+    """The whole method: one AnomalyXFusion training step (MIF, DDF, UNet, Eq. 17) and sampling per image
+    (DDIM, classifier-free guidance, blended as Eq. 16, then decoded). On CPU the MVTec preset times
+    2 of its sampler steps and scales them to the full count (said in the row)."""
+    B, repeats, note = batch_and_repeats(cfg, device, quick)
+    model = axf.AnomalyXFusion(cfg, axf.build_clip(cfg, device), ["crack", "hole"]).to(device)
+    model.vae.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    S = cfg["image_size"]
+    images = torch.rand(B, 3, S, S, device=device)
+    masks = torch.zeros(B, 1, S, S, device=device)
+    masks[..., S // 4: S // 2, S // 4: S // 2] = 1
+    captions = [f"a small crack number {i}" for i in range(B)]
+    ids = torch.ones(B, dtype=torch.long, device=device)
+    latents = model.encode_images(images)
+
+    def train_step():
+        with autocast(device):
+            loss = model.loss(latents, masks, captions, ids, torch.ones(B, dtype=torch.bool, device=device))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    steps = 2 if note else cfg["sample_steps"]
+
+    def sample():
+        with autocast(device):
+            model.sample(images, masks, captions, ids, steps=steps, guidance_scale=cfg["guidance_scale"])
+
+    rows = [row(cfg, "AnomalyXFusion training step", B, measure(train_step, device, repeats), device, note)]
+    seconds, flops = measure(sample, device, 1)
+    scale = cfg["sample_steps"] / steps
+    rows.append(row(cfg, f"sampling, {cfg['sample_steps']} DDIM steps + guidance, per image"
+                    + (f" ({steps} steps timed, x{scale:g})" if scale != 1 else ""), 1,
+                    (seconds * scale / B, flops * scale / B), device, note))
+    return rows
+
+
+def bench_clip(device, quick):
+    """CLIP ViT-B/32 size (random weights): encode_image on 32 images of 224 px, encode_text on 32 captions."""
+    import clip
+    model = clip.CLIP(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
+                      context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
+                      transformer_layers=12).to(device).eval()
+    images = torch.randn(32, 3, 224, 224, device=device)
+    tokens = clip.tokenize([f"a photo of a bottle with defect number {i}" for i in range(32)]).to(device)
+    rows = []
+    for name, fn in (("encode_image", lambda: model.encode_image(images)), ("encode_text", lambda: model.encode_text(tokens))):
+        with torch.inference_mode():
+            rows.append(row({"preset": "any"}, f"CLIP ViT-B/32: {name}", 32, measure(fn, device, 1 if quick else 3), device))
+    return rows
+
+
+def bench_metrics(device, quick, n=5_000_000):
+    """evaluate.auroc / average_precision / f1_max on 5M pixel scores (a category's pooled test pixels)."""
+    import numpy as np
+
+    import evaluate
+    rng = np.random.default_rng(0)
+    labels = rng.random(n) < 0.05
+    scores = np.round(rng.random(n) * 0.7 + 0.3 * labels, 3).astype(np.float32)  # 3 decimals: many ties
+    rows = []
+    for name in ("auroc", "average_precision", "f1_max"):
+        fn = getattr(evaluate, name)
+        t0 = time.perf_counter()
+        fn(scores, labels)
+        rows.append({"preset": "any", "benchmark": f"evaluate.{name}, 5M pixels", "batch": n,
+                     "ms": (time.perf_counter() - t0) * 1e3, "peak memory (MB)": peak_memory_mb(device)})
+    return rows
+
+
+BENCHES = [bench_unet, bench_vae, bench_axf]
+SHARED_BENCHES = [bench_clip, bench_metrics]  # preset-independent: run once
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,6 +259,8 @@ def main(argv=None):
         cfg = axf.resolve_config(preset)
         for bench in BENCHES:
             rows += bench(cfg, device, args.quick)
+    for bench in SHARED_BENCHES:
+        rows += bench(device, args.quick)
     for r in rows:
         if "GFLOP/s" in r:
             r["% of peak"] = 100 * r["GFLOP/s"] / peak

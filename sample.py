@@ -126,7 +126,7 @@ def main(argv=None):
     for defect in sorted({job[0] for job in jobs}):  # a re-run replaces that defect's old samples
         for sub in ("test", "ground_truth", "prompt"):
             shutil.rmtree(out / sub / defect, ignore_errors=True)
-    counters, preview = {}, []
+    counters, preview, outside_max, inside_mean, colours = {}, [], 0.0, [], []
     print(f"sampling {len(jobs)} anomalies with {path} ({config['sampler']}, {config['sample_steps']} steps, "
           f"guidance {config['guidance_scale']}) into {out}")
     for start in tqdm(range(0, len(jobs), args.batch_size), desc="sampling"):
@@ -141,6 +141,11 @@ def main(argv=None):
                                   sampler=config["sampler"], steps=config["sample_steps"],
                                   guidance_scale=config["guidance_scale"], eta=config["eta"],
                                   generator=torch.Generator(device).manual_seed(config["seed"] + start))
+        # the promise of Eq. (16) and the final composite, checked on every sample: outside the dilated
+        # mask the normal image exactly, inside something else
+        weight = axf.composite_mask(masks, config["composite_radius"]).expand_as(images)
+        outside_max = max(outside_max, (images - normals)[weight == 0].abs().max().item())
+        inside_mean += [(i - n)[m.expand_as(i) > 0].abs().mean().item() for i, n, m in zip(images, normals, masks)]
         for (defect, _, mask, caption), normal, image in zip(batch, normals.cpu(), images.float().cpu()):
             index = counters.get(defect, 0)
             counters[defect] = index + 1
@@ -149,9 +154,16 @@ def main(argv=None):
             save_png(image, out / "test" / defect / f"{index:03d}.png")
             save_png(mask, out / "ground_truth" / defect / f"{index:03d}_mask.png")
             (out / "prompt" / defect / f"{index:03d}.txt").write_text(caption + "\n", encoding="utf-8")
+            if data.caption_colour(caption) and (folder / "toy.json").exists():  # the toy world's own check
+                colours.append(data.drawn_colour(image, mask) == data.caption_colour(caption))
             if index < 4:  # the preview shows the first few of each defect type
                 preview.append([normal, mask, image, caption])
     data.save_grid(preview, out / "preview.png")
+    print(f"outside the masks: max |generated - normal| = {outside_max:.3g}; "
+          f"inside: mean |generated - normal| = {sum(inside_mean) / len(inside_mean):.3f} (pixel values in [0, 1])")
+    if colours:
+        print(f"toy world: the colour the caption names is drawn in {sum(colours)} of {len(colours)} samples "
+              f"({100 * sum(colours) / len(colours):.0f}%)")
     print(f"wrote {sum(counters.values())} anomalies ({', '.join(f'{d}: {n}' for d, n in counters.items())}) to {out}; preview: {out / 'preview.png'}")
 
 

@@ -133,10 +133,12 @@ class EMA:
         self.shadow = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
-    def update(self, model):
+    def update(self, model, step):
+        # warm-up: early on the average would mostly remember the random initialisation
+        decay = min(self.decay, (1 + step) / (10 + step))
         for n, p in model.named_parameters():
             if n in self.shadow:
-                self.shadow[n].lerp_(p.detach(), 1 - self.decay)
+                self.shadow[n].lerp_(p.detach(), 1 - decay)
 
     def swap(self, model):
         """Exchange the model's weights with the averaged ones (call twice to swap back)."""
@@ -180,7 +182,8 @@ def train_vae(train, config, out_dir, device):
     path = out_dir / "vae.pt"
     total = config["vae_steps"]
     state = load_stage(path, total)
-    vae = VAE(3, config["vae_channels"], config["vae_channel_mult"], latent_channels=config["vae_latent_channels"]).to(device)
+    vae = VAE(3, config["vae_channels"], config["vae_channel_mult"], config["vae_num_res_blocks"],
+              config["vae_latent_channels"]).to(device)
     if state and state["step"] >= total:
         vae.load_state_dict(state["model"])
         return vae
@@ -196,8 +199,12 @@ def train_vae(train, config, out_dir, device):
                      "rng": rng_state(), "config": config}, path)
 
     bar = tqdm(total=total, initial=step, desc="1/3 vae")
+    half = config["vae_batch_size"] // 2
     while step < total:
-        batch = images[torch.randint(len(images), (config["vae_batch_size"],))]
+        # half of each batch is anomalies: they are few, and a VAE that never learnt to encode a
+        # defect would decode every latent the diffusion model makes back into a normal object
+        batch = torch.cat([train["normals"][torch.randint(len(train["normals"]), (half,))],
+                           train["images"][torch.randint(len(train["images"]), (config["vae_batch_size"] - half,))]])
         batch = torch.where(torch.rand(len(batch), 1, 1, 1) < 0.5, batch.flip(3), batch).to(device)
         with autocast(device):
             loss, logs = vae_loss(vae, batch * 2 - 1, config["vae_kl_weight"])
@@ -334,7 +341,7 @@ def train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, fol
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, config["grad_clip"])
         optimizer.step()
-        ema.update(model)
+        ema.update(model, step)
         step += 1
         losses.append(loss.item())
         bar.update(1)
