@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+import data
 import evaluate as E
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -270,3 +271,14 @@ def test_cli_errors_name_the_problem(tmp_path):
         E.main(base[:-1] + [str(tmp_path / "nowhere"), "--methods", "draem"])
     with pytest.raises(ValueError, match="multiple of 32"):
         E.main(base + ["--image_size", "48", "--methods", "draem"])
+
+
+def test_toy_checks_give_full_marks_to_real_toy_anomalies(tmp_path):
+    """Real toy anomalies draw exactly the colour their caption names; every check is a fraction."""
+    folder = data.make_toy(tmp_path, "cable", size=64, seed=0)
+    category = data.load_category(folder)
+    cfg = {**E.EVAL_CONFIG, "image_size": 64}
+    real = E.read_anomalies(category.anomalies, category.defects, 64)
+    checks = E.toy_checks(category.anomalies, real, category, cfg, torch.device("cpu"), steps=10)
+    assert checks["colour_named_is_drawn"] == 1.0
+    assert all(0 <= v <= 1 for v in checks.values())
