@@ -62,15 +62,15 @@ CONFIG = dict(
     use_mif=True,
     use_ddf=True,
     # training, stage 1 (VAE) and 2 (mask autoencoder)
-    vae_steps=400,
+    vae_steps=300,
     vae_batch_size=8,
-    vae_lr=2e-4,
+    vae_lr=1e-3,
     mask_steps=300,
     mask_lr=1e-3,
     # training, stage 3 (AnomalyXFusion)
-    steps=2000,
+    steps=900,
     batch_size=16,
-    lr=3e-4,
+    lr=5e-4,
     warmup_steps=100,
     grad_clip=1.0,
     ema_decay=0.999,
@@ -79,7 +79,7 @@ CONFIG = dict(
     cond_dropout=0.1,         # condition dropped to the null one: classifier-free guidance
     shift_cells=2,            # random roll of latent and mask, in latent cells
     checkpoint_every=250,
-    preview_every=1000,
+    preview_every=450,
     # sampling (Eq. 16)
     sampler="ddim",
     sample_steps=50,
@@ -101,7 +101,18 @@ PRESETS = {
         unet_attention_levels=(1, 2),     # 16x16 and 8x8 of the 32x32 latent
         unet_num_heads=8,
         context_dim=768,                  # CLIP ViT-L/14's embedding width
+        vae_steps=20000,
+        vae_lr=1e-4,
+        mask_steps=2000,
+        steps=30000,
         batch_size=8,
+        lr=1e-4,
+        warmup_steps=1000,
+        ema_decay=0.9999,
+        shift_cells=4,
+        checkpoint_every=1000,
+        preview_every=5000,
+        composite_radius=4,
     ),
 }
 
