@@ -13,7 +13,6 @@ Depends on torch only.
 """
 import math
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

@@ -234,7 +234,7 @@ def _tiny_category(root, n_train=6, n_good=3, per_defect=3, size=32, seed=0):
 
 def test_pipeline_end_to_end_writes_the_specified_json(tmp_path, capsys):
     """Each row has exactly the contract's keys, fractions in [0, 1]; nulls are explained once per run."""
-    folder = _tiny_category(tmp_path, n_train=4)   # 4 normals: 2 segmenter steps, 1 classifier step a row
+    _tiny_category(tmp_path, n_train=4)   # 4 normals: 2 segmenter steps, 1 classifier step a row
     generated = _tiny_category(tmp_path / "gen", n_train=1, n_good=0, per_defect=2, seed=1)
     out = tmp_path / "res" / "eval.json"
     results = E.main(["--category", "widget", "--data_root", str(tmp_path), "--generated", str(generated),
