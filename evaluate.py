@@ -482,15 +482,6 @@ def markdown_table(results, category):
 # Toy-world checks (--toy): does the picture follow the caption, and is the defect type recognisable?
 
 
-def toy_judge(num_classes):
-    """A small CNN that tells the toy world's defect types apart from the image alone."""
-    layers, width = [], 3
-    for out in (32, 64, 96, 128):
-        layers += [nn.Conv2d(width, out, 3, stride=2, padding=1), nn.BatchNorm2d(out), nn.ReLU()]
-        width = out
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
-
-
 def toy_checks(gen_anomalies, generated, category, cfg, device, steps=400):
     """Caption colour drawn inside the mask (data.drawn_colour), and the defect type a judge assigns.
 
@@ -504,7 +495,10 @@ def toy_checks(gen_anomalies, generated, category, cfg, device, steps=400):
     few, held = data.few_shot_split(category.anomalies)
     train, check = (read_anomalies(a, category.defects, cfg["image_size"]) for a in (held, few))
     torch.manual_seed(cfg["seed"])
-    judge = toy_judge(len(category.defects)).to(device)
+    widths = (3, 32, 64, 96, 128)  # a small CNN: the defect type from the image alone
+    judge = nn.Sequential(*[layer for cin, cout in zip(widths, widths[1:]) for layer in (
+        nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.BatchNorm2d(cout), nn.ReLU())],
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], len(category.defects))).to(device)
     g = torch.Generator().manual_seed(cfg["seed"])
     batches = ((train[0][idx].flip(3) if k % 2 else train[0][idx], train[2][idx])
                for k, idx in enumerate(_epoch(len(train[0]), steps, cfg["batch_size"], g)))
@@ -620,4 +614,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}")
