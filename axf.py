@@ -137,7 +137,11 @@ def resolve_config(preset, overrides=None):
 
 
 def make_betas(schedule, num_steps, beta_start, beta_end):
-    """β_1..β_T as float64, the way the reference schedulers (DDPM, LDM, improved DDPM) define them."""
+    """β_1..β_T as float64, the way the reference schedulers (DDPM, LDM, improved DDPM) define them.
+
+    Eq. (6), (7): the forward process is a Markov chain whose step t adds noise of variance β_t,
+    q(x_t | x_{t-1}) = N(sqrt(1 - β_t) x_{t-1}, β_t I); the betas are all that defines it.
+    """
     if schedule == "linear":  # DDPM (Ho et al. 2020): β from 1e-4 to 0.02 in a straight line
         return torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
     if schedule == "scaled_linear":  # LDM / Stable Diffusion: straight line in sqrt(β), then squared
@@ -460,6 +464,8 @@ class AnomalyXFusion(nn.Module):
         def at(step):
             return torch.full((B,), step, device=device, dtype=torch.long)
 
+        # Eq. (11), (13): the reverse chain starts from Gaussian noise x_T and takes one step per
+        # timestep, each conditioned on e_t
         x = torch.randn(z0.shape, device=device, generator=generator)
         x = region * x + (1 - region) * self.ddpm.q_sample(z0, at(timesteps[0]), known_noise)
         for i, step in enumerate(timesteps):
