@@ -300,7 +300,6 @@ def crop_paste_anomalies(real, normals, counts, g):
 # The evaluation config: sizes and budgets, with a toy (CPU, minutes) and an MVTec (one GPU) preset.
 
 EVAL_CONFIG = dict(
-    preset="toy",
     seed=0,
     image_size=64,
     seg_width=8,           # base width of the segmenter (DRAEM: 64)
@@ -437,16 +436,11 @@ def generation_metrics(anomalies, real, num_defects, cfg, device, inception=None
                                         cfg["batch_size"]))
             except ValueError:
                 null_because("IC-LPIPS skips defect types whose clusters all hold fewer than 2 images")
-    if inception is None:
-        is_value = null_because("IS needs Inception-v3 weights: pass --inception PATH")
-    else:
-        is_value = [float(np.mean([m for m, _ in is_rows])), float(np.mean([s for _, s in is_rows]))]
-    if lpips is None:
-        ic_value = null_because("IC-LPIPS needs torchvision VGG16 weights: pass --vgg PATH")
-    elif not ic_rows:
-        ic_value = null_because("IC-LPIPS: no defect type has a cluster of 2 or more images")
-    else:
-        ic_value = float(np.mean(ic_rows))
+    is_value = (null_because("IS needs Inception-v3 weights: pass --inception PATH") if inception is None
+                else [float(np.mean([m for m, _ in is_rows])), float(np.mean([s for _, s in is_rows]))])
+    ic_value = (null_because("IC-LPIPS needs torchvision VGG16 weights: pass --vgg PATH") if lpips is None
+                else null_because("IC-LPIPS: no defect type has a cluster of 2 or more images") if not ic_rows
+                else float(np.mean(ic_rows)))
     return {"is": is_value, "ic_lpips": ic_value}
 
 
@@ -483,15 +477,12 @@ def markdown_table(results, category):
 
 
 def toy_checks(gen_anomalies, generated, category, cfg, device, steps=400):
-    """Caption colour drawn inside the mask (data.drawn_colour), and the defect type a judge assigns.
-
-    The judge trains on the held-out real anomalies and is checked on the few-shot ones, so its own
-    accuracy on real data is known before it grades the generated anomalies.
-    """
-    named = [(data.caption_colour(a.caption), image, mask)
-             for a, image, mask in zip(gen_anomalies, generated[0], generated[1])]
-    named = [(colour, image, mask) for colour, image, mask in named if colour is not None]
-    colour = sum(data.drawn_colour(image, mask) == c for c, image, mask in named) / len(named) if named else None
+    """Caption colour drawn inside the mask (data.drawn_colour), and the defect type a judge assigns. The
+    judge trains on the held-out real anomalies and is checked on the few-shot ones, so its own accuracy on
+    real data is known before it grades the generated anomalies."""
+    hits = [data.drawn_colour(image, mask) == data.caption_colour(a.caption)
+            for a, image, mask in zip(gen_anomalies, generated[0], generated[1]) if data.caption_colour(a.caption)]
+    colour = sum(hits) / len(hits) if hits else None
     few, held = data.few_shot_split(category.anomalies)
     train, check = (read_anomalies(a, category.defects, cfg["image_size"]) for a in (held, few))
     torch.manual_seed(cfg["seed"])
@@ -518,28 +509,21 @@ def parse_args(argv):
                     "classification accuracy) next to the DRAEM, crop-paste and oracle baselines.",
         epilog="The mvtec preset sets " + ", ".join(f"{k}={v}" for k, v in EVAL_PRESETS["mvtec"].items()))
     parser.add_argument("--category", required=True, help="category folder name, e.g. bottle")
-    parser.add_argument("--generated", required=True, help="MVTec-layout folder of synthesised anomalies written by "
-                        "sample.py: the 'axf' row; the baselines make as many anomalies per defect type")
+    parser.add_argument("--generated", required=True, help="sample.py's MVTec-layout folder: the 'axf' row")
     parser.add_argument("--data_root", default="data/mvtec", help="folder holding <category>/ in MVTec layout")
     parser.add_argument("--toy", action="store_true", help="use the built-in toy dataset (made on first use)")
-    parser.add_argument("--preset", choices=sorted(EVAL_PRESETS),
-                        help="evaluation size preset (default: toy with --toy, else mvtec)")
-    parser.add_argument("--out", help="result JSON path; the markdown table goes next to it as .md "
-                                      "(default out/evaluate_<category>.json)")
+    parser.add_argument("--preset", choices=sorted(EVAL_PRESETS), help="default: toy with --toy, else mvtec")
+    parser.add_argument("--out", help="result JSON, with a .md table beside it (default out/evaluate_<category>.json)")
     parser.add_argument("--inception", help="torchvision Inception-v3 state dict file; without it IS is null")
     parser.add_argument("--vgg", help="torchvision VGG16 state dict file (LPIPS backbone); without it IC-LPIPS is null")
-    parser.add_argument("--resnet", help="torchvision ResNet-34 ImageNet state dict to start the classifier from "
-                                         "(default: trained from scratch)")
-    parser.add_argument("--methods", default=",".join(METHODS),
-                        help="comma-separated rows: axf (the --generated folder), draem (Perlin-noise anomalies), "
-                             "crop_paste (few-shot real anomalies pasted onto normal images), oracle (the few-shot "
-                             "real anomalies themselves)")
+    parser.add_argument("--resnet", help="torchvision ResNet-34 state dict for the classifier (default: from scratch)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated rows: axf (--generated), draem "
+                        "(Perlin noise), crop_paste (few-shot anomalies pasted), oracle (the few-shot anomalies)")
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
     for key, default in EVAL_CONFIG.items():
-        if key != "preset":
-            parser.add_argument(f"--{key}", type=type(default), help=f"evaluation config (toy default: {default})")
+        parser.add_argument(f"--{key}", type=type(default), help=f"evaluation config (toy default: {default})")
     args = parser.parse_args(argv)
-    overrides = {k: getattr(args, k) for k in EVAL_CONFIG if k != "preset" and getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in EVAL_CONFIG if getattr(args, k) is not None}
     return args, overrides
 
 
@@ -553,11 +537,9 @@ def main(argv=None):
     if S % 32:
         raise ValueError(f"image_size={S}: the segmenter pools 5 times, so it must be a multiple of 32")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        raise ValueError(f"--methods: unknown {unknown}; choose from {','.join(METHODS)}")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
+    if set(methods) - set(METHODS):
+        raise ValueError(f"--methods: unknown {sorted(set(methods) - set(METHODS))}; choose from {','.join(METHODS)}")
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     start = time.time()
 
     # the real data: few-shot anomalies (baselines' material), held-out anomalies + good images (test)
@@ -581,17 +563,15 @@ def main(argv=None):
     gen_anomalies = data.load_category(Path(args.generated)).anomalies
     if not gen_anomalies:
         raise ValueError(f"{args.generated}: no anomalies found under test/<defect>/")
-    extra = sorted({a.defect for a in gen_anomalies} - set(defects))
-    if extra:
-        raise ValueError(f"{args.generated}: defect types {extra} are not in {folder}")
+    if {a.defect for a in gen_anomalies} - set(defects):
+        raise ValueError(f"{args.generated}: defect types {sorted({a.defect for a in gen_anomalies} - set(defects))} "
+                         f"are not in {folder}")
     generated = read_anomalies(gen_anomalies, defects, S)
-    counts = {d: int((generated[2] == d).sum()) for d in range(len(defects))}   # the baselines match these
-    counts = {d: n for d, n in counts.items() if n > 0}
+    counts = {d: n for d in range(len(defects)) if (n := int((generated[2] == d).sum()))}   # baselines match these
 
     inception = load_inception(args.inception, device) if args.inception else None
     lpips = LPIPS(args.vgg).to(device) if args.vgg else None
-    g = torch.Generator().manual_seed(cfg["seed"])
-    results = {}
+    g, results = torch.Generator().manual_seed(cfg["seed"]), {}
     for name in tqdm(methods, desc="methods"):
         anomalies = {"axf": lambda: generated,
                      "draem": lambda: draem_anomalies(normals, counts, g, S),

@@ -298,6 +298,8 @@ def train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, fol
     path = out_dir / "axf.pt"
     total = config["steps"]
     state = load_stage(path, total)
+    if state and state["step"] >= total:
+        return
     category = train["category"]
     model = axf.AnomalyXFusion(config, clip_model, category.defects).to(device)
     model.vae.load_state_dict(vae.state_dict())
@@ -310,8 +312,6 @@ def train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, fol
     ema = EMA(model, config["ema_decay"])
     generator = torch.Generator().manual_seed(config["seed"] + 2)
     step = 0
-    if state and state["step"] >= total:
-        return
     if state:
         model.load_state_dict(state["model"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
