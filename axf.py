@@ -62,9 +62,10 @@ CONFIG = dict(
     use_mif=True,
     use_ddf=True,
     # training, stage 1 (VAE) and 2 (mask autoencoder)
-    vae_steps=300,
+    vae_steps=1000,           # fewer and the VAE decodes a cut wire back to a whole one
     vae_batch_size=8,
     vae_lr=1e-3,
+    vae_defect_weight=10.0,   # extra L1 weight of few-shot defect pixels: the VAE must encode defects
     mask_steps=300,
     mask_lr=1e-3,
     # training, stage 3 (AnomalyXFusion)
@@ -76,6 +77,7 @@ CONFIG = dict(
     ema_decay=0.999,
     anomaly_fraction=0.75,    # of each batch: the few-shot anomalies are what the model must learn
     outside_loss_weight=0.1,  # Eq. (17) weight of an anomalous image's cells outside its mask
+    center_text=True,         # subtract the captions' mean CLIP feature before Eq. (1)'s norm
     cond_dropout=0.1,         # condition dropped to the null one: classifier-free guidance
     shift_cells=2,            # random roll of latent and mask, in latent cells
     checkpoint_every=250,
@@ -330,6 +332,9 @@ class AnomalyXFusion(nn.Module):
         if clip_model.text_projection.shape[1] != d:
             raise ValueError(f"CLIP embeds to {clip_model.text_projection.shape[1]} dims but context_dim is {d}")
         self._text_cache = {}
+        # the mean CLIP feature of the category's captions, subtracted before Eq. (1)'s L2 norm
+        # (center_captions); zero means Eq. (1) exactly
+        self.register_buffer("text_mean", torch.zeros(d))
         if self.use_mif:
             self.mask_encoder = MaskEncoder(config["image_size"], config["mask_channels"], config["mask_feature_channels"])
             self.location = LocationTokens(config["mask_feature_channels"], k, d)
@@ -357,6 +362,17 @@ class AnomalyXFusion(nn.Module):
         return torch.stack([self._text_cache[c] for c in captions]).to(self.null_context.device)
 
     @torch.no_grad()
+    def center_captions(self, captions):
+        """Set text_mean to the mean CLIP feature of the (distinct) training captions.
+
+        Captions of one category share most of their CLIP feature: with the toy preset's random CLIP,
+        "The green cable is replaced by a repeated gray cable" and "The gray cable is replaced by a
+        repeated green cable" have cosine 0.975. Their difference from the category's mean is what
+        tells them apart, and after centring it is what Eq. (1)'s unit-norm tokens carry.
+        """
+        self.text_mean.copy_(self.encode_captions(sorted(set(captions))).mean(0))
+
+    @torch.no_grad()
     def encode_texture(self, images, masks):
         """Frozen CLIP image features [B, d] of image * mask (Eq. 3): the anomaly's own pixels."""
         pixels = clip.normalize_images(images * masks, self.clip.visual.input_resolution)
@@ -379,7 +395,7 @@ class AnomalyXFusion(nn.Module):
         k = self.config["num_tokens"]
         parts = []
         if self.use_text:
-            parts.append(unit_tokens(self.encode_captions(captions), k))  # Eq. (1): e_sem [B, k, d]
+            parts.append(unit_tokens(self.encode_captions(captions) - self.text_mean, k))  # Eq. (1): e_sem [B, k, d]
         if self.use_mif:
             parts.append(self.location(self.mask_encoder(masks)))  # Eq. (2): e_loc [B, k, d]
             parts.append(self.texture_tokens[defect_ids] if textures is None else textures)  # Eq. (3): e_tex
@@ -534,6 +550,7 @@ def load_checkpoint(path, device="cpu", use_ema=True):
         clip_model = build_clip(config, device)
     model = AnomalyXFusion(config, clip_model, defects)
     missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
+    missing = [k for k in missing if k != "text_mean"]  # older checkpoints: zero, Eq. (1) without centring
     if unexpected or any(not k.startswith("clip.") for k in missing):
         raise ValueError(f"{path}: weights do not match the model its config describes ({(missing + unexpected)[:3]} ...)")
     if use_ema and checkpoint.get("ema"):

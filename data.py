@@ -244,17 +244,30 @@ def perlin_mask(size, generator, threshold=0.5, max_area=0.5, tries=50):
     return (noise >= noise.flatten().kthvalue(int(0.95 * noise.numel())).values).float()
 
 
-def sample_mask(size, generator, real_masks=None, p_real=0.5):
+# How far a real mask may move. A caption describes what lies under its mask ("the green cable"), so
+# sample.py's default keeps a mask on its part of the object: flipped or turned by 20 degrees, the
+# green wire's ring of MVTec cable lands on the filler or on the blue wire. "large" suits objects that
+# look the same turned or mirrored (bottle, the textures) and gives the mask encoder variety.
+JITTER = {"none": None,
+          "small": dict(angle_range=5, shift=0.03, scale=(0.95, 1.05), flip=False),
+          "large": dict(angle_range=20, shift=0.1, scale=(0.85, 1.15), flip=True)}
+
+
+def sample_mask(size, generator, real_masks=None, p_real=0.5, jitter="large"):
     """A binary, non-empty mask [1, size, size]: with probability p_real one of real_masks [N, 1, h, w]
-    (one defect type) jittered by flips, rotation, shift and scale; otherwise DRAEM Perlin blobs."""
+    (one defect type) under a JITTER of flips, rotation, shift and scale; otherwise DRAEM Perlin blobs."""
+    if jitter not in JITTER:
+        raise ValueError(f"jitter {jitter!r}: choose from {', '.join(JITTER)}")
     if real_masks is None or len(real_masks) == 0 or torch.rand(1, generator=generator).item() >= p_real:
         return perlin_mask(size, generator)
     i = torch.randint(0, len(real_masks), (1,), generator=generator).item()
     real = F.interpolate((real_masks[i:i + 1].float().cpu() > 0.5).float(), size=(size, size), mode="nearest")
     if real.sum() == 0:
         raise ValueError(f"real_masks[{i}] is empty; pass only the non-empty masks of real anomalies")
+    if JITTER[jitter] is None:
+        return real[0]
     for _ in range(10):  # a shift can push a small mask off the image: draw again
-        mask = (_affine(real, generator, 20, shift=0.1, scale=(0.85, 1.15), flip=True) > 0.5).float()
+        mask = (_affine(real, generator, **JITTER[jitter], mode="nearest") > 0.5).float()
         if mask.sum() > 0:
             return mask[0]
     return real[0]

@@ -476,15 +476,16 @@ def markdown_table(results, category):
 # Toy-world checks (--toy): does the picture follow the caption, and is the defect type recognisable?
 
 
-def toy_checks(gen_anomalies, generated, category, cfg, device, steps=400):
+def toy_checks(gen_anomalies, generated, category, cfg, device, steps=400, judge_root=data.TOY_ROOT / "judge"):
     """Caption colour drawn inside the mask (data.drawn_colour), and the defect type a judge assigns. The
-    judge trains on the held-out real anomalies and is checked on the few-shot ones, so its own accuracy on
-    real data is known before it grades the generated anomalies."""
+    judge trains on fresh real toy anomalies (3 more seeds of the toy world, 72 per defect type) and is
+    checked on the dataset's own, so its accuracy on real data is known before it grades generated ones."""
     hits = [data.drawn_colour(image, mask) == data.caption_colour(a.caption)
             for a, image, mask in zip(gen_anomalies, generated[0], generated[1]) if data.caption_colour(a.caption)]
     colour = sum(hits) / len(hits) if hits else None
-    few, held = data.few_shot_split(category.anomalies)
-    train, check = (read_anomalies(a, category.defects, cfg["image_size"]) for a in (held, few))
+    fresh = [a for seed in (1, 2, 3) for a in data.load_category(
+        data.ensure_toy(category.name, Path(judge_root) / f"seed{seed}", seed=seed)).anomalies]
+    train, check = (read_anomalies(a, category.defects, cfg["image_size"]) for a in (fresh, category.anomalies))
     torch.manual_seed(cfg["seed"])
     widths = (3, 32, 64, 96, 128)  # a small CNN: the defect type from the image alone
     judge = nn.Sequential(*[layer for cin, cout in zip(widths, widths[1:]) for layer in (

@@ -4,9 +4,10 @@
     python sample.py --category bottle --ckpt runs/bottle --n 1000 --defect broken_large
     python sample.py --category cable --toy --defect cable_swap --prompt "The blue cable is replaced by a repeated green cable"
 
-For each defect type (or --defect), --n anomalies are drawn on normal training images, inside
-masks (a few-shot real mask of that defect under a random affine jitter, or Perlin-noise blobs
-with --masks perlin), steered by a caption (the few-shot caption that goes with the mask, or
+For each defect type (or --defect), --n anomalies are drawn on normal training images (one of the
+--similar_normals most like the few-shot source the mask and caption come from), inside
+masks (a few-shot real mask of that defect under a small random affine --jitter, or Perlin-noise
+blobs with --masks perlin), steered by a caption (the few-shot caption that goes with the mask, or
 --prompt) and the defect's learned texture tokens (or the CLIP features of --reference and
 --reference_mask, Eq. 3). Blended sampling (Eq. 16, axf.py) keeps the image outside the mask.
 
@@ -21,6 +22,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
@@ -56,9 +58,27 @@ def link_normals(paths, folder):
             shutil.copy(path, target)
 
 
+def similar_normals(category, anomalies, k, size=64):
+    """For each anomaly, the indices of the k normal training images most like it outside its mask.
+
+    A few-shot mask marks a part of the object as posed in its own image ("the green cable"); on a
+    normal image posed the same way it lands on that part, not beside it. The distance is the L2
+    over the pixels outside the dilated mask, at `size` px: pose, not detail, is what matters.
+    """
+    normals = torch.stack([data.read_image(p, size) for p in category.train_good])  # [N, 3, s, s]
+    nearest = {}
+    for anomaly in anomalies:
+        image, mask = data.read_image(anomaly.image, size), data.read_mask(anomaly, size)
+        outside = 1 - F.max_pool2d(mask[None], 5, stride=1, padding=2)[0]
+        distance = ((normals - image) ** 2 * outside).sum((1, 2, 3))
+        nearest[anomaly.image] = distance.topk(min(k, len(normals)), largest=False).indices.tolist()
+    return nearest
+
+
 def plan(category, few_shot, args, size, generator):
-    """What to draw: (defect, normal image path, mask, caption, few-shot source) for every sample."""
+    """What to draw: (defect, normal image path, mask, caption) for every sample."""
     defects = [args.defect] if args.defect else category.defects
+    nearest = similar_normals(category, few_shot, args.similar_normals) if args.similar_normals > 0 else None
     jobs = []
     for defect in defects:
         if defect not in category.defects:
@@ -66,11 +86,13 @@ def plan(category, few_shot, args, size, generator):
         examples = [a for a in few_shot if a.defect == defect]
         for _ in range(args.n):
             source = examples[int(torch.randint(len(examples), (1,), generator=generator))]
-            normal = category.train_good[int(torch.randint(len(category.train_good), (1,), generator=generator))]
+            candidates = nearest[source.image] if nearest else range(len(category.train_good))
+            normal = category.train_good[candidates[int(torch.randint(len(candidates), (1,), generator=generator))]]
             if args.masks == "perlin":
                 mask = data.perlin_mask(size, generator)
             else:  # the source's own mask, jittered: the caption describes what lies under it
-                mask = data.sample_mask(size, generator, real_masks=data.read_mask(source, size)[None], p_real=1.0)
+                mask = data.sample_mask(size, generator, real_masks=data.read_mask(source, size)[None], p_real=1.0,
+                                        jitter=args.jitter)
             jobs.append((defect, normal, mask, args.prompt or source.caption))
     return jobs
 
@@ -84,6 +106,14 @@ def main(argv=None):
     parser.add_argument("--prompt", help="one caption for every sample (default: the few-shot captions)")
     parser.add_argument("--masks", choices=("real", "perlin"), default="real",
                         help="jittered few-shot masks (default) or Perlin-noise blobs")
+    parser.add_argument("--jitter", choices=tuple(data.JITTER), default="small",
+                        help="how far a real mask moves: none; small (default: 5 degrees, 1.5%% shift, 5%% scale, "
+                             "so it stays on the part its caption names); large (also flips, 20 degrees, 5%% shift, "
+                             "15%% scale: for objects that look the same turned or mirrored, like bottle)")
+    parser.add_argument("--similar_normals", type=int, default=10, metavar="K",
+                        help="draw each anomaly on one of the K normal training images most like its few-shot "
+                             "source outside the mask, so the mask lands on the part it marks (default: 10); "
+                             "0: on any normal image")
     parser.add_argument("--reference", help="an anomalous image whose masked pixels set the texture (Eq. 3)")
     parser.add_argument("--reference_mask", help="the mask of --reference")
     parser.add_argument("--out_dir", help="output folder (default: samples/<category>)")
@@ -97,6 +127,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.n < 1:
         raise ValueError(f"--n must be at least 1, got {args.n}")
+    if args.similar_normals < 0:
+        raise ValueError(f"--similar_normals must be 0 (any normal image) or more, got {args.similar_normals}")
     if bool(args.reference) != bool(args.reference_mask):
         raise ValueError("--reference and --reference_mask go together")
     path = find_checkpoint(args.ckpt, args.category)

@@ -203,11 +203,15 @@ def train_vae(train, config, out_dir, device):
     while step < total:
         # half of each batch is anomalies: they are few, and a VAE that never learnt to encode a
         # defect would decode every latent the diffusion model makes back into a normal object
-        batch = torch.cat([train["normals"][torch.randint(len(train["normals"]), (half,))],
-                           train["images"][torch.randint(len(train["images"]), (config["vae_batch_size"] - half,))]])
-        batch = torch.where(torch.rand(len(batch), 1, 1, 1) < 0.5, batch.flip(3), batch).to(device)
+        anomaly_idx = torch.randint(len(train["images"]), (config["vae_batch_size"] - half,))
+        batch = torch.cat([train["normals"][torch.randint(len(train["normals"]), (half,))], train["images"][anomaly_idx]])
+        masks = torch.cat([torch.zeros(half, *train["masks"].shape[1:]), train["masks"][anomaly_idx]])
+        flip = torch.rand(len(batch), 1, 1, 1) < 0.5
+        batch, masks = torch.where(flip, batch.flip(3), batch).to(device), torch.where(flip, masks.flip(3), masks).to(device)
+        # a defect is a few percent of an image's pixels: weighted like the rest, the autoencoder
+        # would learn to draw the normal object over it (a cut wire decoded back to a whole one)
         with autocast(device):
-            loss, logs = vae_loss(vae, batch * 2 - 1, config["vae_kl_weight"])
+            loss, logs = vae_loss(vae, batch * 2 - 1, config["vae_kl_weight"], 1 + config["vae_defect_weight"] * masks)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -307,6 +311,8 @@ def train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, fol
     if model.use_mif:
         model.mask_encoder.load_state_dict(mask_encoder.state_dict())  # pre-trained, now fine-tuned
         model.init_textures(train["defect_ids"].to(device), train["images"].to(device), train["masks"].to(device))
+    if model.use_text and config["center_text"]:
+        model.center_captions(train["captions"])
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config["lr"], weight_decay=0.0)
     ema = EMA(model, config["ema_decay"])

@@ -232,15 +232,21 @@ class VAE(nn.Module):
         return self.decode(z / self.scale_factor.to(z.dtype))
 
 
-def vae_loss(vae, x, kl_weight=1e-6):
+def vae_loss(vae, x, kl_weight=1e-6, pixel_weight=None):
     """L1 reconstruction + kl_weight * KL, as LDM trains kl-f8 (without its LPIPS and GAN terms).
 
     LDM sums both terms over the pixels of a sample (then averages over the batch). We report the
     reconstruction as a per-element mean, so the KL is divided by the same element count C * H * W:
     the loss is LDM's divided by a constant, and LDM's kl_weight = 1e-6 keeps its meaning.
+    pixel_weight [B, 1, H, W] (optional) makes it a weighted mean: train.py weights defect pixels up.
     """
     reconstruction, posterior = vae(x)
-    rec = (x - reconstruction).abs().mean()
+    error = (x - reconstruction).abs()
+    if pixel_weight is None:
+        rec = error.mean()
+    else:
+        weight = pixel_weight.expand_as(error)
+        rec = (error * weight).sum() / weight.sum()
     kl = posterior.kl().mean()  # nats per sample
     loss = rec + kl_weight * kl / x[0].numel()
     logs = {"loss": loss.detach(), "rec": rec.detach(), "kl": kl.detach()}

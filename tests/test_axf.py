@@ -63,6 +63,21 @@ def test_semantic_tokens_are_unit_direction_repeats():
     assert torch.allclose(tokens[0], expected.expand(3, -1), atol=1e-5)
 
 
+def test_centred_captions_have_zero_mean_and_each_caption_counts_once():
+    """center_captions subtracts the mean CLIP feature of the distinct captions before Eq. (1)'s norm."""
+    model = tiny_model()
+    captions = ["a red crack", "a blue hole", "a green hole"]
+    assert not model.text_mean.any()  # untouched: Eq. (1) exactly
+    model.center_captions(captions + ["a red crack"] * 5)  # repeats do not tilt the mean
+    centred = model.encode_captions(captions) - model.text_mean
+    torch.testing.assert_close(centred.mean(0), torch.zeros(32), atol=1e-5, rtol=0)
+    t, masks, ids = torch.tensor([5, 5, 5]), torch.zeros(3, 1, 16, 16), torch.tensor([1, 1, 1])
+    context = model.condition(captions, masks, ids, t)
+    model.text_mean.zero_()
+    assert not torch.allclose(context, model.condition(captions, masks, ids, t))  # the centring reaches e_t
+    assert "text_mean" in axf.model_state_dict(model)  # saved with the checkpoint
+
+
 def test_aggregator_is_permutation_equivariant():
     """Eq. (5) uses no positions: reordering the tokens reorders the output the same way."""
     torch.manual_seed(0)

@@ -255,6 +255,22 @@ def test_jittered_real_mask_keeps_roughly_its_area_but_moves():
     assert sum(not torch.equal(m, real[0]) for m in masks) >= 18
 
 
+def test_small_jitter_keeps_a_mask_on_its_part_and_none_keeps_it_exactly():
+    """sample.py's default jitter must leave a mask mostly where it was (its caption names what lies
+    under it); "large" moves it much further (flips, 20 degrees); "none" is the mask itself."""
+    real = torch.zeros(1, 1, 64, 64)
+    real[..., 8:20, 10:22] = 1  # off-centre, where a flip or a turn moves it far
+    g = torch.Generator().manual_seed(0)
+    iou = lambda m: float((m * real[0]).sum() / ((m + real[0]) > 0).sum())
+    small = [iou(data.sample_mask(64, g, real, p_real=1.0, jitter="small")) for _ in range(30)]
+    large = [iou(data.sample_mask(64, g, real, p_real=1.0, jitter="large")) for _ in range(30)]
+    assert min(small) > 0.5 and sum(small) / 30 > 0.7
+    assert sum(x < 0.2 for x in large) >= 10
+    assert torch.equal(data.sample_mask(64, g, real, p_real=1.0, jitter="none"), real[0])
+    with pytest.raises(ValueError, match="jitter 'huge'"):
+        data.sample_mask(64, g, real, p_real=1.0, jitter="huge")
+
+
 # ---------------------------------------------------------------------------------------------- toy world
 
 

@@ -279,6 +279,7 @@ def test_toy_checks_give_full_marks_to_real_toy_anomalies(tmp_path):
     category = data.load_category(folder)
     cfg = {**E.EVAL_CONFIG, "image_size": 64}
     real = E.read_anomalies(category.anomalies, category.defects, 64)
-    checks = E.toy_checks(category.anomalies, real, category, cfg, torch.device("cpu"), steps=10)
+    checks = E.toy_checks(category.anomalies, real, category, cfg, torch.device("cpu"), steps=10,
+                          judge_root=tmp_path / "judge")
     assert checks["colour_named_is_drawn"] == 1.0
     assert all(0 <= v <= 1 for v in checks.values())

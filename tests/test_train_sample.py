@@ -85,6 +85,18 @@ def test_interrupted_training_resumes_at_the_saved_step(toy_root, tmp_path, monk
     assert torch.load(tmp_path / "axf.pt", weights_only=False)["step"] == 4
 
 
+def test_similar_normals_finds_the_normal_image_an_anomaly_was_drawn_on(toy_root, tmp_path):
+    """An anomaly whose pixels outside its mask are one normal image's must be matched to that image first,
+    however different it is inside the mask."""
+    category = data.load_category(toy_root / "bottle")
+    twin, mask_files = 7, category.anomalies[0].mask_files
+    image, mask = data.read_image(category.train_good[twin], 32), data.read_mask(mask_files, 32)
+    sample.save_png(torch.where(mask > 0, 1 - image, image), tmp_path / "anomaly.png")  # inside: the negative
+    anomaly = data.Anomaly(image=tmp_path / "anomaly.png", mask_files=mask_files, caption="x", defect="d")
+    nearest = sample.similar_normals(category, [anomaly], k=3, size=32)[anomaly.image]
+    assert nearest[0] == twin and len(nearest) == 3 == len(set(nearest))
+
+
 def run_script(*args):
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
 

@@ -110,6 +110,22 @@ def test_loss_weights_kl_per_element_like_ldm():
     torch.testing.assert_close(loss.detach(), logs["rec"] + 0.5 * logs["kl"] / (3 * 8 * 8))
 
 
+def test_pixel_weight_makes_the_l1_a_weighted_mean_over_pixels():
+    """train.py weights defect pixels up: the reconstruction term is sum(w |x - x'|) / sum(w) over C, H, W."""
+    vae, x = VAE(**TINY), torch.rand(2, 3, 8, 8) * 2 - 1
+    weight = torch.ones(2, 1, 8, 8)
+    weight[:, :, 2:5, 3:6] = 11.0
+    torch.manual_seed(0)
+    reconstruction, _ = vae(x)  # the same posterior noise as the loss calls below draw
+    error = (x - reconstruction).abs().detach()
+    torch.manual_seed(0)
+    _, logs = vae_loss(vae, x, pixel_weight=weight)
+    torch.testing.assert_close(logs["rec"], (error * weight).sum() / (weight.sum() * 3))
+    torch.manual_seed(0)
+    _, plain = vae_loss(vae, x, pixel_weight=torch.ones(2, 1, 8, 8))
+    torch.testing.assert_close(plain["rec"], error.mean())
+
+
 def test_training_reduces_reconstruction_error():
     """A few dozen steps of vae_loss on a tiny image set must clearly lower the L1 error: encoder and decoder learn."""
     torch.manual_seed(0)
