@@ -66,6 +66,7 @@ CONFIG = dict(
     vae_batch_size=8,
     vae_lr=1e-3,
     vae_defect_weight=10.0,   # extra L1 weight of few-shot defect pixels: the VAE must encode defects
+    vae_colour_blobs=0.5,     # share of the VAE's normal images given a blob of a random colour
     mask_steps=300,
     mask_lr=1e-3,
     # training, stage 3 (AnomalyXFusion)

@@ -178,6 +178,22 @@ def sample_masks(train, batch_size, size, generator):
 # Stage 1: the VAE
 
 
+def paint_colour_blobs(images, masks, probability):
+    """Paint a Perlin blob (data.perlin_mask) of a random colour onto a random `probability` of the
+    normal images [B, 3, S, S], in place; their masks [B, 1, S, S] become the blobs.
+
+    A defect can bring a colour the category never shows (a red stain in a green bottle). A VAE that
+    has only seen the category's palette and a handful of stains decodes it into the nearest colour
+    it knows (the red stains of the toy bottle came back black). Blobs of every colour, anywhere,
+    teach it to carry any colour at any place, as a general-purpose autoencoder would.
+    """
+    for i in range(len(images)):
+        if torch.rand(()) < probability:
+            blob = data.perlin_mask(images.shape[-1], None).to(images.device)
+            images[i] = images[i] * (1 - blob) + torch.rand(3, 1, 1, device=images.device) * blob
+            masks[i] = blob
+
+
 def train_vae(train, config, out_dir, device):
     path = out_dir / "vae.pt"
     total = config["vae_steps"]
@@ -208,6 +224,7 @@ def train_vae(train, config, out_dir, device):
         masks = torch.cat([torch.zeros(half, *train["masks"].shape[1:]), train["masks"][anomaly_idx]])
         flip = torch.rand(len(batch), 1, 1, 1) < 0.5
         batch, masks = torch.where(flip, batch.flip(3), batch).to(device), torch.where(flip, masks.flip(3), masks).to(device)
+        paint_colour_blobs(batch[:half], masks[:half], config["vae_colour_blobs"])
         # a defect is a few percent of an image's pixels: weighted like the rest, the autoencoder
         # would learn to draw the normal object over it (a cut wire decoded back to a whole one)
         with autocast(device):

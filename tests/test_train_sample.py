@@ -85,6 +85,24 @@ def test_interrupted_training_resumes_at_the_saved_step(toy_root, tmp_path, monk
     assert torch.load(tmp_path / "axf.pt", weights_only=False)["step"] == 4
 
 
+def test_colour_blobs_paint_one_colour_inside_their_mask_and_nothing_outside():
+    """The VAE's colour augmentation: a blob of one colour per image, its mask returned, the rest untouched."""
+    torch.manual_seed(0)
+    images, masks = torch.rand(4, 3, 32, 32), torch.zeros(4, 1, 32, 32)
+    original = images.clone()
+    train.paint_colour_blobs(images, masks, probability=1.0)
+    for image, before, mask in zip(images, original, masks):
+        inside = mask[0] > 0
+        assert inside.any() and set(mask.unique().tolist()) <= {0.0, 1.0}
+        assert torch.equal(image[:, ~inside], before[:, ~inside])
+        colour = image[:, inside]
+        assert torch.allclose(colour, colour[:, :1].expand_as(colour))
+    untouched = torch.rand(4, 3, 32, 32)
+    copy = untouched.clone()
+    train.paint_colour_blobs(untouched, torch.zeros(4, 1, 32, 32), probability=0.0)
+    assert torch.equal(untouched, copy)
+
+
 def test_similar_normals_finds_the_normal_image_an_anomaly_was_drawn_on(toy_root, tmp_path):
     """An anomaly whose pixels outside its mask are one normal image's must be matched to that image first,
     however different it is inside the mask."""
