@@ -476,17 +476,13 @@ def markdown_table(results, category):
 # Toy-world checks (--toy): does the picture follow the caption, and is the defect type recognisable?
 
 
-JUDGE_SEEDS = 5  # toy worlds of other seeds the judge trains on: 5 x 24 real anomalies per defect type
-
-
-def toy_checks(gen_anomalies, generated, category, cfg, device, steps=1500, judge_root=data.TOY_ROOT / "judge"):
-    """Caption colour drawn inside the mask (data.drawn_colour), and the defect type a judge assigns. The
-    judge trains on fresh real toy anomalies (JUDGE_SEEDS more seeds of the toy world) and is
-    checked on the dataset's own, so its accuracy on real data is known before it grades generated ones."""
+def toy_checks(gen_anomalies, generated, category, cfg, device, steps=1500, judge_root=data.TOY_ROOT / "judge", seeds=5):
+    """Caption colour drawn in the mask (data.drawn_colour), and the defect type a judge assigns. The judge trains on
+    `seeds` other toy worlds' real anomalies, turned and mirrored; its accuracy on this one's real anomalies is known."""
     hits = [data.drawn_colour(image, mask) == data.caption_colour(a.caption)
             for a, image, mask in zip(gen_anomalies, generated[0], generated[1]) if data.caption_colour(a.caption)]
     colour = sum(hits) / len(hits) if hits else None
-    fresh = [a for seed in range(1, JUDGE_SEEDS + 1) for a in data.load_category(
+    fresh = [a for seed in range(1, seeds + 1) for a in data.load_category(
         data.ensure_toy(category.name, Path(judge_root) / f"seed{seed}", seed=seed)).anomalies]
     train, check = (read_anomalies(a, category.defects, cfg["image_size"]) for a in (fresh, category.anomalies))
     torch.manual_seed(cfg["seed"])
@@ -495,7 +491,6 @@ def toy_checks(gen_anomalies, generated, category, cfg, device, steps=1500, judg
         nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.BatchNorm2d(cout), nn.ReLU())],
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], len(category.defects))).to(device)
     g = torch.Generator().manual_seed(cfg["seed"])
-    # each batch turned by a multiple of 90 degrees and mirrored: a defect type does not depend on the pose
     batches = ((train[0][idx].rot90(k % 4, (2, 3)).flip(3) if k % 8 >= 4 else train[0][idx].rot90(k % 4, (2, 3)),
                 train[2][idx]) for k, idx in enumerate(_epoch(len(train[0]), steps, cfg["batch_size"], g)))
     judge = _fit(judge, 1e-3, batches, steps, F.cross_entropy, "toy judge", device)
