@@ -14,6 +14,7 @@ from its last checkpoint (model, optimiser, EMA, step, RNG). Checkpoints are wri
 Only the few-shot third of each defect type's anomalies is ever read for training (data.py).
 """
 import argparse
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -51,14 +52,23 @@ def parse_value(text, default):
     return type(default)(text)
 
 
+def config_comments():
+    """The comment beside each key of axf.CONFIG, as the --help text of its flag."""
+    source = Path(axf.__file__).read_text(encoding="utf-8")
+    block = source[source.index("CONFIG = dict("):source.index("PRESETS = {")]
+    return dict(re.findall(r"^    (\w+)=[^#\n]*#\s*(.+)$", block, re.M))
+
+
 def add_config_args(parser):
     group = parser.add_argument_group("config (toy preset defaults shown; a preset or checkpoint may change them)")
+    comments = config_comments()
     for key, default in axf.CONFIG.items():
         if key == "preset":  # --preset, above, picks the whole preset
             continue
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         group.add_argument(f"--{key}", type=lambda text, d=default: parse_value(text, d), default=None,
-                           metavar=type(default).__name__.upper(), help=f"(default: {shown})")
+                           metavar=type(default).__name__.upper(),
+                           help=f"{comments.get(key, '')} (default: {shown})".replace("%", "%%").lstrip())
 
 
 def config_overrides(args):

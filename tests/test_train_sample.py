@@ -133,3 +133,12 @@ def test_bad_input_gets_one_clear_line_and_nonzero_exit(args, message):
     assert result.returncode != 0
     last_line = result.stderr.strip().splitlines()[-1]
     assert message in last_line, result.stderr
+
+
+def test_help_explains_config_keys_with_their_comments_in_axf_config(capsys):
+    """`train.py --help` reads each key's comment from axf.CONFIG, so the two cannot drift apart."""
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--vae_defect_weight FLOAT extra L1 weight of few-shot defect pixels" in text
+    assert "--ema_decay FLOAT (default: 0.999)" in text  # no comment: the default alone
