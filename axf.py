@@ -418,7 +418,7 @@ class AnomalyXFusion(nn.Module):
     @torch.no_grad()
     def encode_images(self, images):
         """Images [B, 3, S, S] in [0, 1] -> scaled latents [B, 4, S/f, S/f] (posterior mode)."""
-        return self.vae.encode(images * 2 - 1).mode() * self.vae.scale_factor
+        return self.vae.encode_latents(images * 2 - 1, sample=False)
 
     def loss(self, latents, masks, captions, defect_ids, is_anomaly, generator=None):
         """The ε-prediction loss of Eq. (17), weighted to the anomaly region for anomalous images.
@@ -498,7 +498,7 @@ class AnomalyXFusion(nn.Module):
             x = region * x_model + (1 - region) * x_known  # Eq. (16): blended step
             if callback is not None:
                 callback(int(t_prev[0]), x)
-        decoded = ((self.vae.decode(x / self.vae.scale_factor).float() + 1) / 2).clamp(0, 1)
+        decoded = ((self.vae.decode_latents(x).float() + 1) / 2).clamp(0, 1)
         weight = composite_mask(masks, self.config["composite_radius"])
         return normal_images * (1 - weight) + decoded * weight
 

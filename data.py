@@ -5,7 +5,7 @@ What this file holds, in reading order:
   Anomaly, Category, load_category   one category folder, validated up front, errors in one line
   few_shot_split                     the first third of each defect type trains the generator (§5)
   read_image, read_mask              tensors: images [3, S, S] in [0, 1], masks [1, S, S] in {0, 1}
-  perlin_mask, sample_mask           masks to generate at: DRAEM's Perlin blobs or jittered real masks
+  perlin_mask, JITTER, sample_mask   masks to generate at: DRAEM's Perlin blobs or jittered real masks
   TOY_COLOURS, make_toy, ensure_toy  the toy world (bottle, cable): the caption decides what is drawn
   caption_colour, drawn_colour       did a generator draw the colour its caption names?
   save_grid, main                    preview grids; `python data.py --toy --category cable --out DIR`

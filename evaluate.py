@@ -490,9 +490,9 @@ def toy_checks(gen_anomalies, generated, category, cfg, device, steps=1500, judg
     judge = nn.Sequential(*[layer for cin, cout in zip(widths, widths[1:]) for layer in (
         nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.BatchNorm2d(cout), nn.ReLU())],
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], len(category.defects))).to(device)
-    g = torch.Generator().manual_seed(cfg["seed"])
-    batches = ((train[0][idx].rot90(k % 4, (2, 3)).flip(3) if k % 8 >= 4 else train[0][idx].rot90(k % 4, (2, 3)),
-                train[2][idx]) for k, idx in enumerate(_epoch(len(train[0]), steps, cfg["batch_size"], g)))
+    mirror = lambda x, k: x.flip(3) if k % 8 >= 4 else x  # with k % 4 quarter turns: the square's 8 symmetries
+    batches = ((mirror(train[0][idx].rot90(k % 4, (2, 3)), k), train[2][idx]) for k, idx in enumerate(
+        _epoch(len(train[0]), steps, cfg["batch_size"], torch.Generator().manual_seed(cfg["seed"]))))
     judge = _fit(judge, 1e-3, batches, steps, F.cross_entropy, "toy judge", device)
     with torch.no_grad():
         accuracy = lambda images, labels: float((judge(images.to(device)).argmax(1).cpu() == labels).double().mean())

@@ -4,8 +4,9 @@
     python train.py --category bottle --data_root DIR       # MVTec AD + MVTec Caption, one GPU
 
 Stages, in order, each a checkpoint in --out_dir (default runs/<category>):
-  1. vae.pt       the KL autoencoder on normal and few-shot anomalous images (vae.py); its latent
-                  scale factor is measured at the end so scaled latents have unit std
+  1. vae.pt       the KL autoencoder on normal and few-shot anomalous images (vae.py), defect pixels
+                  weighted up and random-colour blobs painted on normal images so that it can draw
+                  any defect; its latent scale factor is measured at the end (unit-std latents)
   2. mask_ae.pt   the mask encoder pre-trained as a mask autoencoder (mask_encoder.py, Eq. 2)
   3. axf.pt       AnomalyXFusion: MIF + DDF + UNet with the loss of Eq. (17) (axf.py)
 
