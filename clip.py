@@ -7,7 +7,9 @@ embedding is CLIP's image embedding of image·mask (Eq. 3). This file is that CL
 It follows OpenAI's reference (github.com/openai/CLIP, `model.py` + `simple_tokenizer.py`) so
 that OpenAI's released ViT checkpoints load strictly under their own key names and give the same
 features: `load(path)` reads both the TorchScript archive OpenAI distributes and a plain state
-dict, `build_model` reads every size from the tensors' shapes. Only ViT towers are written; the
+dict, `build_model` reads every size from the tensors' shapes. Stable Diffusion 1.x's text encoder
+(transformers' CLIPTextModel names) maps onto the same modules by `from_hf_text`; it is built as a
+text-only CLIP whose `encode_text_tokens` gives the per-token hidden states SD's UNet attends to. Only ViT towers are written; the
 ResNet ("RN50") checkpoints are refused with a clear error. The 49,408-token BPE vocabulary is the
 data file `bpe_simple_vocab_16e6.txt.gz` next to this file (MIT licence, from openai/CLIP);
 nothing is downloaded. Depends on torch, torchvision, ftfy, regex, pillow.
@@ -118,16 +120,18 @@ class SimpleTokenizer:
 _tokenizer = None  # built on first use: reading the 1.3 MB vocabulary takes a moment
 
 
-def tokenize(texts, context_length=77, truncate=False):
-    """A str or list of str -> LongTensor [N, context_length]: <start> tokens <end>, zero padded.
-    A text longer than the context raises, unless truncate=True (then the end token stays last)."""
+def tokenize(texts, context_length=77, truncate=False, pad_id=0):
+    """A str or list of str -> LongTensor [N, context_length]: <start> tokens <end>, then pad_id.
+    A text longer than the context raises, unless truncate=True (then the end token stays last).
+    OpenAI pads with 0; Stable Diffusion 1.x pads with the end token, pad_id=49407 (its UNet attends
+    to the padding positions too, so the choice changes its context)."""
     global _tokenizer
     if _tokenizer is None:
         _tokenizer = SimpleTokenizer()
     if isinstance(texts, str):
         texts = [texts]
     sot, eot = _tokenizer.encoder["<|startoftext|>"], _tokenizer.encoder["<|endoftext|>"]  # 49406, 49407
-    result = torch.zeros(len(texts), context_length, dtype=torch.long)
+    result = torch.full((len(texts), context_length), pad_id, dtype=torch.long)
     for i, text in enumerate(texts):
         tokens = [sot] + _tokenizer.encode(text) + [eot]
         if len(tokens) > context_length:
@@ -233,30 +237,36 @@ class VisionTransformer(nn.Module):
 
 
 class CLIP(nn.Module):
+    """Both towers; vision_layers=0 builds the text tower alone (Stable Diffusion's text encoder, which
+    has no image tower, projection or temperature: it offers encode_text_tokens only)."""
+
     def __init__(self, embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
                  context_length, vocab_size, transformer_width, transformer_heads, transformer_layers):
         super().__init__()
         if isinstance(vision_layers, (tuple, list)):
             raise ValueError("vision_layers is a tuple (a ResNet image tower): only ViT CLIP models are supported")
         self.context_length = context_length
-        # OpenAI fixes the head width of the image tower at 64
-        self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width, vision_layers,
-                                        vision_width // 64, embed_dim)
+        self.text_only = vision_layers == 0
+        if not self.text_only:  # OpenAI fixes the head width of the image tower at 64
+            self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width, vision_layers,
+                                            vision_width // 64, embed_dim)
         self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads)
         self.vocab_size = vocab_size
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
         self.ln_final = LayerNorm(transformer_width)
-        self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
-        self.logit_scale = nn.Parameter(torch.tensor(1 / 0.07).log())  # CLIP's initial temperature 0.07
+        if not self.text_only:
+            self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
+            self.logit_scale = nn.Parameter(torch.tensor(1 / 0.07).log())  # CLIP's initial temperature 0.07
         self.initialize_parameters()
 
     def initialize_parameters(self):
-        """OpenAI's initialisation (it matters only for training from scratch and benchmarks):
-        residual output projections scaled down by sqrt(2 * layers), GPT-2 style."""
+        """Random initialisation of both towers, after OpenAI's scheme for the text tower (GPT-2 style:
+        residual output projections scaled down by sqrt(2 * layers)), applied to the image tower too.
+        It matters only for random models (toy preset, tests, benchmarks); checkpoints overwrite it."""
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
-        for tower in (self.transformer, self.visual.transformer):
+        for tower in (self.transformer,) + (() if self.text_only else (self.visual.transformer,)):
             proj_std = tower.width ** -0.5 * (2 * tower.layers) ** -0.5
             for block in tower.resblocks:
                 nn.init.normal_(block.attn.in_proj_weight, std=tower.width ** -0.5)
@@ -264,23 +274,30 @@ class CLIP(nn.Module):
                 nn.init.zeros_(block.attn.out_proj.bias)
                 nn.init.normal_(block.mlp.c_fc.weight, std=(2 * tower.width) ** -0.5)
                 nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
-        nn.init.normal_(self.text_projection, std=self.transformer.width ** -0.5)
+        if not self.text_only:
+            nn.init.normal_(self.text_projection, std=self.transformer.width ** -0.5)
 
     @property
     def dtype(self):
-        return self.visual.conv1.weight.dtype
+        return self.token_embedding.weight.dtype
 
     def encode_image(self, images):
         """images [B, 3, R, R], normalised with MEAN/STD -> [B, embed_dim] (not L2-normalised)."""
         return self.visual(images.to(self.dtype))
 
-    def encode_text(self, tokens):
-        """tokens [B, n_ctx] from tokenize() -> [B, embed_dim] (not L2-normalised)."""
+    def encode_text_tokens(self, tokens):
+        """tokens [B, n_ctx] -> the final-layer-norm hidden state of every token, [B, n_ctx, width]:
+        what Stable Diffusion's UNet attends to (all 77 tokens, padding included, unprojected)."""
         n_ctx = tokens.shape[-1]
         x = self.token_embedding(tokens).to(self.dtype)  # [B, n_ctx, width]
         x = x + self.positional_embedding[:n_ctx].to(self.dtype)
-        x = self.ln_final(self.transformer(x, causal=True))  # causal: each token sees only its left
-        # the sentence feature sits at the end token, which has the largest id (49407) in each row
+        return self.ln_final(self.transformer(x, causal=True))  # causal: each token sees only its left
+
+    def encode_text(self, tokens):
+        """tokens [B, n_ctx] from tokenize() -> [B, embed_dim] (not L2-normalised)."""
+        x = self.encode_text_tokens(tokens)
+        # the sentence feature sits at the end token, which has the largest id (49407) in each row;
+        # argmax returns the first one, so end-token padding (SD-1.x's) still picks the real end
         x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # [B, width]
         return x @ self.text_projection
 
@@ -319,6 +336,38 @@ def build_model(state_dict):
     )
     model.load_state_dict(sd, strict=True)  # copies fp16 tensors into the fp32 parameters
     return model.eval()
+
+
+# Stable Diffusion 1.x stores its text encoder in transformers' CLIPTextModel names (under
+# `cond_stage_model.transformer.`); these are the same weights as OpenAI's ViT-L/14 text tower.
+HF_TEXT_RENAMES = [  # (regex on the transformers key, OpenAI's name)
+    (r"^embeddings\.token_embedding\.", "token_embedding."),
+    (r"^embeddings\.position_embedding\.weight$", "positional_embedding"),
+    (r"^encoder\.layers\.", "transformer.resblocks."),
+    (r"\.self_attn\.", ".attn."),
+    (r"\.layer_norm([12])\.", r".ln_\1."),
+    (r"\.mlp\.fc1\.", ".mlp.c_fc."),
+    (r"\.mlp\.fc2\.", ".mlp.c_proj."),
+    (r"^final_layer_norm\.", "ln_final."),
+]
+
+
+def from_hf_text(state_dict):
+    """transformers CLIPTextModel tensors (keys `text_model.…`) -> the same tensors in OpenAI's names.
+    A rename, plus one merge: OpenAI keeps q, k, v as one stacked in_proj (nn.MultiheadAttention's layout)."""
+    sd = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("text_model.")
+        if key == "embeddings.position_ids":  # an index buffer some files carry: not a weight
+            continue
+        for pattern, name in HF_TEXT_RENAMES:
+            key = re.sub(pattern, name, key)
+        sd[key] = value
+    for key in [k for k in sd if ".attn.q_proj." in k]:  # ....attn.q_proj.weight -> ....attn.in_proj_weight
+        prefix, kind = key.split(".attn.q_proj.")
+        parts = [sd.pop(f"{prefix}.attn.{x}_proj.{kind}") for x in "qkv"]
+        sd[f"{prefix}.attn.in_proj_{kind}"] = torch.cat(parts)  # [3 * width, width]: q, k, v stacked
+    return sd
 
 
 def _read_state_dict(path):

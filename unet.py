@@ -11,9 +11,12 @@ embedding e_t (Eq. 14, 15). The layout is LDM's (Rombach et al. 2022, CompVis/la
                    -> GroupNorm, SiLU, conv_out -> ε [B, C, H, W]
 
 Every ResBlock adds the timestep embedding; every SpatialTransformer does self-attention over the
-pixels, cross-attention to the context and a GEGLU feed-forward. Depends on torch only.
+pixels, cross-attention to the context and a GEGLU feed-forward. Stable Diffusion 1.x's UNet
+(`model.diffusion_model.*` in its single file) loads into this one by the rename rule `from_sd` at the end.
+Depends on torch only.
 """
 import math
+import re
 
 import torch
 import torch.nn as nn
@@ -256,3 +259,31 @@ class UNet(nn.Module):
         for block in self.output_blocks:
             h = self._run(block, torch.cat([h, skips.pop()], dim=1), temb, context)
         return self.conv_out(F.silu(self.norm_out(h)))  # [B, out_channels, H, W]
+
+
+# ----------------------------------------------------------------------------------------------
+# Stable Diffusion 1.x weights: CompVis `openaimodel.py` names -> this file's (used by axf.load_sd)
+
+SD_RENAMES = [  # (regex on the SD key, our name), applied in order
+    (r"^input_blocks\.0\.0\.", "conv_in."),
+    (r"^input_blocks\.(\d+)\.", lambda m: f"input_blocks.{int(m[1]) - 1}."),  # conv_in is block 0 in SD
+    (r"^out\.0\.", "norm_out."), (r"^out\.2\.", "conv_out."),
+    (r"\.in_layers\.0\.", ".norm1."), (r"\.in_layers\.2\.", ".conv1."), (r"\.emb_layers\.1\.", ".time_proj."),
+    (r"\.out_layers\.0\.", ".norm2."), (r"\.out_layers\.3\.", ".conv2."), (r"\.skip_connection\.", ".skip."),
+    (r"\.op\.", ".conv."),  # Downsample
+    (r"\.transformer_blocks\.0\.", ".block."), (r"\.to_out\.0\.", ".to_out."),
+    (r"\.ff\.net\.0\.proj\.", ".ff.proj."), (r"\.ff\.net\.2\.", ".ff.out."),
+]
+
+
+def from_sd(state_dict):
+    """SD-1.x UNet tensors (keys without `model.diffusion_model.`) -> a state dict in this file's names.
+    One reshape: SD-1.x's proj_in / proj_out are 1x1 convs [C, C, 1, 1], ours Linear [C, C] (the same map)."""
+    sd = {}
+    for key, value in state_dict.items():
+        for pattern, name in SD_RENAMES:
+            key = re.sub(pattern, name, key)
+        if re.search(r"\.proj_(in|out)\.weight$", key) and value.ndim == 4:
+            value = value[:, :, 0, 0]
+        sd[key] = value
+    return sd

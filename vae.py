@@ -8,7 +8,7 @@ a tiny KL term to N(0, I) keeps the latent space smooth without forcing it to be
 Modules are named exactly like the LDM checkpoint keys (CompVis/latent-diffusion
 `ldm/modules/diffusionmodules/model.py`: `encoder.down.0.block.0.norm1`, `encoder.mid.attn_1.q`,
 `quant_conv`, `decoder.up.3.upsample.conv`, ...), so Stable Diffusion 1.x's VAE loads by the rule
-"strip the `first_stage_model.` prefix". Depends on torch only.
+"strip the `first_stage_model.` prefix" (`from_sd` at the end). Depends on torch only.
 """
 import torch
 import torch.nn as nn
@@ -251,3 +251,11 @@ def vae_loss(vae, x, kl_weight=1e-6, pixel_weight=None):
     loss = rec + kl_weight * kl / x[0].numel()
     logs = {"loss": loss.detach(), "rec": rec.detach(), "kl": kl.detach()}
     return loss, logs
+
+
+def from_sd(state_dict):
+    """SD-1.x VAE tensors (keys without `first_stage_model.`) -> a state dict in this file's names: the same
+    names. The mid-block attention's q, k, v, proj_out are 1x1 convs here and in CompVis's files; files that
+    went through diffusers store them as Linear [C, C], which is the same map: reshaped to [C, C, 1, 1]."""
+    attention = ("attn_1.q.weight", "attn_1.k.weight", "attn_1.v.weight", "attn_1.proj_out.weight")
+    return {k: v[:, :, None, None] if k.endswith(attention) and v.ndim == 2 else v for k, v in state_dict.items()}
