@@ -333,3 +333,56 @@ def test_truncated_checkpoint_is_refused(tmp_path):
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="cut.pt: truncated or corrupted checkpoint"):
         clip.load(str(tmp_path / "cut.pt"))
+
+
+# ----------------------------------------------------------------------------- Stable Diffusion's text tower
+
+
+def test_tokenize_pads_with_the_end_token_for_stable_diffusion():
+    """SD-1.x pads with <|endoftext|> (49407); OpenAI's default zero padding is unchanged."""
+    texts = ["a photo of a bottle", "a cable"]
+    zeros = clip.tokenize(texts)
+    sd = clip.tokenize(texts, pad_id=49407)
+    assert (zeros == 0).sum() > 100 and torch.equal(sd, zeros.masked_fill(zeros == 0, 49407))
+
+
+def test_encode_text_is_the_end_token_of_encode_text_tokens_projected():
+    """encode_text_tokens is every token's final-layer-norm state; encode_text pools the (first) end token
+    and projects it, also with SD's end-token padding."""
+    model = clip.CLIP(**TINY).eval()
+    tokens = random_tokens(3, TINY["vocab_size"])
+    tokens[0, 40:] = TINY["vocab_size"] - 1  # end-token padding after the end token
+    with torch.no_grad():
+        states = model.encode_text_tokens(tokens)
+        pooled = states[torch.arange(3), tokens.argmax(-1)] @ model.text_projection
+        torch.testing.assert_close(model.encode_text(tokens), pooled)
+    assert states.shape == (3, 77, TINY["transformer_width"])
+
+
+def test_text_only_clip_holds_only_the_text_tower():
+    """vision_layers=0 builds SD's text encoder: no image tower, projection or temperature."""
+    model = clip.CLIP(None, None, 0, None, None, 77, 1000, 64, 1, 2)
+    assert all(not k.startswith(("visual.", "text_projection", "logit_scale")) for k in model.state_dict())
+    assert model.encode_text_tokens(random_tokens(2, 1000)).shape == (2, 77, 64)
+
+
+def test_from_hf_text_maps_transformers_names_and_stacks_q_k_v():
+    """transformers' CLIPTextModel keys map onto OpenAI's; in_proj is q, k and v stacked in that order."""
+    model = clip.CLIP(None, None, 0, None, None, 77, 1000, 64, 1, 2)
+    ours = model.state_dict()
+    hf = {"text_model.embeddings.token_embedding.weight": ours["token_embedding.weight"],
+          "text_model.embeddings.position_embedding.weight": ours["positional_embedding"],
+          "text_model.embeddings.position_ids": torch.arange(77)[None],
+          "text_model.final_layer_norm.weight": ours["ln_final.weight"], "text_model.final_layer_norm.bias": ours["ln_final.bias"]}
+    names = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
+             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+    for i in range(2):
+        for a, b in names.items():
+            for kind in ("weight", "bias"):
+                hf[f"text_model.encoder.layers.{i}.{b}.{kind}"] = ours[f"transformer.resblocks.{i}.{a}.{kind}"]
+        for kind in ("weight", "bias"):
+            q, k, v = ours[f"transformer.resblocks.{i}.attn.in_proj_{kind}"].chunk(3)
+            for name, t in zip("qkv", (q, k, v)):
+                hf[f"text_model.encoder.layers.{i}.self_attn.{name}_proj.{kind}"] = t
+    converted = clip.from_hf_text(hf)
+    assert converted.keys() == ours.keys() and all(torch.equal(converted[k], v) for k, v in ours.items())
