@@ -1,4 +1,4 @@
-"""Speed and memory figures for the toy and MVTec presets, printed as one markdown table.
+"""Speed and memory figures for the toy and MVTec presets and SD-1.5's UNet, printed as one markdown table.
 
     python bench.py [--device cpu|cuda] [--preset toy|mvtec|all] [--quick]
 
@@ -228,8 +228,49 @@ def bench_metrics(device, quick, n=5_000_000):
     return rows
 
 
+def bench_sd(device, quick):
+    """Stable Diffusion 1.5's UNet as axf.load_sd builds it from v1-5-pruned-emaonly (tests/test_sd.py checks
+    that layout), per image at 256 and 512 px: a training step (forward, backward) and a sampling step (one
+    forward; classifier-free guidance doubles it). FLOPs are counted on the meta device (no memory, no
+    weights); times and peak memory are measured on CUDA only (a full training step, AdamW included)."""
+    timed = device.type == "cuda"
+    with torch.device(device if timed else "meta"):
+        model = UNet(4, 4, channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_levels=(0, 1, 2),
+                     num_heads=8, context_dim=768)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5) if timed else None
+    params = sum(p.numel() for p in model.parameters())
+    rows = [{"preset": "sd-1.5", "benchmark": f"UNet {params:,} params (load_sd of v1-5-pruned-emaonly)"}]
+    for px in (256, 512):
+        x = torch.randn(1, 4, px // 8, px // 8, device=model.conv_in.weight.device)
+        t, context = torch.full((1,), 500, device=x.device), torch.randn(1, 77, 768, device=x.device)
+
+        def train_step():
+            with autocast(device):
+                loss = model(x, t, context).float().square().mean()
+            loss.backward()
+            if timed:
+                opt.step()
+            model.zero_grad(set_to_none=True)
+
+        def forward():
+            with torch.inference_mode(), autocast(device):
+                model(x, t, context)
+
+        for what, fn in (("training step", train_step), ("sampling step", forward)):
+            name = f"UNet, {px} px ({px // 8}x{px // 8}x4 latent): {what}"
+            if timed:
+                reset_peak_memory(device)
+                rows.append(row({"preset": "sd-1.5"}, name, 1, measure(fn, device, 1 if quick else 3), device))
+            else:
+                with FlopCounterMode(display=False) as counter:
+                    fn()
+                rows.append({"preset": "sd-1.5 (meta: FLOPs only)", "benchmark": name, "batch": 1,
+                             "GFLOP": counter.get_total_flops() / 1e9})
+    return rows
+
+
 BENCHES = [bench_unet, bench_vae, bench_axf]
-SHARED_BENCHES = [bench_clip, bench_metrics]  # preset-independent: run once
+SHARED_BENCHES = [bench_clip, bench_metrics, bench_sd]  # preset-independent: run once
 
 
 # ----------------------------------------------------------------------------------------------
