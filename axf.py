@@ -660,6 +660,9 @@ def check_sd1(state_dict, name):
     if any(k.startswith("cond_stage_model.model.") for k in keys) or any(
             k.startswith(SD_PREFIXES["UNet"]) and k.endswith("proj_in.weight") and v.ndim == 2 for k, v in state_dict.items()):
         raise ValueError(f"{name}: a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder, linear proj_in); {expected}")
+    if "cond_stage_model.transformer.token_emb.weight" in state_dict:
+        raise ValueError(f"{name}: an LDM txt2img checkpoint (BERT text encoder, not CLIP): not supported (README, "
+                         f"'Pretrained Stable Diffusion'); {expected}")
     if any(re.match(r"(unet\.|vae\.|text_encoder\.)?(down_blocks|time_embedding|text_model|encoder\.down_blocks)\.", k) for k in keys):
         raise ValueError(f"{name}: a diffusers-layout file (keys like down_blocks.0.resnets.0...); {expected}")
     for part, prefix in SD_PREFIXES.items():

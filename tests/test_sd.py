@@ -231,9 +231,11 @@ def test_neither_safetensors_nor_torch_file(tmp_path):
       "cond_stage_model.model.token_embedding.weight": (10, 1024)}, "a Stable Diffusion 2.x checkpoint"),
     ({"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
       "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (768,)}, "an SDXL checkpoint"),
+    ({"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
+      "cond_stage_model.transformer.token_emb.weight": (10, 1280)}, "an LDM txt2img checkpoint"),
 ])
 def test_files_that_are_not_sd1_say_what_they_are(ref, tmp_path, keys, what):
-    """A VAE-only, diffusers-layout, SD-2 or SDXL file is named as such, and SD-1.x is asked for."""
+    """A VAE-only, diffusers-layout, SD-2, SDXL or LDM-BERT file is named as such, and SD-1.x is asked for."""
     ref[1].write_safetensors({k: torch.zeros(s) for k, s in keys.items()}, tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match=f"other.safetensors: {what}.*Stable Diffusion 1.x single file expected"):
         axf.load_sd(tmp_path / "other.safetensors")
