@@ -629,6 +629,9 @@ class _LightningCallback:
 def read_checkpoint(path):
     """An SD file -> its flat state dict: .safetensors by read_safetensors, a torch file (.ckpt) by torch.load."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: a folder (a diffusers pipeline?); a Stable Diffusion 1.x single file is expected, "
+                         "e.g. v1-5-pruned-emaonly.safetensors")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file (expected a Stable Diffusion 1.x checkpoint, "
                                 "e.g. v1-5-pruned-emaonly.safetensors or sd-v1-5-inpainting.ckpt)")

@@ -202,9 +202,12 @@ def test_reader_maps_the_file_instead_of_reading_it(ref, tmp_path):
 # ----------------------------------------------------------------------------- bad files: one clear line
 
 
-def test_missing_file(tmp_path):
+def test_missing_file_or_a_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.safetensors: no such file .*Stable Diffusion 1.x"):
         axf.load_sd(tmp_path / "nope.safetensors")
+    (tmp_path / "pipeline" / "unet").mkdir(parents=True)
+    with pytest.raises(ValueError, match="pipeline: a folder .*Stable Diffusion 1.x single file is expected"):
+        axf.load_sd(tmp_path / "pipeline")
 
 
 def test_truncated_files(ref, tmp_path):
