@@ -16,7 +16,6 @@ import torch
 import torch.nn as nn
 
 import axf
-import clip
 
 FIXTURES = Path(__file__).parent / "fixtures"
 EXTRA = {  # what real SD files carry besides the three networks; load_sd must ignore it
