@@ -599,25 +599,26 @@ def read_safetensors(path):
             raise ValueError(f"{path}: truncated safetensors file (its header alone needs {8 + n} bytes; incomplete download?)")
         try:
             header = json.loads(start + f.read(n - 1))
-        except ValueError:
-            raise ValueError(f"{path}: corrupted safetensors file (its header is not JSON)") from None
-    header.pop("__metadata__", None)
+            header.pop("__metadata__", None)
+            entries = {name: (info["dtype"], [int(d) for d in info["shape"]], int(info["data_offsets"][0]),
+                              int(info["data_offsets"][1])) for name, info in header.items()}
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise ValueError(f"{path}: corrupted safetensors file (its header is not the expected JSON)") from None
     data = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: a writable buffer for torch, the file stays read-only
     tensors = {}
-    for name, info in header.items():
-        begin, end = info["data_offsets"]
-        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+    for name, (dtype_name, shape, begin, end) in entries.items():
+        dtype = SAFETENSORS_DTYPES.get(dtype_name)
         if dtype is None:
-            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, which this reader does not handle")
+            raise ValueError(f"{path}: tensor {name} has dtype {dtype_name}, which this reader does not handle")
         if 8 + n + end > size:
             raise ValueError(f"{path}: truncated safetensors file ({size} bytes, tensor {name} ends at {8 + n + end}; incomplete download?)")
-        if end - begin != math.prod(info["shape"]) * dtype.itemsize:
+        if end - begin != math.prod(shape) * dtype.itemsize:
             raise ValueError(f"{path}: corrupted safetensors file (tensor {name}'s size does not match its shape)")
         if end == begin:  # frombuffer refuses zero bytes
-            tensors[name] = torch.empty(info["shape"], dtype=dtype)
+            tensors[name] = torch.empty(shape, dtype=dtype)
             continue
         raw = torch.frombuffer(data, dtype=torch.uint8, count=end - begin, offset=8 + n + begin)
-        tensors[name] = raw.view(dtype).reshape(info["shape"])
+        tensors[name] = raw.view(dtype).reshape(shape)
     return tensors
 
 

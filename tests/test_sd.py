@@ -226,6 +226,14 @@ def test_neither_safetensors_nor_torch_file(tmp_path):
         axf.load_sd(tmp_path / "notes.txt")
 
 
+def test_corrupted_safetensors_header(tmp_path):
+    """A header that is not the format's JSON (here: a tensor without its offsets) is named, not a KeyError."""
+    body = b'{"model.diffusion_model.out.2.bias": {"dtype": "F32", "shape": [4]}}'
+    (tmp_path / "bad.safetensors").write_bytes(len(body).to_bytes(8, "little") + body)
+    with pytest.raises(ValueError, match="bad.safetensors: corrupted safetensors file"):
+        axf.load_sd(tmp_path / "bad.safetensors")
+
+
 @pytest.mark.parametrize("keys, what", [
     ({"first_stage_model.encoder.conv_in.weight": (128, 3, 3, 3)}, "holds no Stable Diffusion UNet"),
     ({"conv_in.weight": (320, 4, 3, 3), "down_blocks.0.resnets.0.conv1.weight": (320, 320, 3, 3)}, "a diffusers-layout file"),
