@@ -51,38 +51,15 @@ def test_checkpoint_loads_by_itself_with_its_config(trained):
     assert model.defects[1:] == data.load_category(Path(checkpoint["data_folder"])).defects
 
 
-def test_sampling_writes_an_mvtec_layout_folder(trained, toy_root, tmp_path):
-    """sample.py's output is read back by data.load_category, with the background kept outside each mask."""
-    out = tmp_path / "samples"
+def test_sampling_writes_one_mvtec_category_folder(trained, toy_root, tmp_path):
+    """sample.py's output is one MVTec AD category, read back by data.load_category, with the preview beside it."""
+    out = tmp_path / "samples" / "bottle"
     sample.main(["--category", "bottle", "--ckpt", str(trained), "--n", "2", "--out_dir", str(out), "--batch_size", "3"])
-    category = data.load_category(out)
-    assert len(category.anomalies) == 2 * len(category.defects) and (out / "preview.png").is_file()
-    assert len(category.train_good) == len(data.load_category(toy_root / "bottle").train_good)
+    category, source = data.load_category(out), data.load_category(toy_root / "bottle")
+    assert len(category.anomalies) == 2 * len(category.defects) and (tmp_path / "samples" / "bottle_preview.png").is_file()
+    assert len(category.train_good) == len(source.train_good) and len(category.test_good) == len(source.test_good)
     for anomaly in category.anomalies:
         assert anomaly.caption and (out / "prompt" / anomaly.defect).is_dir()
-
-
-def test_interrupted_training_resumes_at_the_saved_step(toy_root, tmp_path, monkeypatch, capsys):
-    """A kill after the step-2 checkpoint loses nothing before it: re-running continues from step 2."""
-    args = ["--category", "bottle", "--data_root", str(toy_root), "--out_dir", str(tmp_path)] + TINY
-    calls = {"n": 0}
-    real_loss = axf.AnomalyXFusion.loss
-
-    def dying_loss(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_loss(self, *a, **k)
-
-    monkeypatch.setattr(axf.AnomalyXFusion, "loss", dying_loss)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(args)
-    assert torch.load(tmp_path / "axf.pt", weights_only=False)["step"] == 2
-    monkeypatch.setattr(axf.AnomalyXFusion, "loss", real_loss)
-    capsys.readouterr()
-    train.main(args)
-    assert f"resuming from {tmp_path / 'axf.pt'} at step 2" in capsys.readouterr().out
-    assert torch.load(tmp_path / "axf.pt", weights_only=False)["step"] == 4
 
 
 def test_colour_blobs_paint_one_colour_inside_their_mask_and_nothing_outside():
