@@ -32,66 +32,27 @@ from vae import VAE
 # key means (it is the `--help` text of its flag).
 
 CONFIG = dict(
-    preset="toy",
-    seed=0,
-    device="auto",
-    image_size=64,
+    preset="toy", seed=0, device="auto", image_size=64,
     # KL autoencoder (vae.py): two downsamplings -> 64 px images become 16x16x4 latents
-    vae_channels=32,
-    vae_channel_mult=(1, 2, 2),
-    vae_num_res_blocks=1,
-    vae_latent_channels=4,
-    vae_kl_weight=1e-6,
+    vae_channels=32, vae_channel_mult=(1, 2, 2), vae_num_res_blocks=1, vae_latent_channels=4, vae_kl_weight=1e-6,
     # latent UNet (unet.py)
-    unet_channels=64,
-    unet_channel_mult=(1, 2, 2),
-    unet_num_res_blocks=1,
-    unet_attention_levels=(0, 1),
-    unet_num_heads=4,
-    # the X-embedding (paper §4.2): k tokens per modality, each of width d
-    num_tokens=4,
-    context_dim=256,
-    clip="",
+    unet_channels=64, unet_channel_mult=(1, 2, 2), unet_num_res_blocks=1, unet_attention_levels=(0, 1), unet_num_heads=4,
+    # the X-embedding (paper §4.2): k tokens per modality, each of width d; the frozen CLIP
+    num_tokens=4, context_dim=256, clip="",
     # the DDPM schedule: LDM's scaled-linear betas (Stable Diffusion's 0.00085 .. 0.012)
-    num_diffusion_steps=1000,
-    schedule="scaled_linear",
-    beta_start=0.00085,
-    beta_end=0.012,
+    num_diffusion_steps=1000, schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
     # MIF (paper §4.2): the mask encoder and the aggregator
-    mask_channels=32,
-    mask_feature_channels=64,
-    aggregator_heads=4,
+    mask_channels=32, mask_feature_channels=64, aggregator_heads=4,
     # the Table 6 ablations: semantic tokens, the whole MIF (location + texture + aggregator), DDF
-    use_text=True,
-    use_mif=True,
-    use_ddf=True,
+    use_text=True, use_mif=True, use_ddf=True,
     # training, stage 1 (VAE) and 2 (mask autoencoder)
-    vae_steps=1000,
-    vae_batch_size=8,
-    vae_lr=1e-3,
-    vae_defect_weight=10.0,
-    vae_colour_blobs=0.5,
-    mask_steps=300,
-    mask_lr=1e-3,
+    vae_steps=1000, vae_batch_size=8, vae_lr=1e-3, vae_defect_weight=10.0, vae_colour_blobs=0.5,
+    mask_steps=300, mask_lr=1e-3,
     # training, stage 3 (AnomalyXFusion)
-    steps=900,
-    batch_size=16,
-    lr=5e-4,
-    warmup_steps=100,
-    grad_clip=1.0,
-    ema_decay=0.999,
-    anomaly_fraction=0.75,
-    outside_loss_weight=0.1,
-    center_text=True,
-    cond_dropout=0.1,
-    shift_cells=2,
-    checkpoint_every=250,
-    preview_every=450,
+    steps=900, batch_size=16, lr=5e-4, warmup_steps=100, grad_clip=1.0, ema_decay=0.999, anomaly_fraction=0.75,
+    outside_loss_weight=0.1, center_text=True, cond_dropout=0.1, shift_cells=2, checkpoint_every=250, preview_every=450,
     # sampling (Eq. 16)
-    sampler="ddim",
-    sample_steps=50,
-    guidance_scale=3.0,
-    eta=0.0,
+    sampler="ddim", sample_steps=50, guidance_scale=3.0, eta=0.0,
 )
 
 HELP = dict(
@@ -129,26 +90,12 @@ PRESETS = {
     "toy": dict(),
     "mvtec": dict(
         image_size=256,
-        vae_channels=128,                 # the kl-f8 layout of Stable Diffusion 1.x
-        vae_channel_mult=(1, 2, 4, 4),
-        vae_num_res_blocks=2,
-        unet_channels=192,
-        unet_channel_mult=(1, 2, 4),
-        unet_num_res_blocks=2,
+        vae_channels=128, vae_channel_mult=(1, 2, 4, 4), vae_num_res_blocks=2,  # the kl-f8 layout of SD 1.x
+        unet_channels=192, unet_channel_mult=(1, 2, 4), unet_num_res_blocks=2, unet_num_heads=8,
         unet_attention_levels=(1, 2),     # 16x16 and 8x8 of the 32x32 latent
-        unet_num_heads=8,
         context_dim=768,                  # CLIP ViT-L/14's embedding width
-        vae_steps=20000,
-        vae_lr=1e-4,
-        mask_steps=2000,
-        steps=30000,
-        batch_size=8,
-        lr=1e-4,
-        warmup_steps=1000,
-        ema_decay=0.9999,
-        shift_cells=4,
-        checkpoint_every=1000,
-        preview_every=5000,
+        vae_steps=20000, vae_lr=1e-4, mask_steps=2000, steps=30000, batch_size=8, lr=1e-4, warmup_steps=1000,
+        ema_decay=0.9999, shift_cells=4, checkpoint_every=1000, preview_every=5000,
     ),
 }
 
@@ -451,7 +398,7 @@ class AnomalyXFusion(nn.Module):
         # (center_captions); zero means Eq. (1) exactly
         self.register_buffer("text_mean", torch.zeros(d))
         if self.use_mif:
-            self.mask_encoder = build_mask_autoencoder(config).encoder
+            self.mask_encoder = build_mask_encoder(config)
             self.location = LocationTokens(config["mask_feature_channels"], k, d)
             # learnable texture tokens, one set of k per (category, defect type); init_textures()
             # sets them from CLIP image features (Eq. 3)
@@ -638,7 +585,11 @@ def build_unet(config):
                 config["unet_num_heads"], context_dim=config["context_dim"])
 
 
-def build_mask_autoencoder(config):
+def build_mask_encoder(config):
+    return MaskEncoder(config["image_size"], config["mask_channels"], config["mask_feature_channels"])
+
+
+def build_mask_autoencoder(config):  # stage 2 pre-trains the encoder with a decoder (mask_encoder.py)
     return MaskAutoencoder(config["image_size"], config["mask_channels"], config["mask_feature_channels"])
 
 
