@@ -199,14 +199,12 @@ def parse_args(argv):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def load_model(args):
+    """The checkpoint (EMA weights), its config with the sampling flags applied, and the category to draw on."""
     path = Path(args.ckpt or Path("runs") / args.category)
     path = path / "axf.pt" if path.is_dir() else path  # a train.py --out_dir means its checkpoint
     model, checkpoint = axf.load_checkpoint(path, device="cpu")
     config = dict(checkpoint["config"], **axf.config_overrides(args))
-    device = axf.pick_device(config["device"])
-    model = model.to(device)
     folder = axf.category_folder(args) if args.toy or args.data_root else Path(checkpoint["data_folder"])
     category = data.load_category(folder)
     if category.defects != model.defects[1:]:
@@ -215,19 +213,30 @@ def main(argv=None):
         print("note: this checkpoint has use_text False (Table 6): --prompt is only written to prompt/, it steers nothing")
     if args.reference and not model.use_mif:
         raise ValueError("--reference sets the texture tokens (Eq. 3), but this checkpoint has use_mif False (Table 6)")
-    few_shot, _ = data.few_shot_split(category.anomalies)
-    size = config["image_size"]
-    jobs = plan(category, few_shot, args, size, torch.Generator().manual_seed(config["seed"]))
-    textures = None
-    if args.reference:
-        features = model.encode_texture(data.read_image(args.reference, size)[None].to(device),
-                                        axf.read_mask(Path(args.reference_mask), size)[None].to(device))
-        textures = axf.unit_tokens(features, config["num_tokens"])
+    device = axf.pick_device(config["device"])
+    return model.to(device), config, device, path, category
 
+
+def reference_textures(model, args, config, device):
+    """Texture tokens from --reference and its mask (Eq. 3), or None: each defect's learned ones."""
+    if not args.reference:
+        return None
+    size = config["image_size"]
+    features = model.encode_texture(data.read_image(args.reference, size)[None].to(device),
+                                    axf.read_mask(Path(args.reference_mask), size)[None].to(device))
+    return axf.unit_tokens(features, config["num_tokens"])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    model, config, device, path, category = load_model(args)
+    few_shot, _ = data.few_shot_split(category.anomalies)
+    jobs = plan(category, few_shot, args, config["image_size"], torch.Generator().manual_seed(config["seed"]))
+    textures = reference_textures(model, args, config, device)
     out = Path(args.out_dir or Path("samples") / args.category)
     written = open_output(out, {job[0] for job in jobs})
     for split, paths in (("train", category.train_good), ("test", category.test_good)):
-        for p in paths:
+        for p in paths:  # the category's own normal images: a detector trains and is scored on them
             place(p, out / split / "good" / p.name, written, out)
     print(f"sampling {len(jobs)} anomalies with {path} ({config['sampler']}, {config['sample_steps']} steps, "
           f"guidance {config['guidance_scale']}) into {out}")
@@ -238,7 +247,7 @@ def main(argv=None):
             counters[defect] = index + 1
             save_sample(out, defect, index, image, mask, caption, written)
             inside.append((image - normal)[mask.expand_as(image) > 0].abs().mean().item())
-            if data.caption_colour(caption) and (folder / "toy.json").exists():  # the toy world's own check
+            if data.caption_colour(caption) and (category.folder / "toy.json").exists():  # the toy world's own check
                 colours.append(data.drawn_colour(image, mask) == data.caption_colour(caption))
             if index < 4:  # the preview shows the first few of each defect type
                 preview.append([normal, mask, image, caption])

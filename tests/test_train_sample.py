@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import axf
+import clip
 import data
 import sample
 import train
@@ -305,3 +306,37 @@ def test_help_explains_config_keys_with_axf_help(capsys):
     assert "--vae_defect_weight FLOAT extra L1 weight of few-shot defect pixels" in text
     assert "--ema_decay FLOAT (default: 0.999)" in text  # no help text: the default alone
     assert set(axf.HELP) <= set(axf.CONFIG) and set(axf.ARCHITECTURE_KEYS) <= set(axf.CONFIG)
+
+
+def test_prompt_and_reference_say_when_their_ablation_switch_is_off(trained, monkeypatch, capsys):
+    """--prompt without semantic tokens steers nothing, and --reference without MIF has no texture tokens to set:
+    sample.py says so instead of silently ignoring them."""
+    load_checkpoint = axf.load_checkpoint
+
+    def ablated(*a, **k):
+        model, checkpoint = load_checkpoint(*a, **k)
+        model.use_text = model.use_mif = False
+        return model, checkpoint
+
+    monkeypatch.setattr(axf, "load_checkpoint", ablated)
+    args = ["--category", "bottle", "--ckpt", str(trained)]
+    with pytest.raises(ValueError, match="--reference sets the texture tokens .* use_mif False"):
+        sample.main(args + ["--reference", "a.png", "--reference_mask", "a_mask.png"])
+    monkeypatch.setattr(sample, "plan", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))  # stop after the checks
+    with pytest.raises(KeyboardInterrupt):
+        sample.main(args + ["--prompt", "a red stain"])
+    assert "--prompt is only written to prompt/, it steers nothing" in capsys.readouterr().out
+
+
+def test_a_clip_file_sets_context_dim_before_the_config_is_printed(toy_root, tmp_path, monkeypatch, capsys):
+    """The printed (and saved) config shows the CLIP file's embedding width, not the preset's."""
+    torch.manual_seed(0)
+    tiny = clip.CLIP(embed_dim=24, image_resolution=16, vision_layers=1, vision_width=64, vision_patch_size=8,
+                     context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=1)
+    torch.save(tiny.state_dict(), tmp_path / "tiny_clip.pt")
+    monkeypatch.setattr(train, "load_training_set", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--category", "bottle", "--data_root", str(toy_root), "--out_dir", str(tmp_path)] + TINY
+                   + ["--clip", str(tmp_path / "tiny_clip.pt")])
+    out = capsys.readouterr().out
+    assert "context_dim set to 24" in out and "'context_dim': 24" in out.split("config: ")[1]
