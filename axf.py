@@ -56,6 +56,7 @@ CONFIG = dict(
 )
 
 HELP = dict(
+    seed="seeds the weights' initialisation, the batches and the sampler's noise",
     device="auto picks cuda when present (bf16 autocast), else cpu",
     image_size="images are resized to this many px square",
     vae_kl_weight="LDM's kl-f8 weight: the latent stays close to a plain autoencoder",
@@ -74,6 +75,7 @@ HELP = dict(
     cond_dropout="condition dropped to the null one: classifier-free guidance",
     shift_cells="random roll of latent and mask, in latent cells",
     sampler="ddim or ddpm (every one of the num_diffusion_steps)",
+    sample_steps="DDIM steps (the ddpm sampler takes every one)",
     guidance_scale="classifier-free guidance; 1 is the conditional model alone",
     eta="DDIM eta: 0 deterministic, 1 like DDPM",
 )
