@@ -1,121 +1,103 @@
 """AnomalyXFusion: the method of the paper (§4), on top of clip.py, vae.py, unet.py and mask_encoder.py.
 
 What this file holds, in reading order:
-  CONFIG           one flat dict of every setting, with a toy (CPU) and an MVTec (one GPU) preset
+  CONFIG, HELP     one flat dict of every setting, with a toy (CPU) and an MVTec (one GPU) preset
+  command line     what train.py and sample.py share: data flags, `--key value` overrides, device, autocast
   DDPM             the noise schedule and the samplers (Eq. 6-12, 15): q_sample, ancestral step, DDIM step
   MIF              semantic (Eq. 1), location (Eq. 2, with mask_encoder.py), textural (Eq. 3) tokens,
                    concatenated (Eq. 4) and refined by the Aggregator into the X-embedding (Eq. 5)
   DDF              e_t = f_phi(e_X, t), the UNet's cross-attention context (Eq. 13-15)
   AnomalyXFusion   the whole model: the loss (Eq. 17) and blended sampling (Eq. 16)
-  build_clip, load_checkpoint   CLIP for the config, and checkpoints that load by themselves
+  builders         one per network from the config; CLIP; checkpoints that load by themselves
 """
+import argparse
 import math
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 import clip
-from mask_encoder import LocationTokens, MaskEncoder
+import data
+from mask_encoder import LocationTokens, MaskAutoencoder, MaskEncoder
 from unet import UNet, timestep_embedding
 from vae import VAE
 
 # ----------------------------------------------------------------------------------------------
 # CONFIG: one flat dict, so that every key can be overridden as `--key value` on the command line.
-# A preset only changes sizes and budgets; a checkpoint stores the resolved dict.
+# A preset only changes sizes and budgets; a checkpoint stores the resolved dict. HELP says what a
+# key means (it is the `--help` text of its flag).
 
 CONFIG = dict(
-    preset="toy",
-    seed=0,
-    device="auto",            # "auto" picks cuda when present (bf16 autocast), else cpu
-    image_size=64,
+    preset="toy", seed=0, device="auto", image_size=64,
     # KL autoencoder (vae.py): two downsamplings -> 64 px images become 16x16x4 latents
-    vae_channels=32,
-    vae_channel_mult=(1, 2, 2),
-    vae_num_res_blocks=1,
-    vae_latent_channels=4,
-    vae_kl_weight=1e-6,       # LDM's kl-f8 weight: the latent stays close to a plain autoencoder
+    vae_channels=32, vae_channel_mult=(1, 2, 2), vae_num_res_blocks=1, vae_latent_channels=4, vae_kl_weight=1e-6,
     # latent UNet (unet.py)
-    unet_channels=64,
-    unet_channel_mult=(1, 2, 2),
-    unet_num_res_blocks=1,
-    unet_attention_levels=(0, 1),
-    unet_num_heads=4,
-    # the X-embedding (paper §4.2): k tokens per modality, each of width d = the CLIP embedding
-    # width (taken from the checkpoint when --clip is given; the toy preset's random CLIP uses this)
-    num_tokens=4,
-    context_dim=256,
-    # frozen CLIP (clip.py): a file of OpenAI weights, or "" for a small random CLIP (toy preset)
-    clip="",
+    unet_channels=64, unet_channel_mult=(1, 2, 2), unet_num_res_blocks=1, unet_attention_levels=(0, 1), unet_num_heads=4,
+    # the X-embedding (paper §4.2): k tokens per modality, each of width d; the frozen CLIP
+    num_tokens=4, context_dim=256, clip="",
     # the DDPM schedule: LDM's scaled-linear betas (Stable Diffusion's 0.00085 .. 0.012)
-    num_diffusion_steps=1000,
-    schedule="scaled_linear",
-    beta_start=0.00085,
-    beta_end=0.012,
+    num_diffusion_steps=1000, schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
     # MIF (paper §4.2): the mask encoder and the aggregator
-    mask_channels=32,
-    mask_feature_channels=64,
-    aggregator_heads=4,
+    mask_channels=32, mask_feature_channels=64, aggregator_heads=4,
     # the Table 6 ablations: semantic tokens, the whole MIF (location + texture + aggregator), DDF
-    use_text=True,
-    use_mif=True,
-    use_ddf=True,
+    use_text=True, use_mif=True, use_ddf=True,
     # training, stage 1 (VAE) and 2 (mask autoencoder)
-    vae_steps=1000,           # fewer and the VAE decodes a cut wire back to a whole one
-    vae_batch_size=8,
-    vae_lr=1e-3,
-    vae_defect_weight=10.0,   # extra L1 weight of few-shot defect pixels: the VAE must encode defects
-    vae_colour_blobs=0.5,     # share of the VAE's normal images given a blob of a random colour
-    mask_steps=300,
-    mask_lr=1e-3,
+    vae_steps=1000, vae_batch_size=8, vae_lr=1e-3, vae_defect_weight=10.0, vae_colour_blobs=0.5,
+    mask_steps=300, mask_lr=1e-3,
     # training, stage 3 (AnomalyXFusion)
-    steps=900,
-    batch_size=16,
-    lr=5e-4,
-    warmup_steps=100,
-    grad_clip=1.0,
-    ema_decay=0.999,
-    anomaly_fraction=0.75,    # of each batch: the few-shot anomalies are what the model must learn
-    outside_loss_weight=0.1,  # Eq. (17) weight of an anomalous image's cells outside its mask
-    center_text=True,         # subtract the captions' mean CLIP feature before Eq. (1)'s norm
-    cond_dropout=0.1,         # condition dropped to the null one: classifier-free guidance
-    shift_cells=2,            # random roll of latent and mask, in latent cells
-    checkpoint_every=250,
-    preview_every=450,
+    steps=900, batch_size=16, lr=5e-4, warmup_steps=100, grad_clip=1.0, ema_decay=0.999, anomaly_fraction=0.75,
+    outside_loss_weight=0.1, center_text=True, cond_dropout=0.1, shift_cells=2, checkpoint_every=250, preview_every=450,
     # sampling (Eq. 16)
-    sampler="ddim",
-    sample_steps=50,
-    guidance_scale=3.0,
-    eta=0.0,
-    composite_radius=2,       # px the mask is dilated, then feathered, for the final composite
+    sampler="ddim", sample_steps=50, guidance_scale=3.0, eta=0.0,
 )
+
+HELP = dict(
+    seed="seeds the weights' initialisation, the batches and the sampler's noise",
+    device="auto picks cuda when present (bf16 autocast), else cpu",
+    image_size="images are resized to this many px square",
+    vae_kl_weight="LDM's kl-f8 weight: the latent stays close to a plain autoencoder",
+    num_tokens="k, tokens per modality (Eq. 1-3)",
+    context_dim="d, the token width = the CLIP embedding width (taken from the --clip file when given)",
+    clip="a file of OpenAI CLIP weights, or empty for a small random CLIP (toy preset)",
+    use_text="Table 6: the semantic tokens of the caption (Eq. 1)",
+    use_mif="Table 6: the whole MIF: location and texture tokens and the aggregator (Eq. 2-5)",
+    use_ddf="Table 6: DDF, the timestep-dependent context (Eq. 14)",
+    vae_steps="fewer and the VAE decodes a cut wire back to a whole one",
+    vae_defect_weight="extra L1 weight of few-shot defect pixels: the VAE must encode defects",
+    vae_colour_blobs="share of the VAE's normal images given a blob of a random colour",
+    anomaly_fraction="of each batch: the few-shot anomalies are what the model must learn",
+    outside_loss_weight="Eq. (17) weight of an anomalous image's cells outside its mask",
+    center_text="subtract the captions' mean CLIP feature before Eq. (1)'s norm",
+    cond_dropout="condition dropped to the null one: classifier-free guidance",
+    shift_cells="random roll of latent and mask, in latent cells",
+    sampler="ddim or ddpm (every one of the num_diffusion_steps)",
+    sample_steps="DDIM steps (the ddpm sampler takes every one)",
+    guidance_scale="classifier-free guidance; 1 is the conditional model alone",
+    eta="DDIM eta: 0 deterministic, 1 like DDPM",
+)
+
+# A resume must rebuild the very networks it saved: these keys may not change between runs of one
+# --out_dir. The others (budgets such as more steps, learning rates, sampling) may.
+ARCHITECTURE_KEYS = ("image_size", "vae_channels", "vae_channel_mult", "vae_num_res_blocks", "vae_latent_channels",
+                     "unet_channels", "unet_channel_mult", "unet_num_res_blocks", "unet_attention_levels",
+                     "unet_num_heads", "num_tokens", "context_dim", "clip", "num_diffusion_steps", "schedule",
+                     "beta_start", "beta_end", "mask_channels", "mask_feature_channels", "aggregator_heads",
+                     "use_text", "use_mif", "use_ddf")
 
 PRESETS = {
     "toy": dict(),
     "mvtec": dict(
         image_size=256,
-        vae_channels=128,                 # the kl-f8 layout of Stable Diffusion 1.x
-        vae_channel_mult=(1, 2, 4, 4),
-        vae_num_res_blocks=2,
-        unet_channels=192,
-        unet_channel_mult=(1, 2, 4),
-        unet_num_res_blocks=2,
+        vae_channels=128, vae_channel_mult=(1, 2, 4, 4), vae_num_res_blocks=2,  # the kl-f8 layout of SD 1.x
+        unet_channels=192, unet_channel_mult=(1, 2, 4), unet_num_res_blocks=2, unet_num_heads=8,
         unet_attention_levels=(1, 2),     # 16x16 and 8x8 of the 32x32 latent
-        unet_num_heads=8,
         context_dim=768,                  # CLIP ViT-L/14's embedding width
-        vae_steps=20000,
-        vae_lr=1e-4,
-        mask_steps=2000,
-        steps=30000,
-        batch_size=8,
-        lr=1e-4,
-        warmup_steps=1000,
-        ema_decay=0.9999,
-        shift_cells=4,
-        checkpoint_every=1000,
-        preview_every=5000,
-        composite_radius=4,
+        vae_steps=20000, vae_lr=1e-4, mask_steps=2000, steps=30000, batch_size=8, lr=1e-4, warmup_steps=1000,
+        ema_decay=0.9999, shift_cells=4, checkpoint_every=1000, preview_every=5000,
     ),
 }
 
@@ -129,7 +111,105 @@ def resolve_config(preset, overrides=None):
         if key not in config:
             raise ValueError(f"unknown config key {key!r}; see --help for the list")
         config[key] = value
+    if config["warmup_steps"] < 0:
+        raise ValueError(f"warmup_steps must be 0 (none) or more, got {config['warmup_steps']}")
     return config
+
+
+def architecture_changes(saved, current):
+    """The ARCHITECTURE_KEYS whose values differ between two configs, as 'key saved -> current'."""
+    return [f"{k} {saved.get(k)!r} -> {current[k]!r}" for k in ARCHITECTURE_KEYS if saved.get(k) != current[k]]
+
+
+def latent_factor(config):
+    """How many pixels one latent cell spans: the VAE halves the image once per level but the last."""
+    return 2 ** (len(config["vae_channel_mult"]) - 1)
+
+
+def defect_ids(names, defects):
+    """The one defect-id convention: 0 is "good" (normal images), defect type i of the category's sorted
+    list (data.Category.defects) is i + 1. It indexes the texture-token rows of AnomalyXFusion."""
+    rows = ["good"] + list(defects)
+    return torch.tensor([rows.index(name) for name in names], dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line that train.py and sample.py share: which category folder, which device, and
+# every CONFIG key as `--key value`, typed like its default.
+
+
+def add_data_args(parser):
+    parser.add_argument("--category", required=True, help="category folder name, e.g. bottle")
+    parser.add_argument("--toy", action="store_true", help="use the built-in toy world (generated on first use)")
+    parser.add_argument("--data_root", help="folder holding <category>/ in the MVTec AD or LOCO layout")
+
+
+def parse_value(text, default):
+    """A command-line string typed like the CONFIG default it overrides."""
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+        return text.lower() in ("true", "1")
+    if isinstance(default, tuple):
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    return type(default)(text)
+
+
+def add_config_args(parser, keys=None):
+    """A `--key value` flag for each CONFIG key (all but preset, or `keys`), its help from HELP."""
+    group = parser.add_argument_group("config (toy preset defaults shown; a preset or checkpoint may change them)")
+    for key in keys or [k for k in CONFIG if k != "preset"]:
+        default = CONFIG[key]
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        group.add_argument(f"--{key}", type=lambda text, d=default: parse_value(text, d), default=None,
+                           metavar=type(default).__name__.upper(),
+                           help=f"{HELP.get(key, '')} (default: {shown})".replace("%", "%%").lstrip())
+
+
+def config_overrides(args):
+    """The CONFIG keys the user gave on the command line."""
+    return {k: v for k in CONFIG if k != "preset" and (v := getattr(args, k, None)) is not None}
+
+
+def category_folder(args):
+    """The category folder the flags name, validated whole (data.load_category) before any writing."""
+    if args.toy and args.data_root:
+        raise ValueError("give either --toy or --data_root, not both")
+    if args.toy:
+        if args.category not in data.TOY_CATEGORIES:
+            raise ValueError(f"--toy has categories {', '.join(data.TOY_CATEGORIES)}, not {args.category!r}")
+        return data.ensure_toy(args.category)
+    folder = Path(args.data_root or "data/mvtec") / args.category
+    data.load_category(folder)  # raises one clear line on a missing folder or bad data
+    return folder
+
+
+def read_mask(anomaly_or_files, size):
+    """data.read_mask at `size`, but a mask thinner than a pixel at that size (a scratch) is max-pooled
+    from full size instead of vanishing under nearest-neighbour downsampling."""
+    mask = data.read_mask(anomaly_or_files, size)
+    if mask.any():
+        return mask
+    files = anomaly_or_files.mask_files if isinstance(anomaly_or_files, data.Anomaly) else anomaly_or_files
+    files = [files] if isinstance(files, (str, Path)) else list(files)
+    with Image.open(files[0]) as im:
+        full = data.read_mask(files, max(im.size))
+    if not full.any():
+        raise ValueError(f"{files[0]}: empty mask; an anomaly needs at least one mask pixel")
+    return F.adaptive_max_pool2d(full, size)
+
+
+def pick_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA GPU")
+    return torch.device(name)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (fast, no loss scaling needed); full fp32 on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,7 +248,6 @@ class DDPM(torch.nn.Module):
     def __init__(self, num_steps=1000, schedule="linear", beta_start=0.0001, beta_end=0.02):
         super().__init__()
         self.num_steps = num_steps
-        self.schedule = schedule
         betas = make_betas(schedule, num_steps, beta_start, beta_end)
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # Eq. (9): ᾱ_t = Π_{s≤t} (1 - β_s)
         # float64 for the products, float32 to store; not persistent: the config rebuilds them
@@ -185,36 +264,36 @@ class DDPM(torch.nn.Module):
 
     def q_sample(self, x0, t, noise):
         """Noise clean x0 to step t in one jump, with the noise given so the training target exists."""
-        a = self._at(self.alphas_cumprod, t, x0)
+        alpha_bar_t = self._at(self.alphas_cumprod, t, x0)
         # Eq. (10): x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε   (Eq. 8 as a reparameterised sample)
-        return (a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()).to(x0.dtype)
+        return (alpha_bar_t.sqrt() * x0.float() + (1 - alpha_bar_t).sqrt() * noise.float()).to(x0.dtype)
 
     def step(self, eps, t, x_t, noise=None):
         """One ancestral DDPM step x_t -> x_{t-1} from the predicted ε, with the posterior variance."""
         beta_t = self._at(self.betas, t, x_t)
-        a_t = self._at(self.alphas_cumprod, t, x_t)
-        a_prev = self._at(self.alphas_cumprod, t - 1, x_t)  # ᾱ_{-1} = 1: the step into x_0
+        alpha_bar_t = self._at(self.alphas_cumprod, t, x_t)
+        alpha_bar_prev = self._at(self.alphas_cumprod, t - 1, x_t)  # ᾱ_{-1} = 1: the step into x_0
         # Eq. (12): μ(x_t) = (x_t - β_t / sqrt(1 - ᾱ_t) ε) / sqrt(α_t). This is the mean of the posterior
         # q(x_{t-1} | x_t, x̂_0) with x̂_0 from Eq. (10) unclipped, but written without x̂_0: dividing by
         # sqrt(ᾱ_t) ~ 0 at large t would amplify float32 rounding (DDPM, Ho et al. 2020, Eq. 11 there)
-        mean = (x_t.float() - beta_t / (1 - a_t).sqrt() * eps.float()) / (1 - beta_t).sqrt()
+        mean = (x_t.float() - beta_t / (1 - alpha_bar_t).sqrt() * eps.float()) / (1 - beta_t).sqrt()
         # Σ = β̃_t = (1 - ᾱ_{t-1}) / (1 - ᾱ_t) β_t, DDPM's "fixed_small" variance
-        variance = (1 - a_prev) / (1 - a_t) * beta_t
+        variance = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t
         if noise is None:
             noise = torch.randn_like(mean)
-        nonzero = (t > 0).float().view_as(a_t).to(x_t.device)  # no noise on the last step, t = 0
+        nonzero = (t > 0).float().view_as(alpha_bar_t).to(x_t.device)  # no noise on the last step, t = 0
         # Eq. (15): x_{t-1} = μ + sqrt(Σ) ε
         return (mean + nonzero * variance.sqrt() * noise.float()).to(x_t.dtype)
 
     def ddim_step(self, eps, t, t_prev, x_t, eta=0.0, noise=None):
         """One DDIM step x_t -> x_{t_prev} (Song et al. 2021, Eq. 12 there); eta = 1 is ancestral-like."""
-        a_t = self._at(self.alphas_cumprod, t, x_t)
-        a_prev = self._at(self.alphas_cumprod, t_prev, x_t)  # t_prev = -1: ᾱ = 1, the clean image
+        alpha_bar_t = self._at(self.alphas_cumprod, t, x_t)
+        alpha_bar_prev = self._at(self.alphas_cumprod, t_prev, x_t)  # t_prev = -1: ᾱ = 1, the clean image
         x_t32, eps = x_t.float(), eps.float()
-        x0 = (x_t32 - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+        x0 = (x_t32 - (1 - alpha_bar_t).sqrt() * eps) / alpha_bar_t.sqrt()
+        sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)).sqrt()
         # x_{t_prev} = sqrt(ᾱ_prev) x̂_0 + sqrt(1 - ᾱ_prev - σ²) ε + σ z: the same marginals as Eq. (8)
-        x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).sqrt() * eps
+        x_prev = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma ** 2).sqrt() * eps
         if eta > 0:
             if noise is None:
                 noise = torch.randn_like(x_t32)
@@ -258,6 +337,9 @@ class Aggregator(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
     def forward(self, e_x):
+        # Eq. (5) has no norm; a pre-LayerNorm (as in GPT-2 and the UNet's transformer blocks) puts
+        # tokens of three scales (unit CLIP directions times sqrt(d), learned location and texture
+        # tokens) on one scale before attention compares them; the residual keeps e_X itself
         h = self.norm(e_x)
         attended, _ = self.attn(h, h, h, need_weights=False)
         return e_x + self.mlp(attended)  # Eq. (5)
@@ -292,24 +374,11 @@ def latent_mask(mask, factor):
     return F.max_pool2d(mask, factor) if factor > 1 else mask
 
 
-def composite_mask(mask, radius):
-    """The final compositing weight: the mask dilated by `radius` px, then feathered by a box blur.
-
-    Its support is the mask dilated by 2 * radius: beyond that the weight is exactly 0, so the
-    output there is the normal image, pixel for pixel.
-    """
-    if radius == 0:
-        return mask
-    size = 2 * radius + 1
-    dilated = F.max_pool2d(mask, size, stride=1, padding=radius)
-    return F.avg_pool2d(dilated, size, stride=1, padding=radius, count_include_pad=False)
-
-
 class AnomalyXFusion(nn.Module):
     """VAE + UNet + frozen CLIP + MIF + DDF (paper Fig. 1).
 
     `defects` names the texture-token rows: row 0 is "good" (normal training images), then one
-    row per defect type of the category.
+    row per defect type of the category (the convention of defect_ids()).
     """
 
     def __init__(self, config, clip_model, defects):
@@ -318,15 +387,9 @@ class AnomalyXFusion(nn.Module):
         self.defects = ["good"] + list(defects)
         d, k = config["context_dim"], config["num_tokens"]
         self.use_text, self.use_mif, self.use_ddf = config["use_text"], config["use_mif"], config["use_ddf"]
-        self.vae = VAE(3, config["vae_channels"], config["vae_channel_mult"], config["vae_num_res_blocks"],
-                       config["vae_latent_channels"])
-        self.latent_factor = 2 ** (len(config["vae_channel_mult"]) - 1)
-        # the UNet also sees the latent mask as a fifth input channel (as Stable Diffusion's inpainting
-        # model does): Eq. (16) brings the mask into training; this way "where" is given, and the
-        # cross-attention context is left to say "what"
-        self.unet = UNet(config["vae_latent_channels"] + 1, config["vae_latent_channels"], config["unet_channels"],
-                         config["unet_channel_mult"], config["unet_num_res_blocks"], config["unet_attention_levels"],
-                         config["unet_num_heads"], context_dim=d)
+        self.vae = build_vae(config)
+        self.latent_factor = latent_factor(config)
+        self.unet = build_unet(config)
         self.ddpm = DDPM(config["num_diffusion_steps"], config["schedule"], config["beta_start"], config["beta_end"])
         # CLIP is frozen (§4.2): no gradient ever reaches it, and it is left out of the optimiser
         self.clip = clip_model.eval().requires_grad_(False)
@@ -337,7 +400,7 @@ class AnomalyXFusion(nn.Module):
         # (center_captions); zero means Eq. (1) exactly
         self.register_buffer("text_mean", torch.zeros(d))
         if self.use_mif:
-            self.mask_encoder = MaskEncoder(config["image_size"], config["mask_channels"], config["mask_feature_channels"])
+            self.mask_encoder = build_mask_encoder(config)
             self.location = LocationTokens(config["mask_feature_channels"], k, d)
             # learnable texture tokens, one set of k per (category, defect type); init_textures()
             # sets them from CLIP image features (Eq. 3)
@@ -350,7 +413,7 @@ class AnomalyXFusion(nn.Module):
         # context when every modality is switched off (Table 6, first row)
         self.null_context = nn.Parameter(torch.randn(1, num_context, d) * 0.02)
 
-    # --- the three modalities ---------------------------------------------------------------
+    # --- the three modalities and the context -------------------------------------------------
 
     @torch.no_grad()
     def encode_captions(self, captions):
@@ -387,31 +450,32 @@ class AnomalyXFusion(nn.Module):
             mean = features[defect_ids == row].mean(0, keepdim=True)
             self.texture_tokens.data[row] = unit_tokens(mean, self.texture_tokens.shape[1])[0]
 
-    def condition(self, captions, masks, defect_ids, t, textures=None, drop=None):
-        """The cross-attention context e_t [B, n, d] of Eq. (13)-(15).
+    def x_embedding(self, captions, masks, defect_ids, textures=None):
+        """The X-embedding e_X [B, n, d] (Eq. 1-5); the null context when every modality is off.
 
-        textures: optional [B, k, d] texture tokens (from a reference image) instead of the
-        learned ones; drop: optional bool [B], samples whose condition is replaced by the null one.
+        textures: optional [B, k, d] texture tokens (from a reference image) instead of the learned ones.
         """
-        k = self.config["num_tokens"]
-        parts = []
+        k, parts = self.config["num_tokens"], []
         if self.use_text:
             parts.append(unit_tokens(self.encode_captions(captions) - self.text_mean, k))  # Eq. (1): e_sem [B, k, d]
         if self.use_mif:
             parts.append(self.location(self.mask_encoder(masks)))  # Eq. (2): e_loc [B, k, d]
             parts.append(self.texture_tokens[defect_ids] if textures is None else textures)  # Eq. (3): e_tex
-        B = len(defect_ids)
-        if parts:
-            e_x = torch.cat(parts, dim=1)  # Eq. (4): e_mul [B, n, d]
-            if self.use_mif:
-                e_x = self.aggregator(e_x)  # Eq. (5): the X-embedding
-        else:
-            e_x = self.null_context.expand(B, -1, -1)
+        if not parts:
+            return self.null_context.expand(len(defect_ids), -1, -1)
+        e_x = torch.cat(parts, dim=1)  # Eq. (4): e_mul [B, n, d]
+        return self.aggregator(e_x) if self.use_mif else e_x  # Eq. (5): the X-embedding
+
+    def context(self, e_x, t, drop=None):
+        """The cross-attention context e_t [B, n, d] of Eq. (13)-(15); drop: optional bool [B],
+        samples whose condition is replaced by the null one (classifier-free guidance)."""
         if drop is not None:
-            e_x = torch.where(drop[:, None, None], self.null_context.expand(B, -1, -1), e_x)
-        if self.use_ddf:
-            e_x = self.ddf(e_x, t)  # Eq. (14): e_t = f_phi(e_X, t)
-        return e_x
+            e_x = torch.where(drop[:, None, None], self.null_context.expand_as(e_x), e_x)
+        return self.ddf(e_x, t) if self.use_ddf else e_x  # Eq. (14): e_t = f_phi(e_X, t)
+
+    def condition(self, captions, masks, defect_ids, t, textures=None, drop=None):
+        """e_t from the raw conditions: context(x_embedding(...), t, drop)."""
+        return self.context(self.x_embedding(captions, masks, defect_ids, textures), t, drop)
 
     # --- training -----------------------------------------------------------------------------
 
@@ -444,15 +508,14 @@ class AnomalyXFusion(nn.Module):
 
     # --- blended sampling ---------------------------------------------------------------------
 
-    def guided_eps(self, x_t, region, t, context, guidance_scale):
-        """Classifier-free guidance: eps_u + s (eps_c - eps_u), both branches in one UNet call."""
+    def guided_eps(self, x_t, region, t, e_x, guidance_scale):
+        """Classifier-free guidance: eps_u + s (eps_c - eps_u); both branches in one DDF and one UNet call."""
         x_in = torch.cat([x_t, region.to(x_t.dtype)], 1)
-        if guidance_scale == 1:
-            return self.unet(x_in, t, context)
-        null = self.null_context.expand_as(context)
-        if self.use_ddf:
-            null = self.ddf(null, t)
-        eps_cond, eps_uncond = self.unet(torch.cat([x_in, x_in]), torch.cat([t, t]), torch.cat([context, null])).chunk(2)
+        if guidance_scale == 1:  # eps_u + 1 (eps_c - eps_u) = eps_c: the unconditional branch is not needed
+            return self.unet(x_in, t, self.context(e_x, t))
+        null = self.null_context.expand_as(e_x)
+        contexts = self.context(torch.cat([e_x, null]), torch.cat([t, t]))  # Eq. (14) for both branches
+        eps_cond, eps_uncond = self.unet(torch.cat([x_in, x_in]), torch.cat([t, t]), contexts).chunk(2)
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
     @torch.no_grad()
@@ -461,14 +524,18 @@ class AnomalyXFusion(nn.Module):
         """Draw anomalies into normal images [B, 3, S, S] inside masks [B, 1, S, S] (Eq. 16).
 
         Every step, inside the (latent) mask the latent takes the model's reverse step, outside it
-        takes the normal image's latent noised to the same step; the final image is composited so
-        that pixels outside the dilated, feathered mask are the normal image exactly.
+        takes the normal image's latent noised to the same step. The decoded image is then pasted
+        into the normal image through the mask itself: every pixel that differs from the normal
+        image lies inside the mask, so the mask saved with a sample is its exact ground truth.
         callback(t, x_t) sees the blended latent after each step (t = -1 for the last).
         """
-        device = normal_images.device
+        device, B = normal_images.device, len(normal_images)
         z0 = self.encode_images(normal_images)
         region = latent_mask(masks, self.latent_factor)
-        # one fixed noise for the background: its latent is q_sample(z0, t, known_noise) at every t
+        e_x = self.x_embedding(captions, masks, defect_ids, textures)  # Eq. (1)-(5): once per batch
+        # one fixed noise for the background: its latent at step t is q_sample(z0, t, known_noise), a point
+        # of one forward trajectory (Eq. 10), so the background moves smoothly from noise to z0; fresh noise
+        # every step would be as valid per step, but would make the background flicker between steps
         known_noise = torch.randn(z0.shape, device=device, generator=generator)
         if sampler == "ddim":
             timesteps = [int(s) for s in self.ddpm.ddim_timesteps(steps)]
@@ -476,42 +543,64 @@ class AnomalyXFusion(nn.Module):
             timesteps = list(range(self.ddpm.num_steps - 1, -1, -1))
         else:
             raise ValueError(f"unknown sampler {sampler!r}; use 'ddim' or 'ddpm'")
-        B = z0.shape[0]
-
-        def at(step):
-            return torch.full((B,), step, device=device, dtype=torch.long)
-
+        at = lambda step: torch.full((B,), step, device=device, dtype=torch.long)
         # Eq. (11), (13): the reverse chain starts from Gaussian noise x_T and takes one step per
         # timestep, each conditioned on e_t
         x = torch.randn(z0.shape, device=device, generator=generator)
         x = region * x + (1 - region) * self.ddpm.q_sample(z0, at(timesteps[0]), known_noise)
         for i, step in enumerate(timesteps):
             t, t_prev = at(step), at(timesteps[i + 1] if i + 1 < len(timesteps) else -1)
-            context = self.condition(captions, masks, defect_ids, t, textures=textures)
-            eps = self.guided_eps(x, region, t, context, guidance_scale).float()
+            eps = self.guided_eps(x, region, t, e_x, guidance_scale).float()  # Eq. (14) with t, then guidance
             if sampler == "ddim":
                 noise = torch.randn(z0.shape, device=device, generator=generator) if eta > 0 else None
                 x_model = self.ddpm.ddim_step(eps, t, t_prev, x, eta=eta, noise=noise)
-            else:
+            else:  # Eq. (12), (15): the ancestral step
                 x_model = self.ddpm.step(eps, t, x, noise=torch.randn(z0.shape, device=device, generator=generator))
+            # The paper prints Eq. (16) with ᾱ_t, but the step it blends with has already moved to
+            # t_prev: both halves of x'_{t-1} must be at the same noise level, or the border between
+            # them is a seam of mismatched noise that the next step reads. So the background uses ᾱ_{t_prev}
             x_known = self.ddpm.q_sample(z0, t_prev, known_noise) if t_prev[0] >= 0 else z0
             x = region * x_model + (1 - region) * x_known  # Eq. (16): blended step
             if callback is not None:
                 callback(int(t_prev[0]), x)
         decoded = ((self.vae.decode_latents(x).float() + 1) / 2).clamp(0, 1)
-        weight = composite_mask(masks, self.config["composite_radius"])
-        return normal_images * (1 - weight) + decoded * weight
+        # the latent region is whole cells (max-pooled) and the decoder spreads them further: the pixel
+        # mask itself decides which pixels change
+        return normal_images * (1 - masks) + decoded * masks
 
 
 # ----------------------------------------------------------------------------------------------
-# Building CLIP, and checkpoints that load by themselves
+# Builders: one per network, from the config; CLIP; checkpoints that load by themselves
+
+
+def build_vae(config):
+    return VAE(3, config["vae_channels"], config["vae_channel_mult"], config["vae_num_res_blocks"],
+               config["vae_latent_channels"])
+
+
+def build_unet(config):
+    # the UNet also sees the latent mask as a fifth input channel (as Stable Diffusion's inpainting
+    # model does): Eq. (16) brings the mask into training; this way "where" is given, and the
+    # cross-attention context is left to say "what"
+    return UNet(config["vae_latent_channels"] + 1, config["vae_latent_channels"], config["unet_channels"],
+                config["unet_channel_mult"], config["unet_num_res_blocks"], config["unet_attention_levels"],
+                config["unet_num_heads"], context_dim=config["context_dim"])
+
+
+def build_mask_encoder(config):
+    return MaskEncoder(config["image_size"], config["mask_channels"], config["mask_feature_channels"])
+
+
+def build_mask_autoencoder(config):  # stage 2 pre-trains the encoder with a decoder (mask_encoder.py)
+    return MaskAutoencoder(config["image_size"], config["mask_channels"], config["mask_feature_channels"])
 
 
 def build_clip(config, device="cpu"):
     """OpenAI CLIP weights from config["clip"], or a small random CLIP for the toy preset.
 
     A random text tower still maps different captions to different features, which is all the
-    toy world needs: the conditioning layers learn what the features mean.
+    toy world needs: the conditioning layers learn what the features mean. With a CLIP file,
+    config["context_dim"] becomes its embedding width (so build CLIP before printing the config).
     """
     if config["clip"]:
         model, _ = clip.load(config["clip"], device=device)
@@ -535,6 +624,15 @@ def model_state_dict(model):
     return {k: v for k, v in model.state_dict().items() if not k.startswith("clip.")}
 
 
+def load_weights(model, state, where):
+    """Load saved weights strictly, CLIP aside (it is not in them); a mismatch raises one clear line."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("clip.")]
+    if missing or unexpected:
+        raise ValueError(f"{where}: weights do not match the model its config describes "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
 def load_checkpoint(path, device="cpu", use_ema=True):
     """An AnomalyXFusion checkpoint written by train.py -> (model in eval mode, checkpoint dict)."""
     path = Path(path)
@@ -550,10 +648,7 @@ def load_checkpoint(path, device="cpu", use_ema=True):
     else:
         clip_model = build_clip(config, device)
     model = AnomalyXFusion(config, clip_model, defects)
-    missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
-    missing = [k for k in missing if k != "text_mean"]  # older checkpoints: zero, Eq. (1) without centring
-    if unexpected or any(not k.startswith("clip.") for k in missing):
-        raise ValueError(f"{path}: weights do not match the model its config describes ({(missing + unexpected)[:3]} ...)")
+    load_weights(model, checkpoint["model"], path)
     if use_ema and checkpoint.get("ema"):
         params = dict(model.named_parameters())
         for name, value in checkpoint["ema"].items():

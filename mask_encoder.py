@@ -39,7 +39,6 @@ class MaskEncoder(nn.Module):
             width = out
         layers.append(nn.Conv2d(width, feature_channels, 3, padding=1))
         self.net = nn.Sequential(*layers)
-        self.feature_channels = feature_channels
 
     def forward(self, mask):
         # masks are {0, 1}; centring them keeps the first conv's input zero-mean

@@ -1,4 +1,4 @@
-"""sample.py: synthesize anomalies with a trained AnomalyXFusion into an MVTec-layout folder.
+"""sample.py: synthesize anomalies with a trained AnomalyXFusion into one MVTec AD category folder.
 
     python sample.py --category bottle --toy --n 100
     python sample.py --category bottle --ckpt runs/bottle --n 1000 --defect broken_large
@@ -9,13 +9,20 @@ For each defect type (or --defect), --n anomalies are drawn on normal training i
 masks (a few-shot real mask of that defect under a small random affine --jitter, or Perlin-noise
 blobs with --masks perlin), steered by a caption (the few-shot caption that goes with the mask, or
 --prompt) and the defect's learned texture tokens (or the CLIP features of --reference and
---reference_mask, Eq. 3). Blended sampling (Eq. 16, axf.py) keeps the image outside the mask.
+--reference_mask, Eq. 3). Blended sampling (Eq. 16, axf.py) keeps the image outside the mask: every
+pixel that differs from the normal image lies inside the saved mask (checked on every sample).
 
-Written to --out_dir (default samples/<category>), readable by data.load_category and evaluate.py:
+--out_dir (default samples/<category>) becomes one MVTec AD category and nothing else, readable by
+data.load_category, evaluate.py and detector libraries (anomalib's MVTecAD reader) as it is:
+    train/good/       the dataset's normal training images (hard links where possible, else copies)
+    test/good/        the dataset's good test images (so a detector can be scored on the anomalies)
     test/<defect>/NNN.png   ground_truth/<defect>/NNN_mask.png   prompt/<defect>/NNN.txt
-    train/good/ (links to the normal training images)   preview.png
+    .axf_samples.json the files sample.py wrote (a re-run deletes only those; it refuses any other
+                      non-empty folder, so it never deletes a dataset's own files)
+The preview grid goes beside it: <out_dir>_preview.png (e.g. samples/cable_preview.png).
 """
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -28,34 +35,14 @@ from tqdm import tqdm
 
 import axf
 import data
-from train import add_data_args, autocast, category_folder, pick_device
+from axf import autocast
 
 SAMPLING_KEYS = ("sampler", "sample_steps", "guidance_scale", "eta", "seed", "device")
+MANIFEST = ".axf_samples.json"  # not an image: MVTec readers (data.py, anomalib) skip it
 
 
-def find_checkpoint(ckpt, category):
-    """--ckpt may name a file or a train.py run folder; by default train.py's folder for the category."""
-    path = Path(ckpt or Path("runs") / category)
-    return path / "axf.pt" if path.is_dir() else path
-
-
-def save_png(tensor, path):
-    """A [C, H, W] tensor in [0, 1] as an 8-bit PNG (RGB, or L for a one-channel mask)."""
-    pixels = (tensor.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(path)
-
-
-def link_normals(paths, folder):
-    """train/good holds the normal images, as links where the file system allows, else copies."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for path in paths:
-        target = folder / path.name
-        if target.exists() or target.is_symlink():
-            continue
-        try:
-            os.symlink(path.resolve(), target)
-        except OSError:
-            shutil.copy(path, target)
+# ----------------------------------------------------------------------------------------------
+# What to draw
 
 
 def similar_normals(category, anomalies, k, size=64):
@@ -91,15 +78,98 @@ def plan(category, few_shot, args, size, generator):
             if args.masks == "perlin":
                 mask = data.perlin_mask(size, generator)
             else:  # the source's own mask, jittered: the caption describes what lies under it
-                mask = data.sample_mask(size, generator, real_masks=data.read_mask(source, size)[None], p_real=1.0,
+                mask = data.sample_mask(size, generator, real_masks=axf.read_mask(source, size)[None], p_real=1.0,
                                         jitter=args.jitter)
             jobs.append((defect, normal, mask, args.prompt or source.caption))
     return jobs
 
 
-def main(argv=None):
+# ----------------------------------------------------------------------------------------------
+# The output folder: one MVTec AD category, and a manifest of what sample.py wrote into it
+
+
+def open_output(out, defects):
+    """The manifest of files sample.py wrote into `out` before, minus those it deletes now.
+
+    A re-run replaces the normal images and the samples of `defects`; it deletes only files its
+    manifest lists. A non-empty folder without a manifest is someone else's: refused.
+    """
+    manifest = out / MANIFEST
+    if out.exists() and any(out.iterdir()) and not manifest.is_file():
+        raise ValueError(f"{out}: not empty and not written by sample.py (no {MANIFEST}); sample.py never "
+                         f"deletes files it did not write: pass a new or empty --out_dir")
+    written = set(json.loads(manifest.read_text())["written"]) if manifest.is_file() else set()
+    replaced = {f for f in written if f.split("/")[:2] in (["train", "good"], ["test", "good"])
+                or f.split("/")[1] in defects}
+    for name in replaced:
+        (out / name).unlink(missing_ok=True)
+    return written - replaced
+
+
+def place(source, target, written, out):
+    """Put a file into the folder: a hard link where the file system allows, else a copy."""
+    if target.exists():
+        raise ValueError(f"{target}: exists and sample.py did not write it; pass a new or empty --out_dir")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or links not allowed
+        shutil.copyfile(source, target)
+    written.add(target.relative_to(out).as_posix())
+
+
+def save_png(tensor, path):
+    """A [C, H, W] tensor in [0, 1] as an 8-bit PNG (RGB, or L for a one-channel mask)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = (tensor.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(path)
+
+
+def save_sample(out, defect, index, image, mask, caption, written):
+    """test/<defect>/NNN.png, ground_truth/<defect>/NNN_mask.png, prompt/<defect>/NNN.txt."""
+    files = (f"test/{defect}/{index:03d}.png", f"ground_truth/{defect}/{index:03d}_mask.png", f"prompt/{defect}/{index:03d}.txt")
+    for name in files:
+        if (out / name).exists() and name not in written:
+            raise ValueError(f"{out / name}: exists and sample.py did not write it; pass a new or empty --out_dir")
+    save_png(image, out / files[0])
+    save_png(mask, out / files[1])
+    (out / files[2]).parent.mkdir(parents=True, exist_ok=True)
+    (out / files[2]).write_text(caption + "\n", encoding="utf-8")
+    written.update(files)
+
+
+# ----------------------------------------------------------------------------------------------
+# Drawing
+
+
+def draw(model, jobs, config, device, batch_size, textures=None):
+    """Sample the jobs in batches; yield (job, normal [3, S, S], generated [3, S, S]) for each one.
+
+    The promise of Eq. (16) and the final composite, checked on every sample: every pixel that
+    differs from the normal image lies inside the mask.
+    """
+    size = config["image_size"]
+    for start in tqdm(range(0, len(jobs), batch_size), desc="sampling"):
+        batch = jobs[start:start + batch_size]
+        normals = torch.stack([data.read_image(j[1], size) for j in batch]).to(device)
+        masks = torch.stack([j[2] for j in batch]).to(device)
+        defect_ids = axf.defect_ids([j[0] for j in batch], model.defects[1:]).to(device)
+        with autocast(device):
+            images = model.sample(normals, masks, [j[3] for j in batch], defect_ids,
+                                  textures=None if textures is None else textures.expand(len(batch), -1, -1),
+                                  sampler=config["sampler"], steps=config["sample_steps"],
+                                  guidance_scale=config["guidance_scale"], eta=config["eta"],
+                                  generator=torch.Generator(device).manual_seed(config["seed"] + start))
+        for job, normal, image, mask in zip(batch, normals.cpu(), images.float().cpu(), masks.cpu()):
+            changed = (image != normal).any(0)
+            if (changed & (mask[0] == 0)).any():
+                raise RuntimeError(f"{int((changed & (mask[0] == 0)).sum())} changed pixels outside the mask")
+            yield job, normal, image
+
+
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_data_args(parser)
+    axf.add_data_args(parser)
     parser.add_argument("--ckpt", help="checkpoint file or train.py --out_dir (default: runs/<category>)")
     parser.add_argument("--n", type=int, default=100, help="anomalies per defect type (default: 100)")
     parser.add_argument("--defect", help="only this defect type (default: every defect type)")
@@ -116,14 +186,9 @@ def main(argv=None):
                              "0: on any normal image")
     parser.add_argument("--reference", help="an anomalous image whose masked pixels set the texture (Eq. 3)")
     parser.add_argument("--reference_mask", help="the mask of --reference")
-    parser.add_argument("--out_dir", help="output folder (default: samples/<category>)")
+    parser.add_argument("--out_dir", help="output category folder (default: samples/<category>)")
     parser.add_argument("--batch_size", type=int, default=16, help="samples per sampler call (default: 16)")
-    parser.add_argument("--sampler", choices=("ddim", "ddpm"), help="default: the checkpoint's (ddim)")
-    parser.add_argument("--sample_steps", type=int, help="DDIM steps (default: the checkpoint's, 50)")
-    parser.add_argument("--guidance_scale", type=float, help="classifier-free guidance (default: the checkpoint's)")
-    parser.add_argument("--eta", type=float, help="DDIM eta: 0 deterministic, 1 like DDPM (default: 0)")
-    parser.add_argument("--seed", type=int, help="default: the checkpoint's seed")
-    parser.add_argument("--device", help="auto, cpu or cuda (default: auto)")
+    axf.add_config_args(parser, SAMPLING_KEYS)
     args = parser.parse_args(argv)
     if args.n < 1:
         raise ValueError(f"--n must be at least 1, got {args.n}")
@@ -131,72 +196,71 @@ def main(argv=None):
         raise ValueError(f"--similar_normals must be 0 (any normal image) or more, got {args.similar_normals}")
     if bool(args.reference) != bool(args.reference_mask):
         raise ValueError("--reference and --reference_mask go together")
-    path = find_checkpoint(args.ckpt, args.category)
+    return args
+
+
+def load_model(args):
+    """The checkpoint (EMA weights), its config with the sampling flags applied, and the category to draw on."""
+    path = Path(args.ckpt or Path("runs") / args.category)
+    path = path / "axf.pt" if path.is_dir() else path  # a train.py --out_dir means its checkpoint
     model, checkpoint = axf.load_checkpoint(path, device="cpu")
-    config = dict(checkpoint["config"], **{k: getattr(args, k) for k in SAMPLING_KEYS if getattr(args, k) is not None})
-    device = pick_device(config["device"])
-    model = model.to(device)
-    if args.toy or args.data_root:
-        folder = category_folder(args)
-    else:
-        folder = Path(checkpoint["data_folder"])
+    config = dict(checkpoint["config"], **axf.config_overrides(args))
+    folder = axf.category_folder(args) if args.toy or args.data_root else Path(checkpoint["data_folder"])
     category = data.load_category(folder)
     if category.defects != model.defects[1:]:
         raise ValueError(f"{path} was trained on defects {model.defects[1:]}, but {folder} has {category.defects}")
-    few_shot, _ = data.few_shot_split(category.anomalies)
-    size = config["image_size"]
-    generator = torch.Generator().manual_seed(config["seed"])
-    jobs = plan(category, few_shot, args, size, generator)
-    textures = None
-    if args.reference:
-        ref_image, ref_mask = data.read_image(args.reference, size)[None], data.read_mask((Path(args.reference_mask),), size)[None]
-        features = model.encode_texture(ref_image.to(device), ref_mask.to(device))
-        textures = axf.unit_tokens(features, config["num_tokens"])
+    if args.prompt and not model.use_text:
+        print("note: this checkpoint has use_text False (Table 6): --prompt is only written to prompt/, it steers nothing")
+    if args.reference and not model.use_mif:
+        raise ValueError("--reference sets the texture tokens (Eq. 3), but this checkpoint has use_mif False (Table 6)")
+    device = axf.pick_device(config["device"])
+    return model.to(device), config, device, path, category
 
+
+def reference_textures(model, args, config, device):
+    """Texture tokens from --reference and its mask (Eq. 3), or None: each defect's learned ones."""
+    if not args.reference:
+        return None
+    size = config["image_size"]
+    features = model.encode_texture(data.read_image(args.reference, size)[None].to(device),
+                                    axf.read_mask(Path(args.reference_mask), size)[None].to(device))
+    return axf.unit_tokens(features, config["num_tokens"])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    model, config, device, path, category = load_model(args)
+    few_shot, _ = data.few_shot_split(category.anomalies)
+    jobs = plan(category, few_shot, args, config["image_size"], torch.Generator().manual_seed(config["seed"]))
+    textures = reference_textures(model, args, config, device)
     out = Path(args.out_dir or Path("samples") / args.category)
-    link_normals(category.train_good, out / "train" / "good")
-    for defect in sorted({job[0] for job in jobs}):  # a re-run replaces that defect's old samples
-        for sub in ("test", "ground_truth", "prompt"):
-            shutil.rmtree(out / sub / defect, ignore_errors=True)
-    counters, preview, outside_max, inside_mean, colours = {}, [], 0.0, [], []
+    written = open_output(out, {job[0] for job in jobs})
+    for split, paths in (("train", category.train_good), ("test", category.test_good)):
+        for p in paths:  # the category's own normal images: a detector trains and is scored on them
+            place(p, out / split / "good" / p.name, written, out)
     print(f"sampling {len(jobs)} anomalies with {path} ({config['sampler']}, {config['sample_steps']} steps, "
           f"guidance {config['guidance_scale']}) into {out}")
-    for start in tqdm(range(0, len(jobs), args.batch_size), desc="sampling"):
-        batch = jobs[start:start + args.batch_size]
-        normals = torch.stack([data.read_image(j[1], size) for j in batch]).to(device)
-        masks = torch.stack([j[2] for j in batch]).to(device)
-        captions = [j[3] for j in batch]
-        defect_ids = torch.tensor([model.defects.index(j[0]) for j in batch], device=device)
-        batch_textures = None if textures is None else textures.expand(len(batch), -1, -1)
-        with autocast(device):
-            images = model.sample(normals, masks, captions, defect_ids, textures=batch_textures,
-                                  sampler=config["sampler"], steps=config["sample_steps"],
-                                  guidance_scale=config["guidance_scale"], eta=config["eta"],
-                                  generator=torch.Generator(device).manual_seed(config["seed"] + start))
-        # the promise of Eq. (16) and the final composite, checked on every sample: outside the dilated
-        # mask the normal image exactly, inside something else
-        weight = axf.composite_mask(masks, config["composite_radius"]).expand_as(images)
-        outside_max = max(outside_max, (images - normals)[weight == 0].abs().max().item())
-        inside_mean += [(i - n)[m.expand_as(i) > 0].abs().mean().item() for i, n, m in zip(images, normals, masks)]
-        for (defect, _, mask, caption), normal, image in zip(batch, normals.cpu(), images.float().cpu()):
+    counters, preview, inside, colours = {}, [], [], []
+    try:
+        for (defect, _, mask, caption), normal, image in draw(model, jobs, config, device, args.batch_size, textures):
             index = counters.get(defect, 0)
             counters[defect] = index + 1
-            for sub in ("test", "ground_truth", "prompt"):
-                (out / sub / defect).mkdir(parents=True, exist_ok=True)
-            save_png(image, out / "test" / defect / f"{index:03d}.png")
-            save_png(mask, out / "ground_truth" / defect / f"{index:03d}_mask.png")
-            (out / "prompt" / defect / f"{index:03d}.txt").write_text(caption + "\n", encoding="utf-8")
-            if data.caption_colour(caption) and (folder / "toy.json").exists():  # the toy world's own check
+            save_sample(out, defect, index, image, mask, caption, written)
+            inside.append((image - normal)[mask.expand_as(image) > 0].abs().mean().item())
+            if data.caption_colour(caption) and (category.folder / "toy.json").exists():  # the toy world's own check
                 colours.append(data.drawn_colour(image, mask) == data.caption_colour(caption))
             if index < 4:  # the preview shows the first few of each defect type
                 preview.append([normal, mask, image, caption])
-    data.save_grid(preview, out / "preview.png")
-    print(f"outside the masks: max |generated - normal| = {outside_max:.3g}; "
-          f"inside: mean |generated - normal| = {sum(inside_mean) / len(inside_mean):.3f} (pixel values in [0, 1])")
+    finally:  # even after a kill, the manifest lists every file written, so a re-run can replace them
+        (out / MANIFEST).write_text(json.dumps({"written": sorted(written), "checkpoint": str(path)}, indent=1))
+    preview_path = data.save_grid(preview, out.parent / f"{out.name}_preview.png")
+    print(f"every changed pixel lies inside its saved mask; inside: mean |generated - normal| = "
+          f"{sum(inside) / len(inside):.3f} (pixel values in [0, 1])")
     if colours:
         print(f"toy world: the colour the caption names is drawn in {sum(colours)} of {len(colours)} samples "
               f"({100 * sum(colours) / len(colours):.0f}%)")
-    print(f"wrote {sum(counters.values())} anomalies ({', '.join(f'{d}: {n}' for d, n in counters.items())}) to {out}; preview: {out / 'preview.png'}")
+    print(f"wrote {sum(counters.values())} anomalies ({', '.join(f'{d}: {n}' for d, n in counters.items())}) "
+          f"to {out}; preview: {preview_path}")
 
 
 if __name__ == "__main__":

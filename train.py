@@ -11,14 +11,15 @@ Stages, in order, each a checkpoint in --out_dir (default runs/<category>):
   3. axf.pt       AnomalyXFusion: MIF + DDF + UNet with the loss of Eq. (17) (axf.py)
 
 Re-running the same command resumes: a finished stage is skipped, an unfinished one continues
-from its last checkpoint (model, optimiser, EMA, step, RNG). Checkpoints are written atomically.
+from its last checkpoint (model, optimiser, EMA, step, RNG), and reaches the weights an
+uninterrupted run would. A resume may change budgets (more --steps) but not the architecture
+(axf.ARCHITECTURE_KEYS): use a new --out_dir for that. Checkpoints are written atomically.
 Only the few-shot third of each defect type's anomalies is ever read for training (data.py).
 """
 import argparse
-import re
 import sys
 import time
-from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,79 +27,12 @@ from tqdm import tqdm
 
 import axf
 import data
-from mask_encoder import MaskAutoencoder
-from vae import VAE, vae_loss
+from axf import autocast
+from vae import vae_loss
 
 
 # ----------------------------------------------------------------------------------------------
-# The command line, shared with sample.py: data flags, and every CONFIG key as `--key value`
-
-
-def add_data_args(parser):
-    parser.add_argument("--category", required=True, help="category folder name, e.g. bottle")
-    parser.add_argument("--toy", action="store_true", help="use the built-in toy world (generated on first use)")
-    parser.add_argument("--data_root", help="folder holding <category>/ in the MVTec AD or LOCO layout")
-    parser.add_argument("--preset", choices=sorted(axf.PRESETS),
-                        help="size preset (default: toy with --toy, mvtec otherwise)")
-
-
-def parse_value(text, default):
-    """A command-line string typed like the CONFIG default it overrides."""
-    if isinstance(default, bool):
-        if text.lower() not in ("true", "false", "1", "0"):
-            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-        return text.lower() in ("true", "1")
-    if isinstance(default, tuple):
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    return type(default)(text)
-
-
-def config_comments():
-    """The comment beside each key of axf.CONFIG, as the --help text of its flag."""
-    source = Path(axf.__file__).read_text(encoding="utf-8")
-    block = source[source.index("CONFIG = dict("):source.index("PRESETS = {")]
-    return dict(re.findall(r"^    (\w+)=[^#\n]*#\s*(.+)$", block, re.M))
-
-
-def add_config_args(parser):
-    group = parser.add_argument_group("config (toy preset defaults shown; a preset or checkpoint may change them)")
-    comments = config_comments()
-    for key, default in axf.CONFIG.items():
-        if key == "preset":  # --preset, above, picks the whole preset
-            continue
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        group.add_argument(f"--{key}", type=lambda text, d=default: parse_value(text, d), default=None,
-                           metavar=type(default).__name__.upper(),
-                           help=f"{comments.get(key, '')} (default: {shown})".replace("%", "%%").lstrip())
-
-
-def config_overrides(args):
-    return {key: getattr(args, key) for key in axf.CONFIG if key != "preset" and getattr(args, key) is not None}
-
-
-def category_folder(args):
-    """The category folder the flags name, validated whole (data.load_category) before any writing."""
-    if args.toy and args.data_root:
-        raise ValueError("give either --toy or --data_root, not both")
-    if args.toy:
-        if args.category not in data.TOY_CATEGORIES:
-            raise ValueError(f"--toy has categories {', '.join(data.TOY_CATEGORIES)}, not {args.category!r}")
-        return data.ensure_toy(args.category)
-    folder = Path(args.data_root or "data/mvtec") / args.category
-    data.load_category(folder)  # raises one clear line on a missing folder or bad data
-    return folder
-
-
-def pick_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA GPU")
-    return torch.device(name)
-
-
-# ----------------------------------------------------------------------------------------------
-# Small helpers shared by the stages
+# Checkpoints, RNG and the EMA
 
 
 def save_atomic(obj, path):
@@ -117,23 +51,6 @@ def set_rng_state(state):
     torch.set_rng_state(state["cpu"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def autocast(device):
-    """bf16 autocast on CUDA (fast, no loss scaling needed); full fp32 on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
-def load_stage(path, total):
-    """The stage's last checkpoint, if any; says in one line whether it resumes or is complete."""
-    if not path.exists():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state["step"] < total:
-        print(f"resuming from {path} at step {state['step']}")
-    else:
-        print(f"{path}: complete at step {state['step']}")
-    return state
 
 
 class EMA:
@@ -159,6 +76,84 @@ class EMA:
             params[n].data.copy_(shadow)
             shadow.copy_(current)
 
+    def state_dict(self):
+        return self.shadow
+
+    def load_state_dict(self, shadow):
+        """Saved averages, moved onto the device of the weights they average (a checkpoint is read on the CPU)."""
+        if shadow.keys() != self.shadow.keys():
+            raise ValueError("the saved EMA averages other weights than this model's")
+        self.shadow = {n: v.to(self.shadow[n].device, self.shadow[n].dtype) for n, v in shadow.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop every stage shares: resume, step, show the loss, checkpoint
+
+
+def load_stage(path, total, config):
+    """The stage's last checkpoint, if any; says in one line whether it resumes or is complete.
+
+    A checkpoint of another architecture is refused: loading it would drop or mismatch weights.
+    """
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    changed = axf.architecture_changes(state["config"], config)
+    if changed:
+        raise ValueError(f"{path} was trained with another architecture ({'; '.join(changed)}); "
+                         f"resume with the same settings or pass a new --out_dir")
+    print(f"resuming from {path} at step {state['step']}" if state["step"] < total
+          else f"{path}: complete at step {state['step']}")
+    return state
+
+
+def restore(state, parts, generator, device, path):
+    """Put a checkpoint back: weights, optimiser and EMA state on `device`, and both RNGs."""
+    for name, part in parts.items():
+        if name == "model":
+            axf.load_weights(part, state["model"], path)
+        else:  # the optimiser casts its state to its parameters' device; the EMA moves to its own
+            part.load_state_dict(state[name])
+    if generator is not None:
+        generator.set_state(state["rng"])
+    set_rng_state(state["torch_rng"])
+
+
+def run_stage(desc, path, total, state, config, device, parts, step, generator=None, extra=None,
+              after_step=None, before_save=None):
+    """Train parts["model"] for `total` steps of step(i) -> logs, resuming from `state`.
+
+    parts: the objects a checkpoint holds ("model", "optimizer", and "ema" in stage 3); extra:
+    more entries for the checkpoint; after_step(i) runs after each step (previews); before_save()
+    once at the end, before the last checkpoint.
+    """
+    def save(i):
+        save_atomic({**{name: axf.model_state_dict(p) if name == "model" else p.state_dict()
+                        for name, p in parts.items()}, "step": i, "config": config, **(extra or {}),
+                     "rng": generator.get_state() if generator is not None else None,
+                     "torch_rng": rng_state()}, path)
+
+    i = 0
+    if state:
+        restore(state, parts if state["step"] < total else {"model": parts["model"]}, generator, device, path)
+        i = state["step"]
+        if i >= total:
+            return
+    bar = tqdm(total=total, initial=i, desc=desc)
+    while i < total:
+        logs = step(i)
+        i += 1
+        bar.update(1)
+        bar.set_postfix(logs)
+        if i % config["checkpoint_every"] == 0 and i < total:
+            save(i)
+        if after_step is not None:
+            after_step(i)
+    bar.close()
+    if before_save is not None:
+        before_save()
+    save(i)
+
 
 # ----------------------------------------------------------------------------------------------
 # The training set: every image decoded once and kept in memory
@@ -174,15 +169,10 @@ def load_training_set(folder, config):
         "category": category,
         "normals": normals,  # [N, 3, S, S]
         "images": torch.stack([data.read_image(a.image, size) for a in few_shot]),  # [M, 3, S, S]
-        "masks": torch.stack([data.read_mask(a, size) for a in few_shot]),  # [M, 1, S, S]
+        "masks": torch.stack([axf.read_mask(a, size) for a in few_shot]),  # [M, 1, S, S]
         "captions": [a.caption for a in few_shot],
-        "defect_ids": torch.tensor([category.defects.index(a.defect) + 1 for a in few_shot]),  # 0 is "good"
+        "defect_ids": axf.defect_ids([a.defect for a in few_shot], category.defects),
     }
-
-
-def sample_masks(train, batch_size, size, generator):
-    """Masks to pre-train the mask encoder on: jittered real masks and Perlin blobs (data.py)."""
-    return torch.stack([data.sample_mask(size, generator, real_masks=train["masks"]) for _ in range(batch_size)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,56 +195,42 @@ def paint_colour_blobs(images, masks, probability):
             masks[i] = blob
 
 
-def train_vae(train, config, out_dir, device):
-    path = out_dir / "vae.pt"
-    total = config["vae_steps"]
-    state = load_stage(path, total)
-    vae = VAE(3, config["vae_channels"], config["vae_channel_mult"], config["vae_num_res_blocks"],
-              config["vae_latent_channels"]).to(device)
-    if state and state["step"] >= total:
-        vae.load_state_dict(state["model"])
-        return vae
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=config["vae_lr"])
-    step = 0
-    if state:
-        vae.load_state_dict(state["model"]), optimizer.load_state_dict(state["optimizer"]), set_rng_state(state["rng"])
-        step = state["step"]
-    images = torch.cat([train["normals"], train["images"]])
-
-    def checkpoint():
-        save_atomic({"model": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                     "rng": rng_state(), "config": config}, path)
-
-    bar = tqdm(total=total, initial=step, desc="1/3 vae")
+def vae_step(vae, optimizer, train, config, device, i):
+    # half of each batch is anomalies: they are few, and a VAE that never learnt to encode a
+    # defect would decode every latent the diffusion model makes back into a normal object
     half = config["vae_batch_size"] // 2
-    while step < total:
-        # half of each batch is anomalies: they are few, and a VAE that never learnt to encode a
-        # defect would decode every latent the diffusion model makes back into a normal object
-        anomaly_idx = torch.randint(len(train["images"]), (config["vae_batch_size"] - half,))
-        batch = torch.cat([train["normals"][torch.randint(len(train["normals"]), (half,))], train["images"][anomaly_idx]])
-        masks = torch.cat([torch.zeros(half, *train["masks"].shape[1:]), train["masks"][anomaly_idx]])
-        flip = torch.rand(len(batch), 1, 1, 1) < 0.5
-        batch, masks = torch.where(flip, batch.flip(3), batch).to(device), torch.where(flip, masks.flip(3), masks).to(device)
-        paint_colour_blobs(batch[:half], masks[:half], config["vae_colour_blobs"])
-        # a defect is a few percent of an image's pixels: weighted like the rest, the autoencoder
-        # would learn to draw the normal object over it (a cut wire decoded back to a whole one)
-        with autocast(device):
-            loss, logs = vae_loss(vae, batch * 2 - 1, config["vae_kl_weight"], 1 + config["vae_defect_weight"] * masks)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % config["checkpoint_every"] == 0 and step < total:
-            checkpoint()
-    bar.close()
-    # the latent scale factor (LDM's 0.18215 was found the same way): scaled latents get unit std
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(b.to(device) * 2 - 1).mode() for b in images.split(64)])
-        vae.measure_scale_factor(latents)
-    checkpoint()
-    print(f"vae: latent scale factor {vae.scale_factor.item():.4f}, saved {path}")
+    anomaly_idx = torch.randint(len(train["images"]), (config["vae_batch_size"] - half,))
+    batch = torch.cat([train["normals"][torch.randint(len(train["normals"]), (half,))], train["images"][anomaly_idx]])
+    masks = torch.cat([torch.zeros(half, *train["masks"].shape[1:]), train["masks"][anomaly_idx]])
+    flip = torch.rand(len(batch), 1, 1, 1) < 0.5
+    batch, masks = torch.where(flip, batch.flip(3), batch).to(device), torch.where(flip, masks.flip(3), masks).to(device)
+    paint_colour_blobs(batch[:half], masks[:half], config["vae_colour_blobs"])
+    # a defect is a few percent of an image's pixels: weighted like the rest, the autoencoder
+    # would learn to draw the normal object over it (a cut wire decoded back to a whole one)
+    with autocast(device):
+        loss, _ = vae_loss(vae, batch * 2 - 1, config["vae_kl_weight"], 1 + config["vae_defect_weight"] * masks)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {"loss": f"{loss.item():.4f}"}
+
+
+@torch.no_grad()
+def measure_scale_factor(vae, images, device):
+    """The latent scale factor (LDM's 0.18215 was found the same way): scaled latents get unit std."""
+    vae.measure_scale_factor(torch.cat([vae.encode(b.to(device) * 2 - 1).mode() for b in images.split(64)]))
+    print(f"vae: latent scale factor {vae.scale_factor.item():.4f}")
+
+
+def train_vae(train, config, out_dir, device):
+    path, total = out_dir / "vae.pt", config["vae_steps"]
+    state = load_stage(path, total, config)
+    vae = axf.build_vae(config).to(device)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config["vae_lr"])
+    images = torch.cat([train["normals"], train["images"]])
+    run_stage("1/3 vae", path, total, state, config, device, dict(model=vae, optimizer=optimizer),
+              partial(vae_step, vae, optimizer, train, config, device),
+              before_save=partial(measure_scale_factor, vae, images, device))
     return vae
 
 
@@ -262,40 +238,25 @@ def train_vae(train, config, out_dir, device):
 # Stage 2: the mask encoder, pre-trained as a mask autoencoder
 
 
+def mask_step(autoencoder, optimizer, train, config, generator, device, i):
+    # jittered real masks and Perlin blobs (data.py)
+    masks = torch.stack([data.sample_mask(config["image_size"], generator, real_masks=train["masks"])
+                         for _ in range(config["vae_batch_size"])]).to(device)
+    loss, logs = autoencoder.loss(masks)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {"bce": f"{logs['mask_bce']:.4f}", "iou": f"{logs['mask_iou']:.3f}"}
+
+
 def pretrain_mask_encoder(train, config, out_dir, device):
-    path = out_dir / "mask_ae.pt"
-    total = config["mask_steps"]
-    state = load_stage(path, total)
-    autoencoder = MaskAutoencoder(config["image_size"], config["mask_channels"], config["mask_feature_channels"]).to(device)
-    if state and state["step"] >= total:
-        autoencoder.load_state_dict(state["model"])
-        return autoencoder.encoder
+    path, total = out_dir / "mask_ae.pt", config["mask_steps"]
+    state = load_stage(path, total, config)
+    autoencoder = axf.build_mask_autoencoder(config).to(device)
     optimizer = torch.optim.AdamW(autoencoder.parameters(), lr=config["mask_lr"])
     generator = torch.Generator().manual_seed(config["seed"] + 1)
-    step = 0
-    if state:
-        autoencoder.load_state_dict(state["model"]), optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["rng"])
-        step = state["step"]
-
-    def checkpoint():
-        save_atomic({"model": autoencoder.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                     "rng": generator.get_state(), "config": config}, path)
-
-    bar = tqdm(total=total, initial=step, desc="2/3 mask encoder")
-    while step < total:
-        masks = sample_masks(train, config["vae_batch_size"], config["image_size"], generator).to(device)
-        loss, logs = autoencoder.loss(masks)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(bce=f"{logs['mask_bce']:.4f}", iou=f"{logs['mask_iou']:.3f}")
-        if step % config["checkpoint_every"] == 0 and step < total:
-            checkpoint()
-    bar.close()
-    checkpoint()
+    run_stage("2/3 mask encoder", path, total, state, config, device, dict(model=autoencoder, optimizer=optimizer),
+              partial(mask_step, autoencoder, optimizer, train, config, generator, device), generator)
     return autoencoder.encoder
 
 
@@ -316,7 +277,7 @@ def make_batch(train, latents, config, generator):
     z = torch.cat([latents["anomalies"][anomaly_idx], latents["normals"][normal_idx]])
     S = config["image_size"]
     masks = torch.cat([train["masks"][anomaly_idx], torch.zeros(B - num_anomalies, 1, S, S)])
-    factor = S // z.shape[-1]
+    factor = axf.latent_factor(config)
     shifts = torch.randint(-config["shift_cells"], config["shift_cells"] + 1, (B, 2), generator=generator)
     z = torch.stack([zi.roll(tuple(s.tolist()), (1, 2)) for zi, s in zip(z, shifts)])
     masks = torch.stack([m.roll(tuple((s * factor).tolist()), (1, 2)) for m, s in zip(masks, shifts)])
@@ -326,14 +287,9 @@ def make_batch(train, latents, config, generator):
     return z, masks, captions, defect_ids, is_anomaly
 
 
-def train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, folder):
-    path = out_dir / "axf.pt"
-    total = config["steps"]
-    state = load_stage(path, total)
-    if state and state["step"] >= total:
-        return
-    category = train["category"]
-    model = axf.AnomalyXFusion(config, clip_model, category.defects).to(device)
+def build_model(train, vae, mask_encoder, clip_model, config, device):
+    """AnomalyXFusion with the trained VAE (frozen) and mask encoder, texture tokens and caption mean set."""
+    model = axf.AnomalyXFusion(config, clip_model, train["category"].defects).to(device)
     model.vae.load_state_dict(vae.state_dict())
     model.vae.requires_grad_(False)  # stage 1 trained it; the diffusion runs in its latent space
     if model.use_mif:
@@ -341,70 +297,63 @@ def train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, fol
         model.init_textures(train["defect_ids"].to(device), train["images"].to(device), train["masks"].to(device))
     if model.use_text and config["center_text"]:
         model.center_captions(train["captions"])
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config["lr"], weight_decay=0.0)
-    ema = EMA(model, config["ema_decay"])
-    generator = torch.Generator().manual_seed(config["seed"] + 2)
-    step = 0
-    if state:
-        model.load_state_dict(state["model"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        ema.shadow = state["ema"]
-        generator.set_state(state["rng"]), set_rng_state(state["torch_rng"])
-        step = state["step"]
-    with torch.no_grad():  # the VAE is frozen: encode every training image once
-        latents = {"normals": torch.cat([model.encode_images(b.to(device)) for b in train["normals"].split(64)]).cpu(),
-                   "anomalies": torch.cat([model.encode_images(b.to(device)) for b in train["images"].split(64)]).cpu()}
+    return model
 
-    def checkpoint():
-        save_atomic({"model": axf.model_state_dict(model), "ema": ema.shadow, "optimizer": optimizer.state_dict(),
-                     "step": step, "rng": generator.get_state(), "torch_rng": rng_state(),
-                     "config": config, "defects": category.defects, "data_folder": str(folder),
-                     "clip": clip_model.state_dict() if not config["clip"] else None}, path)
 
-    bar = tqdm(total=total, initial=step, desc="3/3 anomalyxfusion")
-    started, losses = time.time(), []
-    while step < total:
-        z, masks, captions, defect_ids, is_anomaly = make_batch(train, latents, config, generator)
-        lr = config["lr"] * min(1.0, (step + 1) / config["warmup_steps"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with autocast(device):
-            loss = model.loss(z.to(device), masks.to(device), captions, defect_ids.to(device), is_anomaly.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, config["grad_clip"])
-        optimizer.step()
-        ema.update(model, step)
-        step += 1
-        losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
-        if step % config["checkpoint_every"] == 0 and step < total:
-            checkpoint()
-        if step % config["preview_every"] == 0 or step == total:
-            ema.swap(model)
-            preview(model, train, config, out_dir / f"preview_{step:06d}.png", device)
-            ema.swap(model)
-    bar.close()
-    checkpoint()
-    print(f"anomalyxfusion: {total} steps, {time.time() - started:.0f} s this run, saved {path}")
+def axf_step(model, optimizer, ema, train, latents, config, generator, device, losses, i):
+    z, masks, captions, defect_ids, is_anomaly = make_batch(train, latents, config, generator)
+    for group in optimizer.param_groups:  # linear warm-up of the learning rate
+        group["lr"] = config["lr"] * min(1.0, (i + 1) / max(1, config["warmup_steps"]))
+    with autocast(device):
+        loss = model.loss(z.to(device), masks.to(device), captions, defect_ids.to(device), is_anomaly.to(device))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config["grad_clip"])
+    optimizer.step()
+    ema.update(model, i)
+    losses.append(loss.item())
+    return {"loss": f"{sum(losses[-50:]) / len(losses[-50:]):.4f}"}
 
 
 @torch.no_grad()
-def preview(model, train, config, path, device):
-    """A grid of normal | mask | generated | caption for a few few-shot captions and masks."""
+def preview(model, ema, train, config, out_dir, device, i):
+    """Every preview_every steps and at the end, a grid of normal | mask | generated (EMA) | caption."""
+    if i % config["preview_every"] and i != config["steps"]:
+        return
     n = min(8, len(train["captions"]))
     pick = torch.linspace(0, len(train["captions"]) - 1, n).long()
-    normals = train["normals"][:n].to(device)
-    masks = train["masks"][pick].to(device)
-    captions = [train["captions"][i] for i in pick]
+    normals, masks = train["normals"][:n].to(device), train["masks"][pick].to(device)
+    captions = [train["captions"][j] for j in pick]
+    ema.swap(model)
     with autocast(device):
         generated = model.sample(normals, masks, captions, train["defect_ids"][pick].to(device),
                                  steps=config["sample_steps"], guidance_scale=config["guidance_scale"],
                                  generator=torch.Generator(device).manual_seed(0))
-    data.save_grid([list(row) for row in zip(normals, masks, generated.float(), captions)], path)
+    ema.swap(model)
+    path = data.save_grid([list(row) for row in zip(normals, masks, generated.float(), captions)],
+                          out_dir / f"preview_{i:06d}.png")
     print(f"preview: {path}")
+
+
+def train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, folder):
+    path, total = out_dir / "axf.pt", config["steps"]
+    state = load_stage(path, total, config)
+    if state and state["step"] >= total:
+        return
+    model = build_model(train, vae, mask_encoder, clip_model, config, device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config["lr"], weight_decay=0.0)
+    ema = EMA(model, config["ema_decay"])
+    generator = torch.Generator().manual_seed(config["seed"] + 2)
+    with torch.no_grad():  # the VAE is frozen: encode every training image once
+        latents = {key: torch.cat([model.encode_images(b.to(device)) for b in train[images].split(64)]).cpu()
+                   for key, images in (("normals", "normals"), ("anomalies", "images"))}
+    started = time.time()
+    run_stage("3/3 anomalyxfusion", path, total, state, config, device, dict(model=model, optimizer=optimizer, ema=ema),
+              partial(axf_step, model, optimizer, ema, train, latents, config, generator, device, []), generator,
+              extra={"defects": train["category"].defects, "data_folder": str(folder),
+                     "clip": clip_model.state_dict() if not config["clip"] else None},
+              after_step=partial(preview, model, ema, train, config, out_dir, device))
+    print(f"anomalyxfusion: {total} steps, {time.time() - started:.0f} s this run, saved {path}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -412,20 +361,21 @@ def preview(model, train, config, path, device):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_data_args(parser)
+    axf.add_data_args(parser)
+    parser.add_argument("--preset", choices=sorted(axf.PRESETS), help="size preset (default: toy with --toy, mvtec otherwise)")
     parser.add_argument("--out_dir", help="where checkpoints and previews go (default: runs/<category>)")
-    add_config_args(parser)
+    axf.add_config_args(parser)
     args = parser.parse_args(argv)
-    folder = category_folder(args)  # checks the whole dataset before anything is written
-    config = axf.resolve_config(args.preset or ("toy" if args.toy else "mvtec"), config_overrides(args))
+    folder = axf.category_folder(args)  # checks the whole dataset before anything is written
+    config = axf.resolve_config(args.preset or ("toy" if args.toy else "mvtec"), axf.config_overrides(args))
+    device = axf.pick_device(config["device"])
+    clip_model = axf.build_clip(config, device)  # a bad --clip file stops here, before any writing
     out_dir = Path(args.out_dir or Path("runs") / args.category)
-    device = pick_device(config["device"])
     print(f"config: {config}")
     torch.manual_seed(config["seed"])
     train = load_training_set(folder, config)
     print(f"{args.category}: {len(train['normals'])} normal images, {len(train['captions'])} few-shot anomalies "
           f"of {len(train['category'].defects)} defect types; device {device}")
-    clip_model = axf.build_clip(config, device)  # a bad --clip file stops here, before any writing
     out_dir.mkdir(parents=True, exist_ok=True)
     vae = train_vae(train, config, out_dir, device)
     mask_encoder = pretrain_mask_encoder(train, config, out_dir, device)

@@ -11,7 +11,7 @@ def tiny_config(**overrides):
     config = axf.resolve_config("toy", dict(
         image_size=16, vae_channels=32, vae_channel_mult=(1, 2), unet_channels=32, unet_channel_mult=(1, 2),
         unet_num_res_blocks=1, unet_attention_levels=(0, 1), unet_num_heads=2, num_tokens=3, context_dim=32,
-        mask_channels=8, mask_feature_channels=16, aggregator_heads=2, num_diffusion_steps=100, composite_radius=1))
+        mask_channels=8, mask_feature_channels=16, aggregator_heads=2, num_diffusion_steps=100))
     config.update(overrides)
     return config
 
@@ -98,27 +98,96 @@ def test_context_changes_with_t_only_with_ddf(use_ddf):
     assert (not torch.allclose(early, late)) == use_ddf
 
 
-def count_params(module):
-    return sum(p.numel() for p in module.parameters())
-
-
-def test_each_ablation_switch_removes_exactly_its_part():
-    """Table 6: use_text drops k semantic tokens; use_mif drops location, texture, aggregator; use_ddf the DDF."""
-    full = tiny_model()
+def test_use_text_false_means_the_caption_has_no_effect():
+    """Table 6 without semantic tokens: the caption reaches neither the context nor the sample."""
+    model = tiny_model(use_text=False)
     b = example_batch()
     t = torch.tensor([3, 4])
-    tokens = lambda m: m.condition(b["captions"], b["masks"], b["defect_ids"], t).shape[1]
-    assert tokens(full) == 9
-    no_text = tiny_model(use_text=False)
-    assert tokens(no_text) == 6 and count_params(full) - count_params(no_text) == 3 * 32  # only null tokens shrink
-    no_mif = tiny_model(use_mif=False)
-    mif_params = sum(count_params(getattr(full, n)) for n in ("mask_encoder", "location", "aggregator"))
-    mif_params += full.texture_tokens.numel() + 6 * 32  # and the null tokens of the 6 MIF tokens
-    assert tokens(no_mif) == 3 and count_params(full) - count_params(no_mif) == mif_params
-    no_ddf = tiny_model(use_ddf=False)
-    assert tokens(no_ddf) == 9 and count_params(full) - count_params(no_ddf) == count_params(full.ddf)
-    nothing = tiny_model(use_text=False, use_mif=False, use_ddf=False)
-    assert tokens(nothing) == 3  # the learned null context alone
+    red = model.condition(["a red crack"] * 2, b["masks"], b["defect_ids"], t)
+    assert torch.equal(red, model.condition(["a blue hole"] * 2, b["masks"], b["defect_ids"], t))
+    kwargs = dict(steps=2, guidance_scale=3.0)
+    red = model.sample(b["images"], b["masks"], ["a red crack"] * 2, b["defect_ids"], generator=torch.Generator().manual_seed(0), **kwargs)
+    blue = model.sample(b["images"], b["masks"], ["a blue hole"] * 2, b["defect_ids"], generator=torch.Generator().manual_seed(0), **kwargs)
+    assert torch.equal(red, blue)
+
+
+def test_use_mif_false_means_the_mask_and_defect_type_leave_the_context_alone():
+    """Table 6 without MIF: no location or texture tokens, so the context ignores the mask and the defect type
+    (the UNet still sees the mask as its fifth input channel: that is where to draw, not a token)."""
+    model = tiny_model(use_mif=False)
+    b = example_batch()
+    t = torch.tensor([3, 4])
+    context = model.condition(b["captions"], b["masks"], b["defect_ids"], t)
+    other_masks, other_ids = 1 - b["masks"], torch.tensor([2, 1])
+    assert torch.equal(context, model.condition(b["captions"], other_masks, other_ids, t))
+    full = tiny_model()
+    assert not torch.allclose(full.condition(b["captions"], b["masks"], b["defect_ids"], t),
+                              full.condition(b["captions"], other_masks, other_ids, t))
+
+
+@pytest.mark.parametrize("use_text", [True, False])
+@pytest.mark.parametrize("use_mif", [True, False])
+@pytest.mark.parametrize("use_ddf", [True, False])
+def test_every_switch_combination_trains_and_samples(use_text, use_mif, use_ddf):
+    """Each row of Table 6 runs through loss() and sample(); with everything off the context is the null one."""
+    model = tiny_model(use_text=use_text, use_mif=use_mif, use_ddf=use_ddf)
+    b = example_batch()
+    latents = model.encode_images(b["images"])
+    loss = model.loss(latents, b["masks"], b["captions"], b["defect_ids"], torch.tensor([True, False]))
+    assert torch.isfinite(loss)
+    out = model.sample(b["images"], b["masks"], b["captions"], b["defect_ids"], steps=2)
+    assert out.shape == b["images"].shape and torch.isfinite(out).all()
+    n = model.x_embedding(b["captions"], b["masks"], b["defect_ids"]).shape[1]
+    assert n == 3 * (use_text + 2 * use_mif) or (n == 3 and not use_text and not use_mif)
+
+
+def test_guidance_at_scale_one_is_the_conditional_model():
+    """Classifier-free guidance eps_u + s (eps_c - eps_u) is linear in s: the mean of s = 0 and s = 2 (both
+    branches in one batched call) equals s = 1 (the conditional branch alone)."""
+    model = tiny_model()
+    b = example_batch()
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    region, t = axf.latent_mask(b["masks"], model.latent_factor), torch.tensor([10, 60])
+    e_x = model.x_embedding(b["captions"], b["masks"], b["defect_ids"])
+    eps = {s: model.guided_eps(x, region, t, e_x, s) for s in (0.0, 1, 2.0)}
+    torch.testing.assert_close((eps[0.0] + eps[2.0]) / 2, eps[1], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(eps[0.0], eps[1])  # and the branches differ
+
+
+def test_a_dropped_condition_becomes_the_null_context():
+    """Condition dropout (classifier-free guidance's training half): a dropped sample's e_X is null_context."""
+    model = tiny_model()
+    b = example_batch()
+    t = torch.tensor([5, 50])
+    e_x = model.x_embedding(b["captions"], b["masks"], b["defect_ids"])
+    dropped = model.context(e_x, t, drop=torch.tensor([True, False]))
+    torch.testing.assert_close(dropped[:1], model.context(model.null_context, t[:1]))
+    torch.testing.assert_close(dropped[1:], model.context(e_x[1:], t[1:]))
+
+
+def test_sampling_computes_e_x_once_per_batch_and_ddf_once_per_step(monkeypatch):
+    """The reader's path: Eq. (1)-(5) once, then each step DDF with its t (both guidance branches at once)."""
+    model = tiny_model()
+    b = example_batch()
+    calls = {"x_embedding": 0, "ddf": 0}
+    x_embedding, ddf_forward = model.x_embedding, model.ddf.forward
+    monkeypatch.setattr(model, "x_embedding", lambda *a, **k: calls.__setitem__("x_embedding", calls["x_embedding"] + 1) or x_embedding(*a, **k))
+    monkeypatch.setattr(model.ddf, "forward", lambda *a: calls.__setitem__("ddf", calls["ddf"] + 1) or ddf_forward(*a))
+    model.sample(b["images"], b["masks"], b["captions"], b["defect_ids"], steps=4, guidance_scale=3.0)
+    assert calls == {"x_embedding": 1, "ddf": 4}
+
+
+@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 1.0)])
+def test_ddpm_and_stochastic_ddim_sampling_run_and_keep_the_background(sampler, eta):
+    """Both samplers of the paper run through sample(); stochastic ones depend on the generator, only inside the mask."""
+    model = tiny_model(num_diffusion_steps=20)
+    b = example_batch()
+    draw = lambda seed: model.sample(b["images"], b["masks"], b["captions"], b["defect_ids"], sampler=sampler, steps=5,
+                                     eta=eta, generator=torch.Generator().manual_seed(seed))
+    first, second = draw(0), draw(1)
+    outside = (b["masks"] == 0).expand_as(first)
+    assert torch.equal(first[outside], b["images"][outside]) and torch.equal(second[outside], b["images"][outside])
+    assert not torch.equal(first, second)
 
 
 def test_gradients_reach_every_trainable_part_but_never_clip():
@@ -176,16 +245,21 @@ def test_blended_sampling_keeps_background_latent_on_the_forward_process():
     assert torch.allclose(seen[-1][1][outside.expand_as(z0)], z0[outside.expand_as(z0)])
 
 
-def test_sampled_image_equals_normal_image_outside_the_mask():
-    """The final composite: pixels beyond the dilated, feathered mask are the normal image exactly."""
+@pytest.mark.parametrize("thin", [False, True])
+def test_every_changed_pixel_lies_inside_the_mask(thin):
+    """The saved mask is the exact ground truth: every pixel that differs from the normal image lies inside
+    the mask, however the latent region (whole cells) and the decoder spread the generated content. A mask
+    one pixel wide, thinner than a latent cell, keeps that promise too."""
     model = tiny_model()
     b = example_batch()
+    if thin:
+        b["masks"] = torch.zeros(2, 1, 16, 16)
+        b["masks"][:, :, 3:13, 7] = 1
     out = model.sample(b["images"], b["masks"], b["captions"], b["defect_ids"], steps=3,
                        generator=torch.Generator().manual_seed(0))
-    weight = axf.composite_mask(b["masks"], model.config["composite_radius"])
-    outside = (weight == 0).expand_as(out)
-    assert outside.any() and torch.equal(out[outside], b["images"][outside])
-    assert not torch.allclose(out[b["masks"].expand_as(out) > 0], b["images"][b["masks"].expand_as(out) > 0])
+    changed = (out != b["images"]).any(1, keepdim=True)
+    assert not (changed & (b["masks"] == 0)).any()
+    assert changed[b["masks"] > 0].float().mean() > 0.9  # and inside, the image does change
 
 
 def test_changing_only_the_caption_changes_pixels_only_inside_the_mask():
@@ -197,9 +271,9 @@ def test_changing_only_the_caption_changes_pixels_only_inside_the_mask():
                        generator=torch.Generator().manual_seed(0), **kwargs)
     blue = model.sample(b["images"], b["masks"], ["a blue crack"] * 2, b["defect_ids"],
                         generator=torch.Generator().manual_seed(0), **kwargs)
-    weight = axf.composite_mask(b["masks"], model.config["composite_radius"]).expand_as(red)
-    assert torch.equal(red[weight == 0], blue[weight == 0])
-    assert not torch.allclose(red[weight > 0], blue[weight > 0])
+    inside = (b["masks"] > 0).expand_as(red)
+    assert torch.equal(red[~inside], blue[~inside])
+    assert not torch.allclose(red[inside], blue[inside])
 
 
 def test_texture_tokens_start_from_clip_features_of_the_masked_anomaly():
@@ -225,6 +299,28 @@ def test_mask_autoencoder_learns_to_reconstruct_masks():
         loss.backward()
         optimizer.step()
     assert loss.item() < first / 3 and logs["mask_iou"] > 0.8
+
+
+def test_a_thin_mask_survives_downsampling_to_the_model_size(tmp_path):
+    """A one-pixel scratch at 64 px vanishes under nearest-neighbour downsampling to 16 px; axf.read_mask
+    max-pools it instead, and a mask that is empty at full size is refused with its file name."""
+    from PIL import Image
+    scratch = torch.zeros(64, 64, dtype=torch.uint8)
+    scratch[10:50, 33] = 255
+    Image.fromarray(scratch.numpy()).save(tmp_path / "scratch.png")
+    import data
+    assert not data.read_mask(tmp_path / "scratch.png", 16).any()  # what nearest-neighbour does
+    mask = axf.read_mask(tmp_path / "scratch.png", 16)
+    assert mask.shape == (1, 16, 16) and mask[0, :, 8].sum() >= 9 and mask.sum() == mask[0, :, 8].sum()
+    Image.fromarray(torch.zeros(64, 64, dtype=torch.uint8).numpy()).save(tmp_path / "empty.png")
+    with pytest.raises(ValueError, match="empty.png: empty mask"):
+        axf.read_mask(tmp_path / "empty.png", 16)
+
+
+def test_defect_ids_put_good_first_then_the_sorted_defect_types():
+    """One convention across train.py, sample.py and evaluate.py: 0 is good, then Category.defects in order."""
+    assert axf.defect_ids(["hole", "good", "crack"], ["crack", "hole"]).tolist() == [2, 0, 1]
+    assert tiny_model().defects == ["good", "crack", "hole"]
 
 
 def test_location_tokens_shape_and_bad_image_size():

@@ -1,12 +1,15 @@
 """train.py and sample.py end to end on a tiny toy category: every stage, resuming, the output layout, errors."""
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import axf
+import clip
 import data
 import sample
 import train
@@ -51,19 +54,84 @@ def test_checkpoint_loads_by_itself_with_its_config(trained):
     assert model.defects[1:] == data.load_category(Path(checkpoint["data_folder"])).defects
 
 
-def test_sampling_writes_an_mvtec_layout_folder(trained, toy_root, tmp_path):
-    """sample.py's output is read back by data.load_category, with the background kept outside each mask."""
-    out = tmp_path / "samples"
+@pytest.fixture(scope="module")
+def sampled(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("samples") / "bottle"
     sample.main(["--category", "bottle", "--ckpt", str(trained), "--n", "2", "--out_dir", str(out), "--batch_size", "3"])
-    category = data.load_category(out)
-    assert len(category.anomalies) == 2 * len(category.defects) and (out / "preview.png").is_file()
-    assert len(category.train_good) == len(data.load_category(toy_root / "bottle").train_good)
+    return out
+
+
+def test_sampling_writes_one_mvtec_category_folder(sampled, toy_root):
+    """sample.py's output is one MVTec AD category, read back by data.load_category, with the preview beside it."""
+    category, source = data.load_category(sampled), data.load_category(toy_root / "bottle")
+    assert len(category.anomalies) == 2 * len(category.defects)
+    assert (sampled.parent / "bottle_preview.png").is_file()
+    assert len(category.train_good) == len(source.train_good) and len(category.test_good) == len(source.test_good)
     for anomaly in category.anomalies:
-        assert anomaly.caption and (out / "prompt" / anomaly.defect).is_dir()
+        assert anomaly.caption and (sampled / "prompt" / anomaly.defect).is_dir()
 
 
-def test_interrupted_training_resumes_at_the_saved_step(toy_root, tmp_path, monkeypatch, capsys):
-    """A kill after the step-2 checkpoint loses nothing before it: re-running continues from step 2."""
+def test_generated_folder_reads_as_a_detector_library_reads_it(sampled):
+    """What anomalib's MVTec AD reader does: every image under the category is <split>/<label>/<file>, none
+    resolves outside the folder, every test/<defect>/NNN.png has ground_truth/<defect>/NNN_mask.png of its size."""
+    root = sampled.resolve()
+    images = [p for p in sampled.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")]
+    for path in images:
+        split, label, _ = path.relative_to(sampled).parts
+        assert split in ("train", "test", "ground_truth") and (split != "train" or label == "good"), path
+        assert path.resolve().is_relative_to(root) and not path.is_symlink(), path
+    anomalous = [p for p in images if p.parts[-3] == "test" and p.parts[-2] != "good"]
+    masks = [p for p in images if p.parts[-3] == "ground_truth"]
+    assert len(anomalous) == len(masks) == 6
+    for image in anomalous:
+        mask = sampled / "ground_truth" / image.parent.name / f"{image.stem}_mask.png"
+        assert Image.open(mask).size == Image.open(image).size
+
+
+def test_every_changed_pixel_of_a_saved_sample_lies_inside_its_saved_mask(sampled, trained, monkeypatch):
+    """The files keep the promise: test image and normal image differ only where the saved mask is set."""
+    drawn = []
+    real_sample = axf.AnomalyXFusion.sample
+    monkeypatch.setattr(axf.AnomalyXFusion, "sample",
+                        lambda self, normals, *a, **k: drawn.append(normals) or real_sample(self, normals, *a, **k))
+    out = sampled.parent / "again"
+    sample.main(["--category", "bottle", "--ckpt", str(trained), "--n", "2", "--out_dir", str(out), "--batch_size", "6"])
+    normals = torch.cat(drawn)
+    images = sorted(p for p in (out / "test").glob("*/*.png") if p.parent.name != "good")
+    assert len(images) == len(normals) == 6
+    for image_path, normal in zip(images, normals):
+        image = data.read_image(image_path, 32)
+        mask = data.read_mask(out / "ground_truth" / image_path.parent.name / f"{image_path.stem}_mask.png", 32)
+        changed = (image != normal).any(0, keepdim=True)
+        assert changed.any() and not (changed & (mask == 0)).any(), image_path
+
+
+def test_sampling_never_deletes_files_it_did_not_write(trained, tmp_path):
+    """Pointed at a dataset's own category folder, sample.py refuses and touches nothing; in its own output it
+    replaces only what its manifest lists."""
+    dataset = data.make_toy(tmp_path, "bottle", size=32, seed=0)
+    before = sorted(dataset.rglob("*"))
+    with pytest.raises(ValueError, match="not written by sample.py"):
+        sample.main(["--category", "bottle", "--ckpt", str(trained), "--n", "1", "--out_dir", str(dataset)])
+    assert sorted(dataset.rglob("*")) == before
+    out = tmp_path / "samples"
+    args = ["--category", "bottle", "--ckpt", str(trained), "--out_dir", str(out), "--defect", "contamination"]
+    sample.main(args + ["--n", "3"])
+    (out / "notes.txt").write_text("mine")
+    sample.main(args + ["--n", "1"])  # a re-run replaces its own samples: 3 become 1
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in (out / "test" / "contamination").iterdir()) == ["000.png"]
+    written = json.loads((out / sample.MANIFEST).read_text())["written"]
+    assert "notes.txt" not in written and "test/contamination/000.png" in written
+    (out / "ground_truth" / "contamination" / "001_mask.png").write_bytes(b"mine")
+    with pytest.raises(ValueError, match="sample.py did not write it"):
+        sample.main(args + ["--n", "2"])
+    assert (out / "ground_truth" / "contamination" / "001_mask.png").read_bytes() == b"mine"
+
+
+def test_interrupted_training_resumes_to_the_weights_of_an_uninterrupted_run(trained, toy_root, tmp_path, monkeypatch, capsys):
+    """A kill after the step-2 checkpoint loses nothing: re-running continues from step 2 and ends with the
+    very weights and EMA of the run that was never stopped (model, optimiser, EMA and both RNGs are saved)."""
     args = ["--category", "bottle", "--data_root", str(toy_root), "--out_dir", str(tmp_path)] + TINY
     calls = {"n": 0}
     real_loss = axf.AnomalyXFusion.loss
@@ -82,7 +150,102 @@ def test_interrupted_training_resumes_at_the_saved_step(toy_root, tmp_path, monk
     capsys.readouterr()
     train.main(args)
     assert f"resuming from {tmp_path / 'axf.pt'} at step 2" in capsys.readouterr().out
-    assert torch.load(tmp_path / "axf.pt", weights_only=False)["step"] == 4
+    resumed, uninterrupted = (torch.load(p / "axf.pt", weights_only=False) for p in (tmp_path, trained))
+    assert resumed["step"] == 4
+    for key in ("model", "ema"):
+        for name, value in uninterrupted[key].items():
+            assert torch.equal(resumed[key][name], value), (key, name)
+
+
+def test_resume_refuses_another_architecture_but_allows_a_bigger_budget(trained, toy_root, tmp_path, capsys):
+    """Re-running a run with --use_mif False would drop weights: refused in one line. More steps is fine."""
+    for name in ("vae.pt", "mask_ae.pt", "axf.pt"):
+        (tmp_path / name).write_bytes((trained / name).read_bytes())
+    args = ["--category", "bottle", "--data_root", str(toy_root), "--out_dir", str(tmp_path)] + TINY
+    with pytest.raises(ValueError, match=r"vae.pt was trained with another architecture \(use_mif True -> False\)"):
+        train.main(args + ["--use_mif", "False"])
+    capsys.readouterr()
+    train.main(args + ["--steps", "5", "--preview_every", "100"])
+    assert f"resuming from {tmp_path / 'axf.pt'} at step 4" in capsys.readouterr().out
+    assert torch.load(tmp_path / "axf.pt", weights_only=False)["step"] == 5
+
+
+def test_resume_puts_optimiser_and_ema_state_on_the_training_device():
+    """A checkpoint is read on the CPU; resuming on a GPU must move the EMA and optimiser state there, or the
+    first EMA update mixes devices. The meta device stands in for the GPU: no GPU is needed to test it."""
+    model = torch.nn.Linear(3, 2)
+    optimizer, ema = torch.optim.AdamW(model.parameters()), train.EMA(model, 0.9)
+    model(torch.rand(4, 3)).sum().backward()
+    optimizer.step()
+    ema.update(model, 0)
+    state = {"optimizer": optimizer.state_dict(), "ema": ema.state_dict(), "rng": None, "torch_rng": train.rng_state()}
+    on_device = torch.nn.Linear(3, 2, device="meta")
+    parts = {"optimizer": torch.optim.AdamW(on_device.parameters()), "ema": train.EMA(on_device, 0.9)}
+    train.restore(state, parts, None, torch.device("meta"), "test")
+    assert all(v.device.type == "meta" for v in parts["ema"].shadow.values())
+    assert all(v.device.type == "meta" for s in parts["optimizer"].state.values() for k, v in s.items() if k != "step")
+    parts["ema"].update(on_device, 1)  # mixes no devices
+
+
+def test_ema_warms_up_then_averages_and_checkpoints_load_the_averaged_weights(trained):
+    """The EMA's decay is (1 + step) / (10 + step) until it reaches ema_decay; load_checkpoint samples from the EMA."""
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = train.EMA(model, decay=0.99)
+    model.weight.data.fill_(1.0)
+    ema.update(model, 0)  # decay 1/10: the average moves 90% of the way
+    assert ema.shadow["weight"].item() == pytest.approx(0.9)
+    ema.update(model, 10_000)  # decay capped at 0.99
+    assert ema.shadow["weight"].item() == pytest.approx(0.9 + 0.1 * 0.01)
+    checkpoint = torch.load(trained / "axf.pt", weights_only=False)
+    averaged, _ = axf.load_checkpoint(trained / "axf.pt")
+    raw, _ = axf.load_checkpoint(trained / "axf.pt", use_ema=False)
+    name = "unet.conv_in.weight"
+    assert not torch.equal(checkpoint["ema"][name], checkpoint["model"][name])
+    assert torch.equal(averaged.state_dict()[name], checkpoint["ema"][name])
+    assert torch.equal(raw.state_dict()[name], checkpoint["model"][name])
+
+
+def test_warmup_steps_zero_trains_at_the_full_learning_rate(toy_root, tmp_path):
+    """--warmup_steps 0 means no warm-up (it divided by zero)."""
+    train.main(["--category", "bottle", "--data_root", str(toy_root), "--out_dir", str(tmp_path)] + TINY
+               + ["--warmup_steps", "0", "--steps", "1"])
+    state = torch.load(tmp_path / "axf.pt", weights_only=False)
+    assert state["optimizer"]["param_groups"][0]["lr"] == state["config"]["lr"]
+
+
+def test_make_batch_rolls_each_latent_and_its_mask_together():
+    """The shift augmentation moves an anomaly's latent and its mask by the same whole cells."""
+    config = axf.resolve_config("toy", dict(image_size=16, vae_channel_mult=(1, 2), batch_size=4, shift_cells=2))
+    masks = torch.zeros(3, 1, 16, 16)
+    masks[:, :, 4:6, 6:8] = 1  # exactly latent cell (2, 3)
+    latents = torch.zeros(3, 4, 8, 8)
+    latents[:, :, 2, 3] = 1
+    train_set = {"masks": masks, "captions": ["a", "b", "c"], "defect_ids": torch.tensor([1, 1, 2]),
+                 "normals": torch.zeros(2, 3, 16, 16)}
+    generator, moved = torch.Generator().manual_seed(0), False
+    for _ in range(5):
+        z, m, captions, ids, is_anomaly = train.make_batch(
+            train_set, {"anomalies": latents, "normals": torch.zeros(2, 4, 8, 8)}, config, generator)
+        assert is_anomaly.tolist() == [True, True, True, False] and captions[3] == "" and ids[3] == 0
+        for zi, mi in zip(z[:3], m[:3]):
+            assert torch.equal(axf.latent_mask(mi[None], 2)[0, 0] > 0, zi[0] > 0)
+            moved |= not zi[0, 2, 3]
+    assert moved
+
+
+def test_training_reads_only_the_few_shot_anomalies(toy_root, monkeypatch):
+    """The held-out two thirds are the test set of evaluate.py: training never opens them."""
+    category = data.load_category(toy_root / "bottle")
+    few_shot, held_out = data.few_shot_split(category.anomalies)
+    opened = []
+    read_image, read_mask = data.read_image, data.read_mask
+    monkeypatch.setattr(data, "read_image", lambda p, s: opened.append(Path(p)) or read_image(p, s))
+    monkeypatch.setattr(data, "read_mask", lambda a, s: opened.append(a.image) or read_mask(a, s))
+    train_set = train.load_training_set(toy_root / "bottle", axf.resolve_config("toy", dict(image_size=32)))
+    assert len(train_set["captions"]) == len(few_shot)
+    assert not {a.image for a in held_out} & set(opened)
+    assert {a.image for a in few_shot} <= set(opened)
 
 
 def test_colour_blobs_paint_one_colour_inside_their_mask_and_nothing_outside():
@@ -135,10 +298,45 @@ def test_bad_input_gets_one_clear_line_and_nonzero_exit(args, message):
     assert message in last_line, result.stderr
 
 
-def test_help_explains_config_keys_with_their_comments_in_axf_config(capsys):
-    """`train.py --help` reads each key's comment from axf.CONFIG, so the two cannot drift apart."""
+def test_help_explains_config_keys_with_axf_help(capsys):
+    """`train.py --help` shows each key's axf.HELP text and its default."""
     with pytest.raises(SystemExit):
         train.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--vae_defect_weight FLOAT extra L1 weight of few-shot defect pixels" in text
-    assert "--ema_decay FLOAT (default: 0.999)" in text  # no comment: the default alone
+    assert "--ema_decay FLOAT (default: 0.999)" in text  # no help text: the default alone
+    assert set(axf.HELP) <= set(axf.CONFIG) and set(axf.ARCHITECTURE_KEYS) <= set(axf.CONFIG)
+
+
+def test_prompt_and_reference_say_when_their_ablation_switch_is_off(trained, monkeypatch, capsys):
+    """--prompt without semantic tokens steers nothing, and --reference without MIF has no texture tokens to set:
+    sample.py says so instead of silently ignoring them."""
+    load_checkpoint = axf.load_checkpoint
+
+    def ablated(*a, **k):
+        model, checkpoint = load_checkpoint(*a, **k)
+        model.use_text = model.use_mif = False
+        return model, checkpoint
+
+    monkeypatch.setattr(axf, "load_checkpoint", ablated)
+    args = ["--category", "bottle", "--ckpt", str(trained)]
+    with pytest.raises(ValueError, match="--reference sets the texture tokens .* use_mif False"):
+        sample.main(args + ["--reference", "a.png", "--reference_mask", "a_mask.png"])
+    monkeypatch.setattr(sample, "plan", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))  # stop after the checks
+    with pytest.raises(KeyboardInterrupt):
+        sample.main(args + ["--prompt", "a red stain"])
+    assert "--prompt is only written to prompt/, it steers nothing" in capsys.readouterr().out
+
+
+def test_a_clip_file_sets_context_dim_before_the_config_is_printed(toy_root, tmp_path, monkeypatch, capsys):
+    """The printed (and saved) config shows the CLIP file's embedding width, not the preset's."""
+    torch.manual_seed(0)
+    tiny = clip.CLIP(embed_dim=24, image_resolution=16, vision_layers=1, vision_width=64, vision_patch_size=8,
+                     context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=1)
+    torch.save(tiny.state_dict(), tmp_path / "tiny_clip.pt")
+    monkeypatch.setattr(train, "load_training_set", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--category", "bottle", "--data_root", str(toy_root), "--out_dir", str(tmp_path)] + TINY
+                   + ["--clip", str(tmp_path / "tiny_clip.pt")])
+    out = capsys.readouterr().out
+    assert "context_dim set to 24" in out and "'context_dim': 24" in out.split("config: ")[1]
