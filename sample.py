@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
 import axf
 import data
@@ -149,12 +148,13 @@ def draw(model, jobs, config, device, batch_size, textures=None):
     differs from the normal image lies inside the mask.
     """
     size = config["image_size"]
-    for start in tqdm(range(0, len(jobs), batch_size), desc="sampling"):
+    bar = axf.progress(len(jobs), "sampling")
+    for start in range(0, len(jobs), batch_size):
         batch = jobs[start:start + batch_size]
         normals = torch.stack([data.read_image(j[1], size) for j in batch]).to(device)
         masks = torch.stack([j[2] for j in batch]).to(device)
         defect_ids = axf.defect_ids([j[0] for j in batch], model.defects[1:]).to(device)
-        with autocast(device):
+        with autocast(device, config["bf16"]):
             images = model.sample(normals, masks, [j[3] for j in batch], defect_ids,
                                   textures=None if textures is None else textures.expand(len(batch), -1, -1),
                                   sampler=config["sampler"], steps=config["sample_steps"],
@@ -165,6 +165,8 @@ def draw(model, jobs, config, device, batch_size, textures=None):
             if (changed & (mask[0] == 0)).any():
                 raise RuntimeError(f"{int((changed & (mask[0] == 0)).sum())} changed pixels outside the mask")
             yield job, normal, image
+        bar.update(len(batch))
+    bar.close()
 
 
 def parse_args(argv):

@@ -23,7 +23,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 import axf
 import data
@@ -64,9 +63,8 @@ class EMA:
     def update(self, model, step):
         # warm-up: early on the average would mostly remember the random initialisation
         decay = min(self.decay, (1 + step) / (10 + step))
-        for n, p in model.named_parameters():
-            if n in self.shadow:
-                self.shadow[n].lerp_(p.detach(), 1 - decay)
+        params = dict(model.named_parameters())
+        torch._foreach_lerp_(list(self.shadow.values()), [params[n].detach() for n in self.shadow], 1 - decay)
 
     def swap(self, model):
         """Exchange the model's weights with the averaged ones (call twice to swap back)."""
@@ -139,7 +137,7 @@ def run_stage(desc, path, total, state, config, device, parts, step, generator=N
         i = state["step"]
         if i >= total:
             return
-    bar = tqdm(total=total, initial=i, desc=desc)
+    bar = axf.progress(total, desc, initial=i)
     while i < total:
         logs = step(i)
         i += 1
@@ -164,7 +162,7 @@ def load_training_set(folder, config):
     category = data.load_category(folder)
     few_shot, _ = data.few_shot_split(category.anomalies)
     size = config["image_size"]
-    normals = torch.stack([data.read_image(p, size) for p in tqdm(category.train_good, desc="normal images", leave=False)])
+    normals = torch.stack([data.read_image(p, size) for p in category.train_good])
     return {
         "category": category,
         "normals": normals,  # [N, 3, S, S]
@@ -207,7 +205,7 @@ def vae_step(vae, optimizer, train, config, device, i):
     paint_colour_blobs(batch[:half], masks[:half], config["vae_colour_blobs"])
     # a defect is a few percent of an image's pixels: weighted like the rest, the autoencoder
     # would learn to draw the normal object over it (a cut wire decoded back to a whole one)
-    with autocast(device):
+    with autocast(device, config["bf16"]):
         loss, _ = vae_loss(vae, batch * 2 - 1, config["vae_kl_weight"], 1 + config["vae_defect_weight"] * masks)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -226,7 +224,7 @@ def train_vae(train, config, out_dir, device):
     path, total = out_dir / "vae.pt", config["vae_steps"]
     state = load_stage(path, total, config)
     vae = axf.build_vae(config).to(device)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=config["vae_lr"])
+    optimizer = axf.adamw(vae.parameters(), lr=config["vae_lr"])
     images = torch.cat([train["normals"], train["images"]])
     run_stage("1/3 vae", path, total, state, config, device, dict(model=vae, optimizer=optimizer),
               partial(vae_step, vae, optimizer, train, config, device),
@@ -253,7 +251,7 @@ def pretrain_mask_encoder(train, config, out_dir, device):
     path, total = out_dir / "mask_ae.pt", config["mask_steps"]
     state = load_stage(path, total, config)
     autoencoder = axf.build_mask_autoencoder(config).to(device)
-    optimizer = torch.optim.AdamW(autoencoder.parameters(), lr=config["mask_lr"])
+    optimizer = axf.adamw(autoencoder.parameters(), lr=config["mask_lr"])
     generator = torch.Generator().manual_seed(config["seed"] + 1)
     run_stage("2/3 mask encoder", path, total, state, config, device, dict(model=autoencoder, optimizer=optimizer),
               partial(mask_step, autoencoder, optimizer, train, config, generator, device), generator)
@@ -304,7 +302,7 @@ def axf_step(model, optimizer, ema, train, latents, config, generator, device, l
     z, masks, captions, defect_ids, is_anomaly = make_batch(train, latents, config, generator)
     for group in optimizer.param_groups:  # linear warm-up of the learning rate
         group["lr"] = config["lr"] * min(1.0, (i + 1) / max(1, config["warmup_steps"]))
-    with autocast(device):
+    with autocast(device, config["bf16"]):
         loss = model.loss(z.to(device), masks.to(device), captions, defect_ids.to(device), is_anomaly.to(device))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -325,7 +323,7 @@ def preview(model, ema, train, config, out_dir, device, i):
     normals, masks = train["normals"][:n].to(device), train["masks"][pick].to(device)
     captions = [train["captions"][j] for j in pick]
     ema.swap(model)
-    with autocast(device):
+    with autocast(device, config["bf16"]):
         generated = model.sample(normals, masks, captions, train["defect_ids"][pick].to(device),
                                  steps=config["sample_steps"], guidance_scale=config["guidance_scale"],
                                  generator=torch.Generator(device).manual_seed(0))
@@ -341,7 +339,7 @@ def train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, fol
     if state and state["step"] >= total:
         return
     model = build_model(train, vae, mask_encoder, clip_model, config, device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config["lr"], weight_decay=0.0)
+    optimizer = axf.adamw([p for p in model.parameters() if p.requires_grad], lr=config["lr"], weight_decay=0.0)
     ema = EMA(model, config["ema_decay"])
     generator = torch.Generator().manual_seed(config["seed"] + 2)
     with torch.no_grad():  # the VAE is frozen: encode every training image once
