@@ -142,7 +142,7 @@ def run_stage(desc, path, total, state, config, device, parts, step, generator=N
         logs = step(i)
         i += 1
         bar.update(1)
-        bar.set_postfix(logs)
+        bar.set_postfix(logs, refresh=False)  # the bar prints on its own clock (axf.progress)
         if i % config["checkpoint_every"] == 0 and i < total:
             save(i)
         if after_step is not None:
