@@ -2,28 +2,22 @@
 
 What this file holds, in reading order:
   CONFIG, HELP     one flat dict of every setting, with a toy (CPU) and an MVTec (one GPU) preset
-  command line     what train.py and sample.py share: data flags, `--key value` overrides, device, autocast
-  DDPM             the noise schedule and the samplers (Eq. 6-12, 15): q_sample, ancestral step, DDIM step
+  (the DDPM schedule and samplers, Eq. 6-12 and 15, are in ddpm.py; the command line the scripts share in cli.py)
   MIF              semantic (Eq. 1), location (Eq. 2, with mask_encoder.py), textural (Eq. 3) tokens,
                    concatenated (Eq. 4) and refined by the Aggregator into the X-embedding (Eq. 5)
   DDF              e_t = f_phi(e_X, t), the UNet's cross-attention context (Eq. 13-15)
   AnomalyXFusion   the whole model: the loss (Eq. 17) and blended sampling (Eq. 16)
   builders         one per network from the config; CLIP; checkpoints that load by themselves
 """
-import argparse
 import math
-import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
-from tqdm import tqdm
 
 import clip
-import data
+from ddpm import DDPM
 from mask_encoder import LocationTokens, MaskAutoencoder, MaskEncoder
 from unet import UNet, timestep_embedding
 from vae import VAE
@@ -134,209 +128,6 @@ def defect_ids(names, defects):
     list (data.Category.defects) is i + 1. It indexes the texture-token rows of AnomalyXFusion."""
     rows = ["good"] + list(defects)
     return torch.tensor([rows.index(name) for name in names], dtype=torch.long)
-
-
-# ----------------------------------------------------------------------------------------------
-# The command line that train.py and sample.py share: which category folder, which device, and
-# every CONFIG key as `--key value`, typed like its default.
-
-
-def add_data_args(parser):
-    parser.add_argument("--category", required=True, help="category folder name, e.g. bottle")
-    parser.add_argument("--toy", action="store_true", help="use the built-in toy world (generated on first use)")
-    parser.add_argument("--data_root", help="folder holding <category>/ in the MVTec AD or LOCO layout")
-
-
-def parse_value(text, default):
-    """A command-line string typed like the CONFIG default it overrides."""
-    if isinstance(default, bool):
-        if text.lower() not in ("true", "false", "1", "0"):
-            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-        return text.lower() in ("true", "1")
-    if isinstance(default, tuple):
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    return type(default)(text)
-
-
-def add_config_args(parser, keys=None):
-    """A `--key value` flag for each CONFIG key (all but preset, or `keys`), its help from HELP."""
-    group = parser.add_argument_group("config (toy preset defaults shown; a preset or checkpoint may change them)")
-    for key in keys or [k for k in CONFIG if k != "preset"]:
-        default = CONFIG[key]
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        group.add_argument(f"--{key}", type=lambda text, d=default: parse_value(text, d), default=None,
-                           metavar=type(default).__name__.upper(),
-                           help=f"{HELP.get(key, '')} (default: {shown})".replace("%", "%%").lstrip())
-
-
-def config_overrides(args):
-    """The CONFIG keys the user gave on the command line."""
-    return {k: v for k in CONFIG if k != "preset" and (v := getattr(args, k, None)) is not None}
-
-
-def category_folder(args):
-    """The category folder the flags name, validated whole (data.load_category) before any writing."""
-    if args.toy and args.data_root:
-        raise ValueError("give either --toy or --data_root, not both")
-    if args.toy:
-        if args.category not in data.TOY_CATEGORIES:
-            raise ValueError(f"--toy has categories {', '.join(data.TOY_CATEGORIES)}, not {args.category!r}")
-        return data.ensure_toy(args.category)
-    folder = Path(args.data_root or "data/mvtec") / args.category
-    data.load_category(folder)  # raises one clear line on a missing folder or bad data
-    return folder
-
-
-def read_mask(anomaly_or_files, size):
-    """data.read_mask at `size`, but a mask thinner than a pixel at that size (a scratch) is max-pooled
-    from full size instead of vanishing under nearest-neighbour downsampling."""
-    mask = data.read_mask(anomaly_or_files, size)
-    if mask.any():
-        return mask
-    files = anomaly_or_files.mask_files if isinstance(anomaly_or_files, data.Anomaly) else anomaly_or_files
-    files = [files] if isinstance(files, (str, Path)) else list(files)
-    with Image.open(files[0]) as im:
-        full = data.read_mask(files, max(im.size))
-    if not full.any():
-        raise ValueError(f"{files[0]}: empty mask; an anomaly needs at least one mask pixel")
-    return F.adaptive_max_pool2d(full, size)
-
-
-def pick_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA GPU")
-    return torch.device(name)
-
-
-def autocast(device, enabled=True):
-    """bf16 autocast on CUDA, and on CPUs whose matrix units (AMX) multiply bf16 natively: there the
-    toy VAE's training step runs 2x faster (8x for a bare matmul); elsewhere fp32. The weights, the
-    optimiser and the losses stay fp32, so no loss scaling is needed."""
-    if enabled and (device.type == "cuda" or (device.type == "cpu" and torch.cpu._is_amx_tile_supported())):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def adamw(params, lr, weight_decay=0.01):
-    """AdamW as one fused kernel over all the weights: 3x faster than torch's per-tensor loop on a CPU."""
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-
-
-def progress(total, desc, initial=0):
-    """A tqdm bar; when stderr is not a terminal (a log file), a plain line every 15 s instead of a
-    carriage-return update many times a second."""
-    if sys.stderr.isatty():
-        return tqdm(total=total, initial=initial, desc=desc)
-    return tqdm(total=total, initial=initial, desc=desc, file=LogLines(), mininterval=15, ncols=100)
-
-
-class LogLines:
-    """tqdm's status line written as whole lines, for logs."""
-
-    def write(self, text):
-        if text.strip():
-            sys.stderr.write(text.strip("\r\n") + "\n")
-
-    def flush(self):
-        sys.stderr.flush()
-
-
-# ----------------------------------------------------------------------------------------------
-# DDPM
-# The forward process (Eq. 6-10) is fixed by a schedule of betas; the reverse process (Eq. 11, 12,
-# 15) is the network's ε turned into a step from x_t to x_{t-1}. The schedule is buffers of one
-# nn.Module so it follows the model to the GPU; every method takes one timestep per sample.
-
-
-def make_betas(schedule, num_steps, beta_start, beta_end):
-    """β_1..β_T as float64, the way the reference schedulers (DDPM, LDM, improved DDPM) define them.
-
-    Eq. (6), (7): the forward process is a Markov chain whose step t adds noise of variance β_t,
-    q(x_t | x_{t-1}) = N(sqrt(1 - β_t) x_{t-1}, β_t I); the betas are all that defines it.
-    """
-    if schedule == "linear":  # DDPM (Ho et al. 2020): β from 1e-4 to 0.02 in a straight line
-        return torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
-    if schedule == "scaled_linear":  # LDM / Stable Diffusion: straight line in sqrt(β), then squared
-        return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_steps, dtype=torch.float64) ** 2
-    if schedule == "cosine":  # improved DDPM (Nichol & Dhariwal 2021): ᾱ(t) = cos²((t/T + s)/(1 + s)·π/2)
-        s = 0.008
-        alpha_bar = lambda u: math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
-        betas = [1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps) for i in range(num_steps)]
-        # clipped at 0.999 so the last steps do not divide by ~0 (diffusers' "squaredcos_cap_v2")
-        return torch.tensor(betas, dtype=torch.float64).clamp(max=0.999)
-    raise ValueError(f"unknown schedule {schedule!r}; choose 'linear', 'scaled_linear' or 'cosine'")
-
-
-class DDPM(torch.nn.Module):
-    """The noise schedule with q_sample (Eq. 10), the ancestral DDPM step (Eq. 12, 15) and the DDIM step.
-
-    Timesteps are 0-based: t = 0 is the first noising step, t = num_steps - 1 the last. All the math
-    is done in float32 whatever the dtype of the inputs, and the result is cast back to x_t's dtype.
-    """
-
-    def __init__(self, num_steps=1000, schedule="linear", beta_start=0.0001, beta_end=0.02):
-        super().__init__()
-        self.num_steps = num_steps
-        betas = make_betas(schedule, num_steps, beta_start, beta_end)
-        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # Eq. (9): ᾱ_t = Π_{s≤t} (1 - β_s)
-        # float64 for the products, float32 to store; not persistent: the config rebuilds them
-        self.register_buffer("betas", betas.float(), persistent=False)
-        self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
-
-    def _at(self, values, t, x):
-        """values[t] per sample, shaped [B, 1, 1, ...] to broadcast over x; ᾱ = 1 where t < 0."""
-        if t.dim() != 1 or t.shape[0] != x.shape[0]:
-            raise ValueError(f"t must be a LongTensor of shape [B] = [{x.shape[0]}], got {tuple(t.shape)}")
-        t = t.to(values.device)
-        out = torch.where(t >= 0, values[t.clamp(min=0)], torch.ones_like(values[0]))
-        return out.float().view(-1, *([1] * (x.dim() - 1))).to(x.device)
-
-    def q_sample(self, x0, t, noise):
-        """Noise clean x0 to step t in one jump, with the noise given so the training target exists."""
-        alpha_bar_t = self._at(self.alphas_cumprod, t, x0)
-        # Eq. (10): x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε   (Eq. 8 as a reparameterised sample)
-        return (alpha_bar_t.sqrt() * x0.float() + (1 - alpha_bar_t).sqrt() * noise.float()).to(x0.dtype)
-
-    def step(self, eps, t, x_t, noise=None):
-        """One ancestral DDPM step x_t -> x_{t-1} from the predicted ε, with the posterior variance."""
-        beta_t = self._at(self.betas, t, x_t)
-        alpha_bar_t = self._at(self.alphas_cumprod, t, x_t)
-        alpha_bar_prev = self._at(self.alphas_cumprod, t - 1, x_t)  # ᾱ_{-1} = 1: the step into x_0
-        # Eq. (12): μ(x_t) = (x_t - β_t / sqrt(1 - ᾱ_t) ε) / sqrt(α_t). This is the mean of the posterior
-        # q(x_{t-1} | x_t, x̂_0) with x̂_0 from Eq. (10) unclipped, but written without x̂_0: dividing by
-        # sqrt(ᾱ_t) ~ 0 at large t would amplify float32 rounding (DDPM, Ho et al. 2020, Eq. 11 there)
-        mean = (x_t.float() - beta_t / (1 - alpha_bar_t).sqrt() * eps.float()) / (1 - beta_t).sqrt()
-        # Σ = β̃_t = (1 - ᾱ_{t-1}) / (1 - ᾱ_t) β_t, DDPM's "fixed_small" variance
-        variance = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t
-        if noise is None:
-            noise = torch.randn_like(mean)
-        nonzero = (t > 0).float().view_as(alpha_bar_t).to(x_t.device)  # no noise on the last step, t = 0
-        # Eq. (15): x_{t-1} = μ + sqrt(Σ) ε
-        return (mean + nonzero * variance.sqrt() * noise.float()).to(x_t.dtype)
-
-    def ddim_step(self, eps, t, t_prev, x_t, eta=0.0, noise=None):
-        """One DDIM step x_t -> x_{t_prev} (Song et al. 2021, Eq. 12 there); eta = 1 is ancestral-like."""
-        alpha_bar_t = self._at(self.alphas_cumprod, t, x_t)
-        alpha_bar_prev = self._at(self.alphas_cumprod, t_prev, x_t)  # t_prev = -1: ᾱ = 1, the clean image
-        x_t32, eps = x_t.float(), eps.float()
-        x0 = (x_t32 - (1 - alpha_bar_t).sqrt() * eps) / alpha_bar_t.sqrt()
-        sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)).sqrt()
-        # x_{t_prev} = sqrt(ᾱ_prev) x̂_0 + sqrt(1 - ᾱ_prev - σ²) ε + σ z: the same marginals as Eq. (8)
-        x_prev = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma ** 2).sqrt() * eps
-        if eta > 0:
-            if noise is None:
-                noise = torch.randn_like(x_t32)
-            x_prev = x_prev + sigma * noise.float()
-        return x_prev.to(x_t.dtype)
-
-    def ddim_timesteps(self, num_sample_steps):
-        """The descending timesteps DDIM visits: every (T // n)-th, from 0 ("leading" spacing)."""
-        if not 0 < num_sample_steps <= self.num_steps:
-            raise ValueError(f"num_sample_steps must be in 1..{self.num_steps}, got {num_sample_steps}")
-        ratio = self.num_steps // num_sample_steps
-        return (torch.arange(num_sample_steps) * ratio).flip(0)  # e.g. [980, 960, ..., 20, 0]
 
 
 # ----------------------------------------------------------------------------------------------

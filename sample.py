@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import axf
+import cli
 import data
-from axf import autocast
 
 SAMPLING_KEYS = ("sampler", "sample_steps", "guidance_scale", "eta", "seed", "device")
 MANIFEST = ".axf_samples.json"  # not an image: MVTec readers (data.py, anomalib) skip it
@@ -77,7 +77,7 @@ def plan(category, few_shot, args, size, generator):
             if args.masks == "perlin":
                 mask = data.perlin_mask(size, generator)
             else:  # the source's own mask, jittered: the caption describes what lies under it
-                mask = data.sample_mask(size, generator, real_masks=axf.read_mask(source, size)[None], p_real=1.0,
+                mask = data.sample_mask(size, generator, real_masks=cli.read_mask(source, size)[None], p_real=1.0,
                                         jitter=args.jitter)
             jobs.append((defect, normal, mask, args.prompt or source.caption))
     return jobs
@@ -148,13 +148,13 @@ def draw(model, jobs, config, device, batch_size, textures=None):
     differs from the normal image lies inside the mask.
     """
     size = config["image_size"]
-    bar = axf.progress(len(jobs), "sampling")
+    bar = cli.progress(len(jobs), "sampling")
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start:start + batch_size]
         normals = torch.stack([data.read_image(j[1], size) for j in batch]).to(device)
         masks = torch.stack([j[2] for j in batch]).to(device)
         defect_ids = axf.defect_ids([j[0] for j in batch], model.defects[1:]).to(device)
-        with autocast(device, config["bf16"]):
+        with cli.autocast(device, config["bf16"]):
             images = model.sample(normals, masks, [j[3] for j in batch], defect_ids,
                                   textures=None if textures is None else textures.expand(len(batch), -1, -1),
                                   sampler=config["sampler"], steps=config["sample_steps"],
@@ -171,7 +171,7 @@ def draw(model, jobs, config, device, batch_size, textures=None):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    axf.add_data_args(parser)
+    cli.add_data_args(parser)
     parser.add_argument("--ckpt", help="checkpoint file or train.py --out_dir (default: runs/<category>)")
     parser.add_argument("--n", type=int, default=100, help="anomalies per defect type (default: 100)")
     parser.add_argument("--defect", help="only this defect type (default: every defect type)")
@@ -190,7 +190,7 @@ def parse_args(argv):
     parser.add_argument("--reference_mask", help="the mask of --reference")
     parser.add_argument("--out_dir", help="output category folder (default: samples/<category>)")
     parser.add_argument("--batch_size", type=int, default=16, help="samples per sampler call (default: 16)")
-    axf.add_config_args(parser, SAMPLING_KEYS)
+    cli.add_config_args(parser, SAMPLING_KEYS)
     args = parser.parse_args(argv)
     if args.n < 1:
         raise ValueError(f"--n must be at least 1, got {args.n}")
@@ -206,8 +206,8 @@ def load_model(args):
     path = Path(args.ckpt or Path("runs") / args.category)
     path = path / "axf.pt" if path.is_dir() else path  # a train.py --out_dir means its checkpoint
     model, checkpoint = axf.load_checkpoint(path, device="cpu")
-    config = dict(checkpoint["config"], **axf.config_overrides(args))
-    folder = axf.category_folder(args) if args.toy or args.data_root else Path(checkpoint["data_folder"])
+    config = dict(checkpoint["config"], **cli.config_overrides(args))
+    folder = cli.category_folder(args) if args.toy or args.data_root else Path(checkpoint["data_folder"])
     category = data.load_category(folder)
     if category.defects != model.defects[1:]:
         raise ValueError(f"{path} was trained on defects {model.defects[1:]}, but {folder} has {category.defects}")
@@ -215,7 +215,7 @@ def load_model(args):
         print("note: this checkpoint has use_text False (Table 6): --prompt is only written to prompt/, it steers nothing")
     if args.reference and not model.use_mif:
         raise ValueError("--reference sets the texture tokens (Eq. 3), but this checkpoint has use_mif False (Table 6)")
-    device = axf.pick_device(config["device"])
+    device = cli.pick_device(config["device"])
     return model.to(device), config, device, path, category
 
 
@@ -225,7 +225,7 @@ def reference_textures(model, args, config, device):
         return None
     size = config["image_size"]
     features = model.encode_texture(data.read_image(args.reference, size)[None].to(device),
-                                    axf.read_mask(Path(args.reference_mask), size)[None].to(device))
+                                    cli.read_mask(Path(args.reference_mask), size)[None].to(device))
     return axf.unit_tokens(features, config["num_tokens"])
 
 

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 import axf
+import cli
 import data
-from axf import autocast
 from vae import vae_loss
 
 
@@ -137,12 +137,12 @@ def run_stage(desc, path, total, state, config, device, parts, step, generator=N
         i = state["step"]
         if i >= total:
             return
-    bar = axf.progress(total, desc, initial=i)
+    bar = cli.progress(total, desc, initial=i)
     while i < total:
         logs = step(i)
         i += 1
         bar.update(1)
-        bar.set_postfix(logs, refresh=False)  # the bar prints on its own clock (axf.progress)
+        bar.set_postfix(logs, refresh=False)  # the bar prints on its own clock (cli.progress)
         if i % config["checkpoint_every"] == 0 and i < total:
             save(i)
         if after_step is not None:
@@ -167,7 +167,7 @@ def load_training_set(folder, config):
         "category": category,
         "normals": normals,  # [N, 3, S, S]
         "images": torch.stack([data.read_image(a.image, size) for a in few_shot]),  # [M, 3, S, S]
-        "masks": torch.stack([axf.read_mask(a, size) for a in few_shot]),  # [M, 1, S, S]
+        "masks": torch.stack([cli.read_mask(a, size) for a in few_shot]),  # [M, 1, S, S]
         "captions": [a.caption for a in few_shot],
         "defect_ids": axf.defect_ids([a.defect for a in few_shot], category.defects),
     }
@@ -205,7 +205,7 @@ def vae_step(vae, optimizer, train, config, device, i):
     paint_colour_blobs(batch[:half], masks[:half], config["vae_colour_blobs"])
     # a defect is a few percent of an image's pixels: weighted like the rest, the autoencoder
     # would learn to draw the normal object over it (a cut wire decoded back to a whole one)
-    with autocast(device, config["bf16"]):
+    with cli.autocast(device, config["bf16"]):
         loss, _ = vae_loss(vae, batch * 2 - 1, config["vae_kl_weight"], 1 + config["vae_defect_weight"] * masks)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -224,7 +224,7 @@ def train_vae(train, config, out_dir, device):
     path, total = out_dir / "vae.pt", config["vae_steps"]
     state = load_stage(path, total, config)
     vae = axf.build_vae(config).to(device)
-    optimizer = axf.adamw(vae.parameters(), lr=config["vae_lr"])
+    optimizer = cli.adamw(vae.parameters(), lr=config["vae_lr"])
     images = torch.cat([train["normals"], train["images"]])
     run_stage("1/3 vae", path, total, state, config, device, dict(model=vae, optimizer=optimizer),
               partial(vae_step, vae, optimizer, train, config, device),
@@ -251,7 +251,7 @@ def pretrain_mask_encoder(train, config, out_dir, device):
     path, total = out_dir / "mask_ae.pt", config["mask_steps"]
     state = load_stage(path, total, config)
     autoencoder = axf.build_mask_autoencoder(config).to(device)
-    optimizer = axf.adamw(autoencoder.parameters(), lr=config["mask_lr"])
+    optimizer = cli.adamw(autoencoder.parameters(), lr=config["mask_lr"])
     generator = torch.Generator().manual_seed(config["seed"] + 1)
     run_stage("2/3 mask encoder", path, total, state, config, device, dict(model=autoencoder, optimizer=optimizer),
               partial(mask_step, autoencoder, optimizer, train, config, generator, device), generator)
@@ -302,7 +302,7 @@ def axf_step(model, optimizer, ema, train, latents, config, generator, device, l
     z, masks, captions, defect_ids, is_anomaly = make_batch(train, latents, config, generator)
     for group in optimizer.param_groups:  # linear warm-up of the learning rate
         group["lr"] = config["lr"] * min(1.0, (i + 1) / max(1, config["warmup_steps"]))
-    with autocast(device, config["bf16"]):
+    with cli.autocast(device, config["bf16"]):
         loss = model.loss(z.to(device), masks.to(device), captions, defect_ids.to(device), is_anomaly.to(device))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -323,7 +323,7 @@ def preview(model, ema, train, config, out_dir, device, i):
     normals, masks = train["normals"][:n].to(device), train["masks"][pick].to(device)
     captions = [train["captions"][j] for j in pick]
     ema.swap(model)
-    with autocast(device, config["bf16"]):
+    with cli.autocast(device, config["bf16"]):
         generated = model.sample(normals, masks, captions, train["defect_ids"][pick].to(device),
                                  steps=config["sample_steps"], guidance_scale=config["guidance_scale"],
                                  generator=torch.Generator(device).manual_seed(0))
@@ -339,7 +339,7 @@ def train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, fol
     if state and state["step"] >= total:
         return
     model = build_model(train, vae, mask_encoder, clip_model, config, device)
-    optimizer = axf.adamw([p for p in model.parameters() if p.requires_grad], lr=config["lr"], weight_decay=0.0)
+    optimizer = cli.adamw([p for p in model.parameters() if p.requires_grad], lr=config["lr"], weight_decay=0.0)
     ema = EMA(model, config["ema_decay"])
     generator = torch.Generator().manual_seed(config["seed"] + 2)
     with torch.no_grad():  # the VAE is frozen: encode every training image once
@@ -359,14 +359,14 @@ def train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, fol
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    axf.add_data_args(parser)
+    cli.add_data_args(parser)
     parser.add_argument("--preset", choices=sorted(axf.PRESETS), help="size preset (default: toy with --toy, mvtec otherwise)")
     parser.add_argument("--out_dir", help="where checkpoints and previews go (default: runs/<category>)")
-    axf.add_config_args(parser)
+    cli.add_config_args(parser)
     args = parser.parse_args(argv)
-    folder = axf.category_folder(args)  # checks the whole dataset before anything is written
-    config = axf.resolve_config(args.preset or ("toy" if args.toy else "mvtec"), axf.config_overrides(args))
-    device = axf.pick_device(config["device"])
+    folder = cli.category_folder(args)  # checks the whole dataset before anything is written
+    config = axf.resolve_config(args.preset or ("toy" if args.toy else "mvtec"), cli.config_overrides(args))
+    device = cli.pick_device(config["device"])
     clip_model = axf.build_clip(config, device)  # a bad --clip file stops here, before any writing
     out_dir = Path(args.out_dir or Path("runs") / args.category)
     print(f"config: {config}")

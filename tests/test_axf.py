@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import axf
+import cli
 import clip
 from mask_encoder import LocationTokens, MaskAutoencoder, MaskEncoder
 
@@ -302,7 +303,7 @@ def test_mask_autoencoder_learns_to_reconstruct_masks():
 
 
 def test_a_thin_mask_survives_downsampling_to_the_model_size(tmp_path):
-    """A one-pixel scratch at 64 px vanishes under nearest-neighbour downsampling to 16 px; axf.read_mask
+    """A one-pixel scratch at 64 px vanishes under nearest-neighbour downsampling to 16 px; cli.read_mask
     max-pools it instead, and a mask that is empty at full size is refused with its file name."""
     from PIL import Image
     scratch = torch.zeros(64, 64, dtype=torch.uint8)
@@ -310,11 +311,11 @@ def test_a_thin_mask_survives_downsampling_to_the_model_size(tmp_path):
     Image.fromarray(scratch.numpy()).save(tmp_path / "scratch.png")
     import data
     assert not data.read_mask(tmp_path / "scratch.png", 16).any()  # what nearest-neighbour does
-    mask = axf.read_mask(tmp_path / "scratch.png", 16)
+    mask = cli.read_mask(tmp_path / "scratch.png", 16)
     assert mask.shape == (1, 16, 16) and mask[0, :, 8].sum() >= 9 and mask.sum() == mask[0, :, 8].sum()
     Image.fromarray(torch.zeros(64, 64, dtype=torch.uint8).numpy()).save(tmp_path / "empty.png")
     with pytest.raises(ValueError, match="empty.png: empty mask"):
-        axf.read_mask(tmp_path / "empty.png", 16)
+        cli.read_mask(tmp_path / "empty.png", 16)
 
 
 def test_defect_ids_put_good_first_then_the_sorted_defect_types():
@@ -336,7 +337,7 @@ def test_location_tokens_shape_and_bad_image_size():
 def test_progress_writes_a_few_whole_lines_to_a_log(capsys):
     """Redirected to a file, a long loop's progress is a handful of plain lines, not thousands of
     carriage-return updates (a quick start's log was 278 KB)."""
-    bar = axf.progress(1000, "steps")
+    bar = cli.progress(1000, "steps")
     for _ in range(1000):
         bar.update(1)
         bar.set_postfix(loss="0.1000", refresh=False)
