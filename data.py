@@ -65,12 +65,15 @@ class Category:
         return [a for a in self.anomalies if a.defect == defect]
 
 
-def _images_in(folder):
-    """Sorted image files of a folder; any other file is an error, since nothing is skipped silently."""
+def _images_in(folder, what=None):
+    """Sorted image files of a folder (at least one if `what` names them); any other file is an error:
+    nothing is skipped silently."""
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     for p in files:
         if p.suffix.lower() not in IMAGE_EXTS:
             raise ValueError(f"{p}: unexpected file in an image folder (expected {', '.join(IMAGE_EXTS)})")
+    if not files and what:
+        raise ValueError(f"{folder}: empty folder, expected {what} (*.png)")
     return files
 
 
@@ -84,12 +87,6 @@ def _decoded_size(path):
         raise ValueError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
 
 
-def _check_count(folder, n_found, what, n_images, image_folder):
-    if n_found != n_images:
-        raise ValueError(f"{folder}: {n_found} {what} for {n_images} images in {image_folder}; "
-                         f"expected one per anomalous test image, with the same index")
-
-
 def _mask_files(folder, defect, stem):
     """The mask file(s) of test/<defect>/<stem>.*: the merged LOCO mask if present, else the AD or LOCO ground truth."""
     merged = folder / "ground_truth_merge_mask" / f"{defect}_merge_mask" / f"{stem}.png"
@@ -99,16 +96,43 @@ def _mask_files(folder, defect, stem):
     if ad.is_file():
         return (ad,)
     if loco.is_dir():
-        regions = _images_in(loco)
-        if not regions:
-            raise ValueError(f"{loco}: empty MVTec LOCO ground-truth folder (expected 000.png, 001.png, ...)")
-        return tuple(regions)
-    raise FileNotFoundError(f"{folder / 'test' / defect / stem}.*: no mask "
-                            f"(looked for {ad}, {loco}/*.png and {merged})")
+        return tuple(_images_in(loco, "one PNG per defect region: 000.png, 001.png, ..."))
+    raise FileNotFoundError(f"{folder / 'test' / defect / stem}.*: no mask; missing {ad} (MVTec AD) "
+                            f"or {loco}/ (MVTec LOCO)")
+
+
+def _no_orphans(folder, stems, kind, test_folder):
+    """A caption or mask whose image is missing: the prompts or masks belong to another version of the data."""
+    for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+        stem = p.name.removesuffix("_mask.png").removesuffix(".txt").removesuffix(".png")
+        if stem not in stems and not p.name.startswith("."):
+            raise ValueError(f"{p}: {kind} without an image (no {test_folder / stem}.png)")
+
+
+def _read_caption(path, image):
+    if not path.is_file():
+        raise FileNotFoundError(f"{image}: no caption (missing {path})")
+    try:
+        caption = path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: caption is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not caption:
+        raise ValueError(f"{path}: empty caption")
+    return caption
+
+
+def _anomaly(image, masks, caption, defect):
+    """One anomalous image with its mask file(s), each the same size as the image."""
+    size = _decoded_size(image)
+    for m in masks:
+        if (msize := _decoded_size(m)) != size:
+            raise ValueError(f"{image} is {size[0]}x{size[1]} but its mask {m} is {msize[0]}x{msize[1]}")
+    return Anomaly(image, masks, caption, defect)
 
 
 def load_category(folder):
-    """Read and validate a whole MVTec AD / LOCO (+ MVTec Caption) category folder, or raise one clear line."""
+    """Read and validate a whole MVTec AD / LOCO (+ MVTec Caption) category folder; a problem is one line
+    naming the file (or missing file) and what is wrong with it."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: MVTec category folder not found; download MVTec AD from {MVTEC_AD_URL} "
@@ -116,41 +140,26 @@ def load_category(folder):
     for sub in ("train/good", "test"):
         if not (folder / sub).is_dir():
             raise FileNotFoundError(f"{folder / sub}: missing folder; {folder} is not in the MVTec layout")
-    train_good = _images_in(folder / "train" / "good")
-    test_good = _images_in(folder / "test" / "good") if (folder / "test" / "good").is_dir() else []
-    val_good = _images_in(folder / "validation" / "good") if (folder / "validation" / "good").is_dir() else []
+    train_good = _images_in(folder / "train" / "good", "the normal training images")
+    optional = lambda sub: _images_in(folder / sub) if (folder / sub).is_dir() else []
+    test_good, val_good = optional("test/good"), optional("validation/good")
     for p in train_good + test_good + val_good:
         _decoded_size(p)
 
     anomalies = []
     for dfolder in sorted(p for p in (folder / "test").iterdir() if p.is_dir() and p.name != "good"):
-        defect, images = dfolder.name, _images_in(dfolder)
+        defect, images = dfolder.name, _images_in(dfolder, "anomalous test images")
         prompts = folder / "prompt" / defect
         if not prompts.is_dir():
             raise FileNotFoundError(f"{prompts}: missing MVTec Caption prompts for {dfolder} "
                                     f"(get them from {MVTEC_CAPTION_URL})")
-        _check_count(prompts, len(list(prompts.glob("*.txt"))), "captions", len(images), dfolder)
-        gt = folder / "ground_truth" / defect
-        if gt.is_dir() and not (folder / "ground_truth_merge_mask").is_dir():
-            n_masks = len(list(gt.glob("*_mask.png"))) + sum(p.is_dir() for p in gt.iterdir())
-            _check_count(gt, n_masks, "masks", len(images), dfolder)
-        for image in images:
-            caption_file = prompts / f"{image.stem}.txt"
-            if not caption_file.is_file():
-                raise FileNotFoundError(f"{image}: no caption (expected {caption_file})")
-            try:
-                caption = caption_file.read_text(encoding="utf-8").strip()
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{caption_file}: caption is not UTF-8 text ({e.reason} at byte {e.start})") from None
-            if not caption:
-                raise ValueError(f"{caption_file}: empty caption")
-            masks = _mask_files(folder, defect, image.stem)
-            size = _decoded_size(image)
-            for m in masks:
-                if _decoded_size(m) != size:
-                    raise ValueError(f"{image} is {size[0]}x{size[1]} but its mask {m} is "
-                                     f"{_decoded_size(m)[0]}x{_decoded_size(m)[1]}")
-            anomalies.append(Anomaly(image, masks, caption, defect))
+        for image in images:   # each image's own files first, so a missing one is named
+            caption = _read_caption(prompts / f"{image.stem}.txt", image)
+            anomalies.append(_anomaly(image, _mask_files(folder, defect, image.stem), caption, defect))
+        stems = {p.stem for p in images}
+        _no_orphans(prompts, stems, "caption", dfolder)
+        if not (folder / "ground_truth_merge_mask").is_dir():
+            _no_orphans(folder / "ground_truth" / defect, stems, "mask", dfolder)
     return Category(folder.name, folder, train_good, test_good, anomalies, val_good)
 
 
@@ -188,8 +197,10 @@ def read_mask(anomaly_or_files, size):
         if union is not None and m.shape != union.shape:
             raise ValueError(f"{f}: mask size {m.shape[::-1]} differs from {files[0]} {union.shape[::-1]}")
         union = m if union is None else union | m
-    im = Image.fromarray(union.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)  # nearest: stays binary
-    return torch.from_numpy(np.asarray(im) > 127).float()[None]
+    # area resampling, then > 0: an output pixel is anomalous if any pixel it covers is, so a 1-px scratch
+    # survives downsampling (nearest would drop it and turn the anomaly into a "good" image)
+    m = torch.from_numpy(union).float()[None, None]
+    return (F.interpolate(m, size=(size, size), mode="area") > 0).float()[0]
 
 
 # ----------------------------------------------------------------------------------------------
