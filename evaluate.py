@@ -1,28 +1,19 @@
-"""Evaluation of synthesised anomalies (paper §5): generation quality and downstream perception, next to
-baselines on the same protocol, over several seeds, with a protocol stamp that makes a table citable.
-
-What this file holds, in reading order:
-  auroc, ..., kid, fid, au_pro, ic_lpips   the metrics, from metrics.py (re-exported: evaluate.kid, ...)
-  SegmentationUNet, focal_loss       DRAEM's discriminative U-Net, trained on synthesised anomalies (§5.3)
-  load_generated, read_anomalies     a method's anomalies: sample.py's MVTec layout or AnomalyDiffusion's
-  draem_anomalies, crop_paste_anomalies, METHODS   the baselines: Perlin noise, crop-paste, `real` (the
-                                     few-shot real anomalies alone) and `real+<method>` (both together)
-  EVAL_CONFIG, EVAL_PRESETS          sizes and budgets: toy (CPU, minutes) and mvtec (one GPU)
-  train_segmenter, classification_accuracy   the downstream models, fixed epochs, the last one reported
-  generation_metrics                 IS, KID, FID, IC-LPIPS per defect type, Inception run once per image
-  refuse_leaks, protocol_stamp, estimate_seconds   what makes a table trustworthy and a run predictable
-  evaluate_method, markdown_table, toy_checks, main   one row per method -> JSON + markdown table
-
-Protocol (DESIGN.md "Evaluation protocol"): the segmenter and the ResNet-34 classifier are trained on
-a method's anomalies (+ normal training images), tested on the held-out two thirds of the real
-anomalies (data.few_shot_split) plus all good test images; fixed epochs, the last one is reported.
-Depends on data.py (layout reading, few-shot split, Perlin masks), metrics.py and torchvision.
+"""Evaluation of synthesised anomalies (paper §5), next to baselines on the same protocol, over seeds, with a
+protocol stamp that makes a table citable. In reading order:
+  SegmentationUNet, focal_loss        DRAEM's discriminative U-Net, trained on a method's anomalies (§5.3)
+  load_generated, refuse_leaks        a method's images: sample.py's MVTec layout or AnomalyDiffusion's
+  draem_anomalies, crop_paste_anomalies, combine, METHODS   baselines: Perlin noise, crop-paste, `real`
+                                      (the few-shot real anomalies alone), `real+<method>` (both)
+  EVAL_CONFIG, EVAL_PRESETS           sizes and budgets: toy (CPU, minutes), mvtec (one GPU)
+  train_segmenter, classification_accuracy   downstream models: fixed epochs, the last one is reported
+  protocol_stamp, estimate_seconds, evaluate_method, markdown_table, toy_checks, main
+The metrics (auroc, ..., kid, fid, au_pro, ic_lpips, generation_metrics) live in metrics.py and are
+re-exported here. Protocol (DESIGN.md): train on a method's anomalies + the normal training images; test
+on the held-out two thirds of the real anomalies (data.few_shot_split) plus all good test images.
 """
 import argparse
-import hashlib
 import json
 import math
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,11 +27,9 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
-from metrics import (LPIPS, LPIPS_LIN, _said, au_pro, auroc, average_precision, f1_max, fid,  # noqa: F401
-                     generation_metrics, ic_lpips, inception_features, inception_probs, inception_score, kid,
-                     load_inception, segmentation_scores)
-
-HERE = Path(__file__).parent
+from metrics import (LPIPS, _said, au_pro, auroc, average_precision, f1_max, fid, generation_metrics,  # noqa: F401
+                     ic_lpips, inception_features, inception_probs, inception_score, kid, load_inception,
+                     protocol_stamp, refuse_leaks, segmentation_scores)
 
 # ----------------------------------------------------------------------------------------------
 # Downstream segmenter: DRAEM's discriminative sub-network (Zavrtanik et al. 2021), taking the image
@@ -89,10 +78,6 @@ def focal_loss(logits, mask, gamma=2.0):
 
 
 # ----------------------------------------------------------------------------------------------
-# Anomaly sets: (images [N, 3, S, S], masks [N, 1, S, S], defect index [N]) for each method.
-
-
-# ----------------------------------------------------------------------------------------------
 # Anomaly sets: (images [N, 3, S, S], masks [N, 1, S, S], defect index [N]) for each method. A defect's
 # index is its position in the category's sorted list of defect types.
 
@@ -126,21 +111,6 @@ def read_anomalies(anomalies, defects, size):
     return (torch.stack([data.read_image(a.image, size) for a in anomalies]),
             torch.stack([data.read_mask(a, size) for a in anomalies]),
             torch.tensor([defects.index(a.defect) for a in anomalies]))
-
-
-def _pixels_digest(path):
-    with Image.open(path) as im:
-        pixels = np.asarray(im.convert("RGB"))
-    return hashlib.sha1(pixels.tobytes() + str(pixels.shape).encode()).hexdigest()
-
-
-def refuse_leaks(generated, held_out):
-    """A generated image with the same pixels as a held-out real anomaly is a test image in the training set."""
-    test = {_pixels_digest(a.image): a.image for a in held_out}
-    for a in generated:
-        if (twin := test.get(_pixels_digest(a.image))) is not None:
-            raise ValueError(f"{a.image}: identical to the held-out real anomaly {twin}; the generated folder "
-                             f"leaks the test set")
 
 
 def draem_anomalies(normals, counts, g, size):
@@ -297,37 +267,7 @@ def classification_accuracy(anomalies, test, num_classes, steps, cfg, device, g,
 
 
 # ----------------------------------------------------------------------------------------------
-# What makes a table citable (the protocol, stamped) and a run predictable (its time, said up front).
-
-
-def _file_id(path):
-    if path in (None, "random"):
-        return path and "random (seeded, comparable within one table only)"
-    return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
-def _git_commit():
-    run = lambda *a: subprocess.run(["git", "-C", str(HERE), *a], capture_output=True, text=True).stdout.strip()
-    try:
-        return (run("rev-parse", "HEAD") or "unknown") + (" (uncommitted changes)" if run("status", "--porcelain") else "")
-    except OSError:
-        return "unknown (no git)"
-
-
-def protocol_stamp(args, cfg, seeds, ctx, counts):
-    """Everything another lab needs to reproduce a table, or to see why theirs differs."""
-    per_defect = lambda labels: {name: int((labels == d).sum()) for d, name in enumerate(ctx["defects"])}
-    return {
-        "split": "per defect type, the first third of the anomalous test images by sorted file name (at least "
-                 "one) is few-shot (baselines' material, IC-LPIPS centres); the rest + all good test images are tested",
-        "few_shot": per_defect(ctx["real"][2]), "test": {**per_defect(ctx["held"][2]), "good": ctx["n_good"]},
-        "generated": counts, "ic_lpips": "centres: all few-shot anomalies of the type; no cap on cluster size",
-        "kid": f"{cfg['kid_subsets']} subsets of min(1000, generated, held-out) per defect type vs its held-out",
-        "epochs": {"segmenter": cfg["seg_epochs"], "classifier": cfg["cls_epochs"]}, "seeds": seeds,
-        "preset": cfg["preset"], "image_size": cfg["image_size"],
-        "weights": {"inception": _file_id(args.inception), "vgg": _file_id(args.vgg), "resnet": _file_id(args.resnet),
-                    "lpips_lin": _file_id(LPIPS_LIN)},
-        "git_commit": _git_commit(), "command": "python evaluate.py " + " ".join(args.argv)}
+# A run says its time before the long work starts.
 
 
 def estimate_seconds(ctx, cfg, device, runs):
@@ -440,15 +380,46 @@ def parse_args(argv):
     return args, {k: getattr(args, k) for k in EVAL_CONFIG if getattr(args, k) is not None}
 
 
-def pick_preset(args, folder, device):
-    """The paper's 256 px recipe only where it fits: a GPU and images of 256 px or more; else the toy one."""
-    if args.preset:
-        return args.preset
-    with Image.open(data.load_category(folder).train_good[0]) as im:
+def resolve_config(args, overrides, category, device):
+    """The preset (the paper's 256 px recipe only on a GPU for images of 256 px or more), then the overrides."""
+    with Image.open(category.train_good[0]) as im:
         side = min(im.size)
-    preset = "mvtec" if device.type == "cuda" and side >= 256 and not args.toy else "toy"
-    print(f"preset {preset} ({side} px images, {device.type}); --preset mvtec|toy chooses")
-    return preset
+    preset = args.preset or ("mvtec" if device.type == "cuda" and side >= 256 and not args.toy else "toy")
+    if not args.preset:
+        print(f"preset {preset} ({side} px images, {device.type}); --preset mvtec|toy chooses")
+    cfg = {**EVAL_CONFIG, **EVAL_PRESETS[preset], "preset": preset, **overrides}
+    print("evaluation config:", json.dumps(cfg))
+    if cfg["image_size"] % 32:
+        raise ValueError(f"image_size={cfg['image_size']}: the segmenter pools 5 times, so it must be a multiple of 32")
+    return cfg
+
+
+def real_data(category, cfg):
+    """At the evaluation size: the normal training images, the few-shot anomalies (the baselines' material) and
+    the test, held-out anomalies + good images, each image labelled by where it comes from."""
+    S, (few, held) = cfg["image_size"], data.few_shot_split(category.anomalies)
+    if not category.test_good or not held:
+        raise ValueError(f"{category.folder}: the test needs good test images and held-out anomalies, found "
+                         f"{len(category.test_good)} and {len(held)}")
+    normals, good = (torch.stack([data.read_image(p, S) for p in files]) for files in (category.train_good,
+                                                                                       category.test_good))
+    real, test = (read_anomalies(a, category.defects, S) for a in (few, held))
+    print(f"{category.name}: {len(normals)} normal training images, {len(few)} few-shot anomalies, test: "
+          f"{len(held)} held-out anomalies + {len(good)} good images; defects {category.defects}")
+    return dict(defects=category.defects, normals=normals, real=real, held=test, held_anomalies=held,
+                n_good=len(good), test_classes=(test[0], test[2]), cls_steps=math.ceil(len(normals) / cfg["batch_size"]),
+                test=(torch.cat([test[0], good]), torch.cat([test[1], torch.zeros(len(good), *test[1].shape[1:])]),
+                      torch.cat([torch.ones(len(held)), torch.zeros(len(good))])))
+
+
+def anomaly_sets(methods, generated, ctx, cfg):
+    """Each method's (images, masks, defect index); the baselines make as many per defect type as were generated."""
+    counts = {d: n for d in range(len(ctx["defects"])) if (n := int((generated[2] == d).sum()))}
+    g, normals, real = torch.Generator().manual_seed(cfg["seed"]), ctx["normals"], ctx["real"]
+    make = {"axf": lambda: generated, "real": lambda: real, "crop_paste": lambda: crop_paste_anomalies(
+        real, normals, counts, g), "draem": lambda: draem_anomalies(normals, counts, g, cfg["image_size"])}
+    sets = {m: make[m]() for m in make if m in methods or f"real+{m}" in methods}
+    return {m: sets[m] if m in sets else combine(real, sets[m.removeprefix("real+")]) for m in methods}
 
 
 def main(argv=None):
@@ -461,58 +432,32 @@ def main(argv=None):
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [overrides.get("seed", EVAL_CONFIG["seed"])]
     start = time.time()
 
-    # the real data: few-shot anomalies (baselines' material), held-out anomalies + good images (the test)
-    folder = data.ensure_toy(args.category) if args.toy else Path(args.data_root) / args.category
-    preset = pick_preset(args, folder, device)
-    cfg = {**EVAL_CONFIG, **EVAL_PRESETS[preset], "preset": preset, **overrides}
-    print("evaluation config:", json.dumps(cfg))
-    S = cfg["image_size"]
-    if S % 32:
-        raise ValueError(f"image_size={S}: the segmenter pools 5 times, so it must be a multiple of 32")
-    category = data.load_category(folder)
-    defects, (few, held) = category.defects, data.few_shot_split(category.anomalies)
-    if not category.test_good or not held:
-        raise ValueError(f"{folder}: the test needs good test images and held-out anomalies, found "
-                         f"{len(category.test_good)} and {len(held)}")
-    normals, real, held_set = (torch.stack([data.read_image(p, S) for p in category.train_good]),
-                               read_anomalies(few, defects, S), read_anomalies(held, defects, S))
-    test_good = torch.stack([data.read_image(p, S) for p in category.test_good])
-    ctx = dict(defects=defects, normals=normals, real=real, held=held_set, n_good=len(test_good),
-               test_classes=(held_set[0], held_set[2]), cls_steps=math.ceil(len(normals) / cfg["batch_size"]),
-               test=(torch.cat([held_set[0], test_good]), torch.cat([held_set[1], torch.zeros(len(test_good), 1, S, S)]),
-                     torch.cat([torch.ones(len(held)), torch.zeros(len(test_good))])))
-    print(f"{args.category}: {len(normals)} normal training images, {len(few)} few-shot anomalies, "
-          f"test: {len(held)} held-out anomalies + {len(test_good)} good images; defects {defects}")
-
-    # the generated anomalies: only test/<defect>/ (or <defect>/image/), never one of the test images
-    gen_anomalies = load_generated(args.generated)
-    if unknown := sorted({a.defect for a in gen_anomalies} - set(defects)):
-        raise ValueError(f"{args.generated}: defect types {unknown} are not in {folder}")
-    refuse_leaks(gen_anomalies, held)
-    generated = read_anomalies(gen_anomalies, defects, S)
-    counts = {d: n for d in range(len(defects)) if (n := int((generated[2] == d).sum()))}   # baselines match these
-    g = torch.Generator().manual_seed(cfg["seed"])
-    base = {"axf": lambda: generated, "real": lambda: real, "draem": lambda: draem_anomalies(normals, counts, g, S),
-            "crop_paste": lambda: crop_paste_anomalies(real, normals, counts, g)}
-    sets = {m: base[m]() for m in base if m in methods or f"real+{m}" in methods}
-    sets.update({m: combine(real, sets[m.removeprefix("real+")]) for m in methods if m.startswith("real+")})
+    category = data.load_category(data.ensure_toy(args.category) if args.toy else Path(args.data_root) / args.category)
+    cfg = resolve_config(args, overrides, category, device)
+    ctx = real_data(category, cfg)
+    gen_anomalies = load_generated(args.generated)   # only its anomalies, never one of the test images
+    if unknown := sorted({a.defect for a in gen_anomalies} - set(ctx["defects"])):
+        raise ValueError(f"{args.generated}: defect types {unknown} are not in {category.folder}")
+    refuse_leaks(gen_anomalies, ctx["held_anomalies"])
+    generated = read_anomalies(gen_anomalies, ctx["defects"], cfg["image_size"])
+    sets = anomaly_sets(methods, generated, ctx, cfg)
 
     inception = load_inception(args.inception, device) if args.inception else None
     lpips = LPIPS(args.vgg).to(device) if args.vgg else None
-    if inception is not None:
-        ctx["held_features"] = inception_features(inception, held_set[0], cfg["batch_size"])[0]
+    if inception is not None:   # the held-out anomalies' features, for KID and FID of every method
+        ctx["held_features"] = inception_features(inception, ctx["held"][0], cfg["batch_size"])[0]
     eta = estimate_seconds(ctx, cfg, device, len(methods) * len(seeds))
-    print(f"estimated time for the downstream models: {eta / 60:.1f} min ({len(methods)} methods x {len(seeds)} "
-          f"seeds on {device.type}, preset {preset})" + (" -- on a CPU, --preset toy takes minutes"
-                                                         if preset != "toy" and device.type == "cpu" else ""))
+    print(f"estimated time for the downstream models: {eta / 60:.1f} min ({len(methods)} methods x {len(seeds)} seeds"
+          f" on {device.type}, preset {cfg['preset']})" + (" -- on a CPU, --preset toy takes minutes"
+                                                            if cfg["preset"] != "toy" and device.type == "cpu" else ""))
     results = {}
     for name in tqdm(methods, desc="methods"):
-        results[name] = {"generation": generation_metrics(sets[name], ctx, cfg, device, inception, lpips)
-                         if not name.startswith("real+") else {k: None for k in ("is", "ic_lpips", "kid", "fid")},
-                         **evaluate_method(sets[name], ctx, cfg, device, seeds, args.resnet)}
+        gen = (generation_metrics(sets[name], ctx, cfg, device, inception, lpips) if not name.startswith("real+")
+               else dict.fromkeys(("is", "ic_lpips", "kid", "fid")))   # a mix: its parts have their own rows
+        results[name] = {"generation": gen, **evaluate_method(sets[name], ctx, cfg, device, seeds, args.resnet)}
         tqdm.write(f"{name} ({len(sets[name][0])} anomalies): {json.dumps(results[name]['segmentation'])}")
 
-    stamp = protocol_stamp(args, cfg, seeds, ctx, {defects[d]: n for d, n in counts.items()})
+    stamp = protocol_stamp(args, cfg, seeds, ctx, generated)
     table = markdown_table(results, args.category, stamp)
     results["protocol"] = stamp
     if args.toy:
@@ -522,8 +467,7 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     out.with_suffix(".md").write_text(table)
-    print(table)
-    print(f"wrote {out} and {out.with_suffix('.md')} in {time.time() - start:.0f} s")
+    print(table + f"\nwrote {out} and {out.with_suffix('.md')} in {time.time() - start:.0f} s")
     return results
 
 

@@ -10,6 +10,8 @@ What this file holds, in reading order:
 evaluate.py re-exports the public names (evaluate.auroc, evaluate.kid, ...). Depends on torch,
 torchvision (architectures only: every weight comes from a file the user gives) and numpy.
 """
+import hashlib
+import subprocess
 import time
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from PIL import Image
 
 HERE = Path(__file__).parent
 LPIPS_LIN = HERE / "lpips_vgg_lin.pth"   # official LPIPS v0.1 linear layers (vgg.pth of lpips 0.1.4, BSD-2)
@@ -351,6 +354,55 @@ def generation_metrics(anomalies, ctx, cfg, device, inception=None, lpips=None):
     elif out["ic_lpips"] is None:
         null_because("IC-LPIPS: no defect type has a cluster of 2 or more images")
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# What makes a table citable: the protocol, stamped into it, and no test image among the generated ones.
+
+
+def _file_id(path):
+    if path in (None, "random"):
+        return path and "random (seeded, comparable within one table only)"
+    return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def _git_commit():
+    run = lambda *a: subprocess.run(["git", "-C", str(HERE), *a], capture_output=True, text=True).stdout.strip()
+    try:
+        return (run("rev-parse", "HEAD") or "unknown") + (" (uncommitted changes)" if run("status", "--porcelain") else "")
+    except OSError:
+        return "unknown (no git)"
+
+
+def protocol_stamp(args, cfg, seeds, ctx, generated):
+    """Everything another lab needs to reproduce a table, or to see why theirs differs."""
+    per_defect = lambda labels: {name: n for d, name in enumerate(ctx["defects"]) if (n := int((labels == d).sum()))}
+    return {
+        "split": "per defect type, the first third of the anomalous test images by sorted file name (at least "
+                 "one) is few-shot (baselines' material, IC-LPIPS centres); the rest + all good test images are tested",
+        "few_shot": per_defect(ctx["real"][2]), "test": {**per_defect(ctx["held"][2]), "good": ctx["n_good"]},
+        "generated": per_defect(generated[2]), "ic_lpips": "centres: all few-shot anomalies of the type; no cap on cluster size",
+        "kid": f"{cfg['kid_subsets']} subsets of min(1000, generated, held-out) per defect type vs its held-out",
+        "epochs": {"segmenter": cfg["seg_epochs"], "classifier": cfg["cls_epochs"]}, "seeds": seeds,
+        "preset": cfg["preset"], "image_size": cfg["image_size"],
+        "weights": {"inception": _file_id(args.inception), "vgg": _file_id(args.vgg), "resnet": _file_id(args.resnet),
+                    "lpips_lin": _file_id(LPIPS_LIN)},
+        "git_commit": _git_commit(), "command": "python evaluate.py " + " ".join(args.argv)}
+
+
+def _pixels_digest(path):
+    with Image.open(path) as im:
+        pixels = np.asarray(im.convert("RGB"))
+    return hashlib.sha1(pixels.tobytes() + str(pixels.shape).encode()).hexdigest()
+
+
+def refuse_leaks(generated, held_out):
+    """A generated image with the same pixels as a held-out real anomaly is a test image in the training set."""
+    test = {_pixels_digest(a.image): a.image for a in held_out}
+    for a in generated:
+        if (twin := test.get(_pixels_digest(a.image))) is not None:
+            raise ValueError(f"{a.image}: identical to the held-out real anomaly {twin}; the generated folder "
+                             f"leaks the test set")
 
 
 # ----------------------------------------------------------------------------------------------
