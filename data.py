@@ -166,14 +166,10 @@ def load_category(folder):
 def few_shot_split(anomalies):
     """Per defect type, the first third by sorted file name (at least one) may train the generator;
     the rest is held out for evaluation, so no image is ever in both (AnomalyDiffusion's protocol)."""
-    by_defect = {}
-    for a in sorted(anomalies, key=lambda a: (a.defect, a.image.name)):
-        by_defect.setdefault(a.defect, []).append(a)
     train, held_out = [], []
-    for items in by_defect.values():
-        n = max(1, len(items) // 3)
-        train += items[:n]
-        held_out += items[n:]
+    for defect in sorted({a.defect for a in anomalies}):
+        items = sorted((a for a in anomalies if a.defect == defect), key=lambda a: a.image.name)
+        train, held_out = train + items[:max(1, len(items) // 3)], held_out + items[max(1, len(items) // 3):]
     return train, held_out
 
 
@@ -499,31 +495,21 @@ def save_grid(rows, path, cell=128):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Write a toy category (MVTec + MVTec Caption layout) and a preview "
-                                            "grid, or preview a real category folder.")
-    p.add_argument("--toy", action="store_true", help="generate the built-in toy category into --out")
-    p.add_argument("--category", default="cable", help=f"category name (toy: {', '.join(TOY_CATEGORIES)})")
-    p.add_argument("--data_root", default=None, help="root of MVTec AD / LOCO (without --toy): preview only")
+    p = argparse.ArgumentParser(description="Write a toy category (MVTec + MVTec Caption layout) and a preview grid.")
+    p.add_argument("--toy", action="store_true", required=True, help="generate the built-in toy category into --out")
+    p.add_argument("--category", default="cable", help=f"one of {', '.join(TOY_CATEGORIES)} (default: cable)")
     p.add_argument("--out", default="out", help="output folder (default: out)")
-    p.add_argument("--size", type=int, default=128, help="toy image size in pixels (default: 128)")
-    p.add_argument("--seed", type=int, default=0, help="toy seed (default: 0)")
+    p.add_argument("--size", type=int, default=128, help="image size in pixels (default: 128)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     p.add_argument("--rows", type=int, default=3, help="preview rows per defect type (default: 3)")
     args = p.parse_args(argv)
-    if not args.toy and args.data_root is None:
-        p.error("pass --toy, or --data_root DIR to preview a real category")
-    out = Path(args.out)
-    if args.toy:
-        t0 = time.time()
-        folder = make_toy(out, args.category, args.size, args.seed)
-        print(f"wrote toy category {folder} in {time.time() - t0:.1f} s")
-    else:
-        folder = Path(args.data_root) / args.category
-    cat = load_category(folder)
+    t0 = time.time()
+    cat = load_category(make_toy(args.out, args.category, args.size, args.seed))
     rows = [[read_image(a.image, 128), read_mask(a, 128), f"{a.defect}: {a.caption}"]
             for d in cat.defects for a in cat.anomalies_of(d)[:args.rows]]
-    path = save_grid(rows, out / f"{cat.name}_preview.png")
-    print(f"{cat.name}: {len(cat.train_good)} train, {len(cat.test_good)} good test, "
-          f"{len(cat.anomalies)} anomalies ({', '.join(cat.defects)}); preview: {path}")
+    path = save_grid(rows, Path(args.out) / f"{cat.name}_preview.png")
+    print(f"wrote toy category {cat.folder} in {time.time() - t0:.1f} s: {len(cat.train_good)} train, "
+          f"{len(cat.test_good)} good test, {len(cat.anomalies)} anomalies ({', '.join(cat.defects)}); preview: {path}")
 
 
 if __name__ == "__main__":

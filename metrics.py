@@ -11,6 +11,7 @@ evaluate.py re-exports the public names (evaluate.auroc, evaluate.kid, ...). Dep
 torchvision (architectures only: every weight comes from a file the user gives) and numpy.
 """
 import hashlib
+import math
 import subprocess
 import time
 from pathlib import Path
@@ -208,13 +209,19 @@ def kid(real_features, fake_features, subsets=100, subset_size=1000, generator=N
 
 
 def fid(real_features, fake_features):
-    """FID = |mu_r - mu_f|² + tr(S_r + S_f - 2 (S_r S_f)^½), the square root's trace from eigenvalues (float64)."""
+    """FID = |mu_r - mu_f|² + tr(S_r) + tr(S_f) - 2 tr((S_r S_f)^½), in float64.
+
+    With centred features X (S = XᵀX / (n - 1)), the eigenvalues of S_r S_f are the squared singular values
+    of X_r X_fᵀ / sqrt((n_r - 1)(n_f - 1)), so the last trace is their sum: an [n_r, n_f] SVD instead of the
+    eigenvalues of a 2048 x 2048 product (torchmetrics' way, the same number)."""
     real, fake = (torch.as_tensor(f).double().cpu() for f in (real_features, fake_features))
     if min(len(real), len(fake)) < 2:
         raise ValueError(f"fid needs at least 2 features per set, got {len(real)} and {len(fake)}")
-    (mu_r, s_r), (mu_f, s_f) = ((f.mean(0), torch.cov(f.T)) for f in (real, fake))
-    root_trace = torch.linalg.eigvals(s_r @ s_f).sqrt().real.sum()
-    return float((mu_r - mu_f).square().sum() + s_r.trace() + s_f.trace() - 2 * root_trace)
+    xr, xf = real - real.mean(0), fake - fake.mean(0)
+    nr, nf = len(real) - 1, len(fake) - 1
+    root_trace = torch.linalg.svdvals(xr @ xf.T).sum() / math.sqrt(nr * nf)
+    return float((real.mean(0) - fake.mean(0)).square().sum() + xr.square().sum() / nr + xf.square().sum() / nf
+                 - 2 * root_trace)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -198,12 +198,18 @@ def test_kid_and_fid_match_torchmetrics():
 
 
 def test_kid_is_unbiased_and_fid_zero_on_one_set():
-    """KID of two samples of one distribution averages near 0 (it may be negative: unbiased); FID(x, x) = 0."""
+    """KID of two samples of one distribution averages near 0 (it may be negative: unbiased); FID(x, x) = 0;
+    with fewer images than features FID still equals the eigenvalue formula."""
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(400, 8, generator=g), torch.randn(400, 8, generator=g)
     mean, std = E.kid(a, b, subsets=50, subset_size=100, generator=g)
     assert abs(mean) < 2 * std + 1e-3 and E.kid(a, b + 1, subsets=5, subset_size=100, generator=g)[0] > 10 * std
     assert E.fid(a, a) == pytest.approx(0.0, abs=1e-6) and E.fid(a, a + 1) == pytest.approx(8.0, rel=1e-6)
+    x, y = torch.randn(12, 64, generator=g, dtype=torch.float64), torch.rand(9, 64, generator=g, dtype=torch.float64)
+    s_x, s_y = torch.cov(x.T), torch.cov(y.T)   # fewer images than features: the direct formula, eigenvalues
+    direct = (x.mean(0) - y.mean(0)).square().sum() + s_x.trace() + s_y.trace() - 2 * torch.linalg.eigvals(
+        s_x @ s_y).sqrt().real.sum()
+    assert E.fid(x, y) == pytest.approx(float(direct), rel=1e-6)
 
 
 def _regions_by_flood_fill(mask):
