@@ -271,19 +271,16 @@ def classification_accuracy(anomalies, test, num_classes, steps, cfg, device, g,
 
 
 def estimate_seconds(ctx, cfg, device, runs):
-    """Time two steps of each downstream model, times the steps of `runs` trainings (the second step counts)."""
-    g, S, B = torch.Generator().manual_seed(0), cfg["image_size"], cfg["batch_size"]
-    x, mask = torch.rand(B, 3, S, S, generator=g), torch.zeros(B, 1, S, S)
-    per_step = []
-    for model, loss, y in ((SegmentationUNet(cfg["seg_width"]), focal_loss, mask),
+    """`runs` trainings of both downstream models, from the time of each one's second step (the first warms up)."""
+    B, S, seconds = cfg["batch_size"], cfg["image_size"], []
+    for model, loss, y in ((SegmentationUNet(cfg["seg_width"]), focal_loss, torch.zeros(B, 1, S, S)),
                            (build_resnet(len(ctx["defects"])), F.cross_entropy, torch.zeros(B, dtype=torch.long))):
-        t = [time.perf_counter()]
         for _ in range(2):
-            _fit(model.to(device), 1e-4, [(x, y)], 1, loss, "timing", device)
-            t.append(time.perf_counter())
-        per_step.append(t[2] - t[1])
+            t0 = time.perf_counter()
+            _fit(model.to(device), 1e-4, [(torch.rand(B, 3, S, S), y)], 1, loss, "timing", device)
+        seconds.append(time.perf_counter() - t0)
     steps = math.ceil(len(ctx["normals"]) / max(1, B // 2)) * cfg["seg_epochs"], ctx["cls_steps"] * cfg["cls_epochs"]
-    return runs * (steps[0] * per_step[0] + steps[1] * per_step[1])
+    return runs * (steps[0] * seconds[0] + steps[1] * seconds[1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,29 +349,27 @@ def toy_checks(gen_anomalies, generated, category, cfg, device, steps=1500, judg
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        description="Evaluate synthesised anomalies (IS, KID, FID, IC-LPIPS, segmentation AUROC/AP/F1-max/AU-PRO, "
-                    "classification accuracy) next to baselines on the same protocol, over seeds.",
-        epilog="The mvtec preset sets " + ", ".join(f"{k}={v}" for k, v in EVAL_PRESETS["mvtec"].items()))
-    parser.add_argument("--category", required=True, help="category folder name, e.g. bottle")
-    parser.add_argument("--generated", required=True, help="the 'axf' row: sample.py's output folder (MVTec layout) "
-                        "or AnomalyDiffusion's <category>/ with <defect>/image/ and <defect>/mask/")
-    parser.add_argument("--data_root", default="data/mvtec", help="folder holding <category>/ in MVTec layout")
-    parser.add_argument("--toy", action="store_true", help="use the built-in toy dataset (made on first use)")
-    parser.add_argument("--preset", choices=sorted(EVAL_PRESETS), help="default: mvtec on a GPU for images of "
-                        "256 px or more, else toy")
-    parser.add_argument("--out", help="result JSON, with a .md table beside it (default out/evaluate_<category>.json)")
-    parser.add_argument("--inception", help="torchvision Inception-v3 state dict (IS, KID, FID), or 'random'")
-    parser.add_argument("--vgg", help="torchvision VGG16 state dict (LPIPS backbone for IC-LPIPS), or 'random'")
-    parser.add_argument("--resnet", help="torchvision ResNet-34 state dict for the classifier (default: from scratch)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated rows: axf (--generated), draem "
-                        "(Perlin noise), crop_paste (few-shot anomalies pasted), real (the few-shot anomalies), "
-                        "real+<method> (both)")
-    parser.add_argument("--seeds", default=None, help="comma-separated seeds of the downstream models, e.g. 0,1,2 "
-                        "(default: the seed key)")
-    parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
+    parser = argparse.ArgumentParser(description="Evaluate synthesised anomalies (IS, KID, FID, IC-LPIPS; segmentation "
+                                     "AUROC/AP/F1-max/AU-PRO; classification) next to baselines, over seeds.",
+                                     epilog="The mvtec preset sets " + ", ".join(f"{k}={v}" for k, v in
+                                                                                 EVAL_PRESETS["mvtec"].items()))
+    arg = parser.add_argument
+    arg("--category", required=True, help="category folder name, e.g. bottle")
+    arg("--generated", required=True, help="the 'axf' row: sample.py's output folder (MVTec layout) or "
+        "AnomalyDiffusion's <category>/ with <defect>/image/ and <defect>/mask/")
+    arg("--data_root", default="data/mvtec", help="folder holding <category>/ in MVTec layout")
+    arg("--toy", action="store_true", help="use the built-in toy dataset (made on first use)")
+    arg("--preset", choices=sorted(EVAL_PRESETS), help="default: mvtec on a GPU for images >= 256 px, else toy")
+    arg("--out", help="result JSON, with a .md table beside it (default out/evaluate_<category>.json)")
+    arg("--inception", help="torchvision Inception-v3 state dict (IS, KID, FID), or 'random'")
+    arg("--vgg", help="torchvision VGG16 state dict (LPIPS backbone for IC-LPIPS), or 'random'")
+    arg("--resnet", help="torchvision ResNet-34 state dict for the classifier (default: from scratch)")
+    arg("--methods", default=",".join(METHODS), help="comma-separated rows: axf (--generated), draem (Perlin noise), "
+        "crop_paste (few-shot anomalies pasted), real (the few-shot anomalies), real+<method> (both)")
+    arg("--seeds", help="comma-separated seeds of the downstream models, e.g. 0,1,2 (default: the seed key)")
+    arg("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
     for key, default in EVAL_CONFIG.items():
-        parser.add_argument(f"--{key}", type=type(default), help=f"evaluation config (toy default: {default})")
+        arg(f"--{key}", type=type(default), help=f"evaluation config (toy default: {default})")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args, {k: getattr(args, k) for k in EVAL_CONFIG if getattr(args, k) is not None}

@@ -138,7 +138,10 @@ def load_inception(path, device):
     if str(path) == "random":
         with torch.random.fork_rng(devices=[]):   # the caller's random stream stays untouched
             torch.manual_seed(0)
-            model = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=True)
+            model = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
+            for m in model.modules():   # He init keeps activations near unit scale through the 94 convs
+                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
         return model.eval().to(device)
     path = Path(path)
     if not path.is_file():
