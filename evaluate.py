@@ -98,7 +98,8 @@ def load_generated(folder):
             anomalies.append(data._anomaly(image, masks, caption, dfolder.name))
     for dfolder in sorted(p for p in folder.iterdir() if (p / "image").is_dir()):
         for image in data._images_in(dfolder / "image", "generated anomalies"):
-            mask = [m for m in (dfolder / "mask" / image.name, dfolder / "mask" / f"{image.stem}_mask.png") if m.is_file()]
+            mask = [m for m in (dfolder / "mask" / image.name, dfolder / "mask" / f"{image.stem}_mask.png")
+                    if m.is_file()]
             if not mask:
                 raise FileNotFoundError(f"{image}: no mask (missing {dfolder / 'mask' / image.name})")
             anomalies.append(data._anomaly(image, tuple(mask[:1]), "", dfolder.name))
@@ -320,6 +321,8 @@ def markdown_table(results, category, stamp):
               f"{stamp['epochs']}, seeds {stamp['seeds']}, preset {stamp['preset']} ({stamp['image_size']} px). "
               f"Weights {stamp['weights']}. Commit {stamp['git_commit']}. `{stamp['command']}`"]
     return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------------------------
 # Toy-world checks (--toy): does the picture follow the caption, and is the defect type recognisable?
 

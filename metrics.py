@@ -2,13 +2,15 @@
 
 What this file holds, in reading order:
   auroc, average_precision, f1_max   exact ranking metrics on flat arrays (scikit-learn's definitions)
-  au_pro                             per-region overlap up to 30% false positives (MVTec AD's AU-PRO)
+  au_pro, segmentation_scores        per-region overlap up to 30% FPR (MVTec AD's AU-PRO); all pixel/image scores
   load_inception, inception_features Inception-v3 from the user's file: pool features and p(y|x), once per image
   inception_score, kid, fid          IS (§5.1), KID (Bińkowski et al. 2018) and FID (Heusel et al. 2017)
   LPIPS, ic_lpips                    the LPIPS (VGG) distance and IC-LPIPS, the diversity metric of §5.1
+  generation_metrics                 IS, KID, FID, IC-LPIPS per defect type and their means
+  protocol_stamp, refuse_leaks       what makes a table citable: the protocol written down, no test image leaked
   bench_rows                         timing of one defect type's generation metrics, for bench.py
 evaluate.py re-exports the public names (evaluate.auroc, evaluate.kid, ...). Depends on torch,
-torchvision (architectures only: every weight comes from a file the user gives) and numpy.
+torchvision (architectures only: every weight comes from a file the user gives), numpy and pillow.
 """
 import hashlib
 import math
@@ -379,7 +381,8 @@ def _file_id(path):
 def _git_commit():
     run = lambda *a: subprocess.run(["git", "-C", str(HERE), *a], capture_output=True, text=True).stdout.strip()
     try:
-        return (run("rev-parse", "HEAD") or "unknown") + (" (uncommitted changes)" if run("status", "--porcelain") else "")
+        dirty = " (uncommitted changes)" if run("status", "--porcelain") else ""
+        return (run("rev-parse", "HEAD") or "unknown") + dirty
     except OSError:
         return "unknown (no git)"
 
@@ -391,7 +394,8 @@ def protocol_stamp(args, cfg, seeds, ctx, generated):
         "split": "per defect type, the first third of the anomalous test images by sorted file name (at least "
                  "one) is few-shot (baselines' material, IC-LPIPS centres); the rest + all good test images are tested",
         "few_shot": per_defect(ctx["real"][2]), "test": {**per_defect(ctx["held"][2]), "good": ctx["n_good"]},
-        "generated": per_defect(generated[2]), "ic_lpips": "centres: all few-shot anomalies of the type; no cap on cluster size",
+        "generated": per_defect(generated[2]),
+        "ic_lpips": "centres: all few-shot anomalies of the type; no cap on cluster size",
         "kid": f"{cfg['kid_subsets']} subsets of min(1000, generated, held-out) per defect type vs its held-out",
         "epochs": {"segmenter": cfg["seg_epochs"], "classifier": cfg["cls_epochs"]}, "seeds": seeds,
         "preset": cfg["preset"], "image_size": cfg["image_size"],
