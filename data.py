@@ -3,6 +3,7 @@ a procedural toy world in the same layout (paper §3 for MVTec Caption, §5 for 
 
 What this file holds, in reading order:
   Anomaly, Category, load_category   one category folder, validated up front, errors in one line
+  load_generated                     generated anomalies: sample.py's folder or AnomalyDiffusion's layout
   few_shot_split                     the first third of each defect type trains the generator (§5)
   read_image, read_mask              tensors: images [3, S, S] in [0, 1], masks [1, S, S] in {0, 1}
   perlin_mask, JITTER, sample_mask   masks to generate at: DRAEM's Perlin blobs or jittered real masks
@@ -161,6 +162,32 @@ def load_category(folder):
         if not (folder / "ground_truth_merge_mask").is_dir():
             _no_orphans(folder / "ground_truth" / defect, stems, "mask", dfolder)
     return Category(folder.name, folder, train_good, test_good, anomalies, val_good)
+
+
+def load_generated(folder):
+    """The anomalies of a generated folder, in sample.py's MVTec layout (test/<defect>/, ground_truth/, prompt/;
+    its train/good and test/good hold real images and are ignored) or AnomalyDiffusion's release
+    (<defect>/image/*.png, <defect>/mask/*.png of the same name). Captions are empty where none is written."""
+    folder, anomalies = Path(folder), []
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: generated folder not found (--generated: sample.py's output folder, "
+                                f"or AnomalyDiffusion's <category>/ holding <defect>/image/ and <defect>/mask/)")
+    for dfolder in sorted(p for p in (folder / "test").glob("*") if p.is_dir() and p.name != "good"):
+        for image in _images_in(dfolder, "generated anomalies"):
+            caption = folder / "prompt" / dfolder.name / f"{image.stem}.txt"
+            caption = _read_caption(caption, image) if caption.is_file() else ""
+            masks = _mask_files(folder, dfolder.name, image.stem)
+            anomalies.append(_anomaly(image, masks, caption, dfolder.name))
+    for dfolder in sorted(p for p in folder.iterdir() if (p / "image").is_dir()):
+        for image in _images_in(dfolder / "image", "generated anomalies"):
+            mask = [m for m in (dfolder / "mask" / image.name, dfolder / "mask" / f"{image.stem}_mask.png")
+                    if m.is_file()]
+            if not mask:
+                raise FileNotFoundError(f"{image}: no mask (missing {dfolder / 'mask' / image.name})")
+            anomalies.append(_anomaly(image, tuple(mask[:1]), "", dfolder.name))
+    if not anomalies:
+        raise ValueError(f"{folder}: no generated anomalies (expected test/<defect>/*.png or <defect>/image/*.png)")
+    return anomalies
 
 
 def few_shot_split(anomalies):

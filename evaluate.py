@@ -1,14 +1,14 @@
 """Evaluation of synthesised anomalies (paper §5), next to baselines on the same protocol, over seeds, with a
 protocol stamp that makes a table citable. In reading order:
   SegmentationUNet, focal_loss        DRAEM's discriminative U-Net, trained on a method's anomalies (§5.3)
-  load_generated, refuse_leaks        a method's images: sample.py's MVTec layout or AnomalyDiffusion's
+  read_anomalies                      a method's images (data.load_generated reads --generated)
   draem_anomalies, crop_paste_anomalies, combine, METHODS   baselines: Perlin noise, crop-paste, `real`
                                       (the few-shot real anomalies alone), `real+<method>` (both)
   EVAL_CONFIG, EVAL_PRESETS           sizes and budgets: toy (CPU, minutes), mvtec (one GPU)
   train_segmenter, classification_accuracy   downstream models: fixed epochs, the last one is reported
-  protocol_stamp, estimate_seconds, evaluate_method, markdown_table, toy_checks, main
-The metrics (auroc, ..., kid, fid, au_pro, ic_lpips, generation_metrics) live in metrics.py and are
-re-exported here. Protocol (DESIGN.md): train on a method's anomalies + the normal training images; test
+  estimate_seconds, evaluate_method, markdown_table, toy_checks, main
+The metrics (auroc, ..., kid, fid, au_pro, ic_lpips, generation_metrics), the protocol stamp and the leak
+check live in metrics.py and are re-exported here. Protocol (DESIGN.md): train on a method's anomalies + the normal training images; test
 on the held-out two thirds of the real anomalies (data.few_shot_split) plus all good test images.
 """
 import argparse
@@ -80,32 +80,6 @@ def focal_loss(logits, mask, gamma=2.0):
 # ----------------------------------------------------------------------------------------------
 # Anomaly sets: (images [N, 3, S, S], masks [N, 1, S, S], defect index [N]) for each method. A defect's
 # index is its position in the category's sorted list of defect types.
-
-
-def load_generated(folder):
-    """The anomalies of a generated folder, in sample.py's MVTec layout (test/<defect>/, ground_truth/, prompt/;
-    its train/good and test/good hold real images and are ignored) or AnomalyDiffusion's release
-    (<defect>/image/*.png, <defect>/mask/*.png of the same name). Captions are empty where none is written."""
-    folder, anomalies = Path(folder), []
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: generated folder not found (--generated: sample.py's output folder, "
-                                f"or AnomalyDiffusion's <category>/ holding <defect>/image/ and <defect>/mask/)")
-    for dfolder in sorted(p for p in (folder / "test").glob("*") if p.is_dir() and p.name != "good"):
-        for image in data._images_in(dfolder, "generated anomalies"):
-            caption = folder / "prompt" / dfolder.name / f"{image.stem}.txt"
-            caption = data._read_caption(caption, image) if caption.is_file() else ""
-            masks = data._mask_files(folder, dfolder.name, image.stem)
-            anomalies.append(data._anomaly(image, masks, caption, dfolder.name))
-    for dfolder in sorted(p for p in folder.iterdir() if (p / "image").is_dir()):
-        for image in data._images_in(dfolder / "image", "generated anomalies"):
-            mask = [m for m in (dfolder / "mask" / image.name, dfolder / "mask" / f"{image.stem}_mask.png")
-                    if m.is_file()]
-            if not mask:
-                raise FileNotFoundError(f"{image}: no mask (missing {dfolder / 'mask' / image.name})")
-            anomalies.append(data._anomaly(image, tuple(mask[:1]), "", dfolder.name))
-    if not anomalies:
-        raise ValueError(f"{folder}: no generated anomalies (expected test/<defect>/*.png or <defect>/image/*.png)")
-    return anomalies
 
 
 def read_anomalies(anomalies, defects, size):
@@ -433,7 +407,7 @@ def main(argv=None):
     category = data.load_category(data.ensure_toy(args.category) if args.toy else Path(args.data_root) / args.category)
     cfg = resolve_config(args, overrides, category, device)
     ctx = real_data(category, cfg)
-    gen_anomalies = load_generated(args.generated)   # only its anomalies, never one of the test images
+    gen_anomalies = data.load_generated(args.generated)   # only its anomalies, never one of the test images
     if unknown := sorted({a.defect for a in gen_anomalies} - set(ctx["defects"])):
         raise ValueError(f"{args.generated}: defect types {unknown} are not in {category.folder}")
     refuse_leaks(gen_anomalies, ctx["held_anomalies"])

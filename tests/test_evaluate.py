@@ -379,18 +379,18 @@ def test_generated_folder_layouts_sample_py_and_anomalydiffusion(tmp_path):
     """sample.py's MVTec layout (its train/good and test/good are real images, ignored) and AnomalyDiffusion's
     release, <defect>/image/*.png with <defect>/mask/*.png, give the same anomalies."""
     folder = _tiny_category(tmp_path, per_defect=2)   # train/good and test/good present, as sample.py writes
-    ours = E.load_generated(folder)
+    ours = data.load_generated(folder)
     assert [(a.defect, a.image.name) for a in ours] == [(d, f"00{i}.png") for d in ("blue_spot", "red_spot")
                                                         for i in (0, 1)]
     theirs = tmp_path / "released" / "widget"
     for a in ours:
         _write_png(theirs / a.defect / "image" / a.image.name, np.asarray(Image.open(a.image)))
         _write_png(theirs / a.defect / "mask" / a.image.name, np.asarray(Image.open(a.mask_files[0])))
-    loaded = E.load_generated(theirs)
+    loaded = data.load_generated(theirs)
     assert [(a.defect, a.image.name, a.caption) for a in loaded] == [(a.defect, a.image.name, "") for a in ours]
     assert all(torch.equal(data.read_mask(a, 32), data.read_mask(b, 32)) for a, b in zip(ours, loaded))
     with pytest.raises(FileNotFoundError, match="nowhere: generated folder not found"):
-        E.load_generated(tmp_path / "nowhere")
+        data.load_generated(tmp_path / "nowhere")
 
 
 def test_a_generated_copy_of_a_held_out_anomaly_is_refused(tmp_path):
