@@ -3,6 +3,7 @@ a procedural toy world in the same layout (paper §3 for MVTec Caption, §5 for 
 
 What this file holds, in reading order:
   Anomaly, Category, load_category   one category folder, validated up front, errors in one line
+  load_generated                     generated anomalies: sample.py's folder or AnomalyDiffusion's layout
   few_shot_split                     the first third of each defect type trains the generator (§5)
   read_image, read_mask              tensors: images [3, S, S] in [0, 1], masks [1, S, S] in {0, 1}
   perlin_mask, JITTER, sample_mask   masks to generate at: DRAEM's Perlin blobs or jittered real masks
@@ -65,12 +66,15 @@ class Category:
         return [a for a in self.anomalies if a.defect == defect]
 
 
-def _images_in(folder):
-    """Sorted image files of a folder; any other file is an error, since nothing is skipped silently."""
+def _images_in(folder, what=None):
+    """Sorted image files of a folder (at least one if `what` names them); any other file is an error:
+    nothing is skipped silently."""
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     for p in files:
         if p.suffix.lower() not in IMAGE_EXTS:
             raise ValueError(f"{p}: unexpected file in an image folder (expected {', '.join(IMAGE_EXTS)})")
+    if not files and what:
+        raise ValueError(f"{folder}: empty folder, expected {what} (*.png)")
     return files
 
 
@@ -84,12 +88,6 @@ def _decoded_size(path):
         raise ValueError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
 
 
-def _check_count(folder, n_found, what, n_images, image_folder):
-    if n_found != n_images:
-        raise ValueError(f"{folder}: {n_found} {what} for {n_images} images in {image_folder}; "
-                         f"expected one per anomalous test image, with the same index")
-
-
 def _mask_files(folder, defect, stem):
     """The mask file(s) of test/<defect>/<stem>.*: the merged LOCO mask if present, else the AD or LOCO ground truth."""
     merged = folder / "ground_truth_merge_mask" / f"{defect}_merge_mask" / f"{stem}.png"
@@ -99,16 +97,43 @@ def _mask_files(folder, defect, stem):
     if ad.is_file():
         return (ad,)
     if loco.is_dir():
-        regions = _images_in(loco)
-        if not regions:
-            raise ValueError(f"{loco}: empty MVTec LOCO ground-truth folder (expected 000.png, 001.png, ...)")
-        return tuple(regions)
-    raise FileNotFoundError(f"{folder / 'test' / defect / stem}.*: no mask "
-                            f"(looked for {ad}, {loco}/*.png and {merged})")
+        return tuple(_images_in(loco, "one PNG per defect region: 000.png, 001.png, ..."))
+    raise FileNotFoundError(f"{folder / 'test' / defect / stem}.*: no mask; missing {ad} (MVTec AD) "
+                            f"or {loco}/ (MVTec LOCO)")
+
+
+def _no_orphans(folder, stems, kind, test_folder):
+    """A caption or mask whose image is missing: the prompts or masks belong to another version of the data."""
+    for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+        stem = p.name.removesuffix("_mask.png").removesuffix(".txt").removesuffix(".png")
+        if stem not in stems and not p.name.startswith("."):
+            raise ValueError(f"{p}: {kind} without an image (no {test_folder / stem}.png)")
+
+
+def _read_caption(path, image):
+    if not path.is_file():
+        raise FileNotFoundError(f"{image}: no caption (missing {path})")
+    try:
+        caption = path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: caption is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not caption:
+        raise ValueError(f"{path}: empty caption")
+    return caption
+
+
+def _anomaly(image, masks, caption, defect):
+    """One anomalous image with its mask file(s), each the same size as the image."""
+    size = _decoded_size(image)
+    for m in masks:
+        if (msize := _decoded_size(m)) != size:
+            raise ValueError(f"{image} is {size[0]}x{size[1]} but its mask {m} is {msize[0]}x{msize[1]}")
+    return Anomaly(image, masks, caption, defect)
 
 
 def load_category(folder):
-    """Read and validate a whole MVTec AD / LOCO (+ MVTec Caption) category folder, or raise one clear line."""
+    """Read and validate a whole MVTec AD / LOCO (+ MVTec Caption) category folder; a problem is one line
+    naming the file (or missing file) and what is wrong with it."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: MVTec category folder not found; download MVTec AD from {MVTEC_AD_URL} "
@@ -116,55 +141,62 @@ def load_category(folder):
     for sub in ("train/good", "test"):
         if not (folder / sub).is_dir():
             raise FileNotFoundError(f"{folder / sub}: missing folder; {folder} is not in the MVTec layout")
-    train_good = _images_in(folder / "train" / "good")
-    test_good = _images_in(folder / "test" / "good") if (folder / "test" / "good").is_dir() else []
-    val_good = _images_in(folder / "validation" / "good") if (folder / "validation" / "good").is_dir() else []
+    train_good = _images_in(folder / "train" / "good", "the normal training images")
+    optional = lambda sub: _images_in(folder / sub) if (folder / sub).is_dir() else []
+    test_good, val_good = optional("test/good"), optional("validation/good")
     for p in train_good + test_good + val_good:
         _decoded_size(p)
 
     anomalies = []
     for dfolder in sorted(p for p in (folder / "test").iterdir() if p.is_dir() and p.name != "good"):
-        defect, images = dfolder.name, _images_in(dfolder)
+        defect, images = dfolder.name, _images_in(dfolder, "anomalous test images")
         prompts = folder / "prompt" / defect
         if not prompts.is_dir():
             raise FileNotFoundError(f"{prompts}: missing MVTec Caption prompts for {dfolder} "
                                     f"(get them from {MVTEC_CAPTION_URL})")
-        _check_count(prompts, len(list(prompts.glob("*.txt"))), "captions", len(images), dfolder)
-        gt = folder / "ground_truth" / defect
-        if gt.is_dir() and not (folder / "ground_truth_merge_mask").is_dir():
-            n_masks = len(list(gt.glob("*_mask.png"))) + sum(p.is_dir() for p in gt.iterdir())
-            _check_count(gt, n_masks, "masks", len(images), dfolder)
-        for image in images:
-            caption_file = prompts / f"{image.stem}.txt"
-            if not caption_file.is_file():
-                raise FileNotFoundError(f"{image}: no caption (expected {caption_file})")
-            try:
-                caption = caption_file.read_text(encoding="utf-8").strip()
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{caption_file}: caption is not UTF-8 text ({e.reason} at byte {e.start})") from None
-            if not caption:
-                raise ValueError(f"{caption_file}: empty caption")
-            masks = _mask_files(folder, defect, image.stem)
-            size = _decoded_size(image)
-            for m in masks:
-                if _decoded_size(m) != size:
-                    raise ValueError(f"{image} is {size[0]}x{size[1]} but its mask {m} is "
-                                     f"{_decoded_size(m)[0]}x{_decoded_size(m)[1]}")
-            anomalies.append(Anomaly(image, masks, caption, defect))
+        for image in images:   # each image's own files first, so a missing one is named
+            caption = _read_caption(prompts / f"{image.stem}.txt", image)
+            anomalies.append(_anomaly(image, _mask_files(folder, defect, image.stem), caption, defect))
+        stems = {p.stem for p in images}
+        _no_orphans(prompts, stems, "caption", dfolder)
+        if not (folder / "ground_truth_merge_mask").is_dir():
+            _no_orphans(folder / "ground_truth" / defect, stems, "mask", dfolder)
     return Category(folder.name, folder, train_good, test_good, anomalies, val_good)
+
+
+def load_generated(folder):
+    """The anomalies of a generated folder, in sample.py's MVTec layout (test/<defect>/, ground_truth/, prompt/;
+    its train/good and test/good hold real images and are ignored) or AnomalyDiffusion's release
+    (<defect>/image/*.png, <defect>/mask/*.png of the same name). Captions are empty where none is written."""
+    folder, anomalies = Path(folder), []
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: generated folder not found (--generated: sample.py's output folder, "
+                                f"or AnomalyDiffusion's <category>/ holding <defect>/image/ and <defect>/mask/)")
+    for dfolder in sorted(p for p in (folder / "test").glob("*") if p.is_dir() and p.name != "good"):
+        for image in _images_in(dfolder, "generated anomalies"):
+            caption = folder / "prompt" / dfolder.name / f"{image.stem}.txt"
+            caption = _read_caption(caption, image) if caption.is_file() else ""
+            masks = _mask_files(folder, dfolder.name, image.stem)
+            anomalies.append(_anomaly(image, masks, caption, dfolder.name))
+    for dfolder in sorted(p for p in folder.iterdir() if (p / "image").is_dir()):
+        for image in _images_in(dfolder / "image", "generated anomalies"):
+            mask = [m for m in (dfolder / "mask" / image.name, dfolder / "mask" / f"{image.stem}_mask.png")
+                    if m.is_file()]
+            if not mask:
+                raise FileNotFoundError(f"{image}: no mask (missing {dfolder / 'mask' / image.name})")
+            anomalies.append(_anomaly(image, tuple(mask[:1]), "", dfolder.name))
+    if not anomalies:
+        raise ValueError(f"{folder}: no generated anomalies (expected test/<defect>/*.png or <defect>/image/*.png)")
+    return anomalies
 
 
 def few_shot_split(anomalies):
     """Per defect type, the first third by sorted file name (at least one) may train the generator;
     the rest is held out for evaluation, so no image is ever in both (AnomalyDiffusion's protocol)."""
-    by_defect = {}
-    for a in sorted(anomalies, key=lambda a: (a.defect, a.image.name)):
-        by_defect.setdefault(a.defect, []).append(a)
     train, held_out = [], []
-    for items in by_defect.values():
-        n = max(1, len(items) // 3)
-        train += items[:n]
-        held_out += items[n:]
+    for defect in sorted({a.defect for a in anomalies}):
+        items = sorted((a for a in anomalies if a.defect == defect), key=lambda a: a.image.name)
+        train, held_out = train + items[:max(1, len(items) // 3)], held_out + items[max(1, len(items) // 3):]
     return train, held_out
 
 
@@ -188,8 +220,10 @@ def read_mask(anomaly_or_files, size):
         if union is not None and m.shape != union.shape:
             raise ValueError(f"{f}: mask size {m.shape[::-1]} differs from {files[0]} {union.shape[::-1]}")
         union = m if union is None else union | m
-    im = Image.fromarray(union.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)  # nearest: stays binary
-    return torch.from_numpy(np.asarray(im) > 127).float()[None]
+    # area resampling, then > 0: an output pixel is anomalous if any pixel it covers is, so a 1-px scratch
+    # survives downsampling (nearest would drop it and turn the anomaly into a "good" image)
+    m = torch.from_numpy(union).float()[None, None]
+    return (F.interpolate(m, size=(size, size), mode="area") > 0).float()[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -488,31 +522,21 @@ def save_grid(rows, path, cell=128):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Write a toy category (MVTec + MVTec Caption layout) and a preview "
-                                            "grid, or preview a real category folder.")
-    p.add_argument("--toy", action="store_true", help="generate the built-in toy category into --out")
-    p.add_argument("--category", default="cable", help=f"category name (toy: {', '.join(TOY_CATEGORIES)})")
-    p.add_argument("--data_root", default=None, help="root of MVTec AD / LOCO (without --toy): preview only")
+    p = argparse.ArgumentParser(description="Write a toy category (MVTec + MVTec Caption layout) and a preview grid.")
+    p.add_argument("--toy", action="store_true", required=True, help="generate the built-in toy category into --out")
+    p.add_argument("--category", default="cable", help=f"one of {', '.join(TOY_CATEGORIES)} (default: cable)")
     p.add_argument("--out", default="out", help="output folder (default: out)")
-    p.add_argument("--size", type=int, default=128, help="toy image size in pixels (default: 128)")
-    p.add_argument("--seed", type=int, default=0, help="toy seed (default: 0)")
+    p.add_argument("--size", type=int, default=128, help="image size in pixels (default: 128)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     p.add_argument("--rows", type=int, default=3, help="preview rows per defect type (default: 3)")
     args = p.parse_args(argv)
-    if not args.toy and args.data_root is None:
-        p.error("pass --toy, or --data_root DIR to preview a real category")
-    out = Path(args.out)
-    if args.toy:
-        t0 = time.time()
-        folder = make_toy(out, args.category, args.size, args.seed)
-        print(f"wrote toy category {folder} in {time.time() - t0:.1f} s")
-    else:
-        folder = Path(args.data_root) / args.category
-    cat = load_category(folder)
+    t0 = time.time()
+    cat = load_category(make_toy(args.out, args.category, args.size, args.seed))
     rows = [[read_image(a.image, 128), read_mask(a, 128), f"{a.defect}: {a.caption}"]
             for d in cat.defects for a in cat.anomalies_of(d)[:args.rows]]
-    path = save_grid(rows, out / f"{cat.name}_preview.png")
-    print(f"{cat.name}: {len(cat.train_good)} train, {len(cat.test_good)} good test, "
-          f"{len(cat.anomalies)} anomalies ({', '.join(cat.defects)}); preview: {path}")
+    path = save_grid(rows, Path(args.out) / f"{cat.name}_preview.png")
+    print(f"wrote toy category {cat.folder} in {time.time() - t0:.1f} s: {len(cat.train_good)} train, "
+          f"{len(cat.test_good)} good test, {len(cat.anomalies)} anomalies ({', '.join(cat.defects)}); preview: {path}")
 
 
 if __name__ == "__main__":

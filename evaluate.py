@@ -1,21 +1,20 @@
-"""Evaluation of synthesised anomalies (paper §5): generation quality and downstream perception.
-
-What this file holds, in reading order:
-  auroc, average_precision, f1_max   exact ranking metrics on flat arrays (scikit-learn's definitions)
-  inception_score, inception_probs   IS (§5.1) from class probabilities or from images + Inception-v3 weights
-  LPIPS, ic_lpips                    the LPIPS (VGG) distance and IC-LPIPS, the diversity metric of §5.1
-  SegmentationUNet, focal_loss       DRAEM's discriminative U-Net, trained on synthesised anomalies (§5.3)
-  draem_anomalies, crop_paste_anomalies, oracle_anomalies   the baselines, on the same protocol
-  evaluate_method, main              one table row per method -> JSON + markdown table
-
-Protocol (DESIGN.md "Evaluation protocol"): the segmenter and the ResNet-34 classifier are trained on
-a method's anomalies (+ normal training images), tested on the held-out two thirds of the real
-anomalies (data.few_shot_split) plus all good test images; fixed epochs, the last one is reported.
-Depends on data.py (MVTec layout reading, few-shot split, Perlin masks) and torchvision architectures.
+"""Evaluation of synthesised anomalies (paper §5), next to baselines on the same protocol, over seeds, with a
+protocol stamp that makes a table citable. In reading order:
+  SegmentationUNet, focal_loss        DRAEM's discriminative U-Net, trained on a method's anomalies (§5.3)
+  read_anomalies                      a method's images (data.load_generated reads --generated)
+  draem_anomalies, crop_paste_anomalies, combine, METHODS   baselines: Perlin noise, crop-paste, `real`
+                                      (the few-shot real anomalies alone), `real+<method>` (both)
+  EVAL_CONFIG, EVAL_PRESETS           sizes and budgets: toy (CPU, minutes), mvtec (one GPU)
+  train_segmenter, classification_accuracy   downstream models: fixed epochs, the last one is reported
+  estimate_seconds, evaluate_method, markdown_table, toy_checks, main
+The metrics (auroc, ..., kid, fid, au_pro, ic_lpips, generation_metrics), the protocol stamp and the leak
+check live in metrics.py and are re-exported here. Protocol (DESIGN.md): train on a method's anomalies + the normal training images; test
+on the held-out two thirds of the real anomalies (data.few_shot_split) plus all good test images.
 """
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -24,172 +23,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from PIL import Image
 from tqdm import tqdm
 
 import data
-
-HERE = Path(__file__).parent
-LPIPS_LIN = HERE / "lpips_vgg_lin.pth"   # official LPIPS v0.1 linear layers (vgg.pth of lpips 0.1.4, BSD-2)
-
-# ----------------------------------------------------------------------------------------------
-# Ranking metrics. One descending sort, cumulative sums of positives/negatives, and ties grouped by
-# keeping only the last index of each run of equal scores: every distinct score is one threshold,
-# exactly as scikit-learn's _binary_clf_curve does it.
-
-
-def _binary_curve(scores, labels):
-    """True/false positive counts at each distinct threshold, highest threshold first."""
-    scores, labels = (np.asarray(a.detach().cpu() if torch.is_tensor(a) else a).ravel() for a in (scores, labels))
-    if scores.shape != labels.shape:
-        raise ValueError(f"scores and labels differ in length: {scores.size} vs {labels.size}")
-    if not np.isfinite(scores).all():
-        raise ValueError("scores contain NaN or infinity")
-    labels = labels.astype(bool)
-    if labels.all() or not labels.any():
-        raise ValueError("labels contain a single class; the metric needs positives and negatives")
-    order = np.argsort(scores)[::-1]   # any sort will do: tied scores are grouped just below
-    scores, labels = scores[order], labels[order]
-    last = np.r_[np.flatnonzero(scores[1:] != scores[:-1]), scores.size - 1]   # end of each tie run
-    tps = np.cumsum(labels, dtype=np.int64)[last]
-    fps = (last + 1) - tps
-    return tps.astype(np.float64), fps.astype(np.float64)
-
-
-def auroc(scores, labels):
-    """Area under the ROC curve (trapezoids between distinct thresholds = ties count one half)."""
-    tps, fps = _binary_curve(scores, labels)
-    tpr, fpr = np.r_[0.0, tps / tps[-1]], np.r_[0.0, fps / fps[-1]]
-    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
-
-
-def average_precision(scores, labels):
-    """AP = sum_n (R_n - R_{n-1}) P_n over distinct thresholds (scikit-learn's, no interpolation)."""
-    tps, fps = _binary_curve(scores, labels)
-    precision, recall = tps / (tps + fps), tps / tps[-1]
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
-
-
-def f1_max(scores, labels):
-    """Best F1 = 2PR/(P+R) over every distinct threshold (not a 0.05 sweep, unlike AnomalyDiffusion)."""
-    tps, fps = _binary_curve(scores, labels)
-    precision, recall = tps / (tps + fps), tps / tps[-1]
-    f1 = np.divide(2 * precision * recall, precision + recall,
-                   out=np.zeros_like(precision), where=precision + recall > 0)
-    return float(f1.max())
-
-
-# ----------------------------------------------------------------------------------------------
-# Inception Score (Salimans et al. 2016): exp E_x KL(p(y|x) || p(y)), per split, mean and std.
-
-
-def inception_score(probs, splits=10):
-    """IS of class probabilities [N, C]; returns (mean, std) over `splits` equal chunks."""
-    p = torch.as_tensor(probs, dtype=torch.float64)
-    if p.ndim != 2 or len(p) < splits:
-        raise ValueError(f"inception_score needs probs [N, C] with N >= splits={splits}, got {tuple(p.shape)}")
-    n = len(p) // splits   # the standard implementation's equal chunks (a remainder is dropped)
-    parts = (p / p.sum(1, keepdim=True))[:n * splits].view(splits, n, -1)   # [splits, n, C]
-    py = parts.mean(1, keepdim=True).expand_as(parts)   # p(y) of each split
-    # xlogy gives 0 log 0 = 0: a one-hot row must not turn the KL into NaN
-    scores = (torch.xlogy(parts, parts) - torch.xlogy(parts, py)).sum(2).mean(1).exp()   # [splits]
-    return float(scores.mean()), float(scores.std(unbiased=False))   # np.std, as the reference code
-
-
-def load_inception(path, device):
-    """torchvision's Inception-v3 with the user's weights; sizes (classes, aux head) read from the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: Inception-v3 weights file not found (--inception)")
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    model = torchvision.models.inception_v3(
-        weights=None, num_classes=sd["fc.weight"].shape[0], init_weights=False, transform_input=False,
-        aux_logits=any(k.startswith("AuxLogits.") for k in sd))
-    model.load_state_dict(sd)
-    return model.eval().to(device)
-
-
-@torch.no_grad()
-def inception_probs(model, images, batch_size=32):
-    """p(y|x) [N, C] of images [N, 3, S, S] in [0, 1]."""
-    device = next(model.parameters()).device
-    out = []
-    for x in images.split(batch_size):
-        x = F.interpolate(x.to(device).float(), size=(299, 299), mode="bilinear", align_corners=False)
-        # torchvision's weights come from TensorFlow, which expects [-1, 1]: this is what its
-        # transform_input=True does to ImageNet-normalised input, done here directly
-        out.append(model(2 * x - 1).float().softmax(1).cpu())
-    return torch.cat(out)
-
-
-# ----------------------------------------------------------------------------------------------
-# LPIPS (Zhang et al. 2018), VGG variant: features at relu1_2 .. relu5_3, unit-normalised over
-# channels, squared difference, a learned 1x1 layer per level, spatial mean, summed over levels.
-
-
-class LPIPS(nn.Module):
-    """LPIPS distance d(x, y) -> [B] for images in [0, 1]; VGG16 backbone and linear layers from files."""
-
-    slices = (4, 9, 16, 23, 30)   # vgg16.features indices just after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
-
-    def __init__(self, vgg_path=None, lin_path=LPIPS_LIN):
-        super().__init__()
-        if vgg_path is not None and not Path(vgg_path).is_file():
-            raise FileNotFoundError(f"{vgg_path}: VGG16 weights file not found (--vgg)")
-        # torchvision's vgg16().features (config "D"), without building the 120M-parameter classifier
-        self.features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])[:30]
-        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in (64, 128, 256, 512, 512))
-        # the official ScalingLayer: ImageNet mean/std re-expressed for inputs in [-1, 1]
-        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
-        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
-        if vgg_path is not None:
-            sd = torch.load(vgg_path, map_location="cpu", weights_only=True)
-            # a full torchvision vgg16 state dict ("features.0.weight", ...) or its features alone
-            sd = {k.removeprefix("features."): v for k, v in sd.items() if not k.startswith("classifier.")}
-            self.features.load_state_dict(sd)
-        lin = torch.load(lin_path, map_location="cpu", weights_only=True)   # keys lin{k}.model.1.weight
-        for k, layer in enumerate(self.lins):
-            layer.weight.data.copy_(lin[f"lin{k}.model.1.weight"])
-        self.eval().requires_grad_(False)
-
-    def levels(self, x):
-        """Channel-unit-normalised features at the five levels."""
-        h, out, start = (2 * x - 1 - self.shift) / self.scale, [], 0
-        for end in self.slices:
-            h = self.features[start:end](h)
-            out.append(h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))   # lpips.normalize_tensor
-            start = end
-        return out
-
-    def forward(self, x, y):
-        fx, fy = self.levels(x), self.levels(y)
-        return sum(lin((a - b) ** 2).mean((2, 3)) for lin, a, b in zip(self.lins, fx, fy)).flatten()
-
-
-@torch.no_grad()
-def ic_lpips(generated, centres, lpips_fn, batch_size=32):
-    """Intra-cluster pairwise LPIPS (Ojha et al. 2021, as AnomalyDiffusion computes it).
-
-    generated [N, 3, S, S] joins the nearest of centres [M, 3, S, S] (the few-shot real anomalies) by
-    LPIPS; the mean pairwise LPIPS within each cluster of >= 2 images, averaged over clusters.
-    """
-    def dist(a, b, ia, ib):   # d(a[ia[k]], b[ib[k]]) for every k, a batch of pairs at a time
-        pairs = zip(ia.split(batch_size), ib.split(batch_size))
-        return torch.cat([lpips_fn(a[i], b[j]).float().cpu() for i, j in pairs])
-
-    N, M = len(generated), len(centres)
-    to_centre = dist(generated, centres, torch.arange(N).repeat_interleave(M), torch.arange(M).repeat(N))
-    nearest = to_centre.view(N, M).argmin(1)   # [N]: each generated image's cluster
-    cluster_means = []
-    for c in range(M):
-        members = generated[nearest == c]
-        if len(members) < 2:
-            continue   # a pair is needed for a distance: singleton clusters are dropped
-        i, j = torch.triu_indices(len(members), len(members), offset=1)   # every unordered pair once
-        cluster_means.append(dist(members, members, i, j).mean())
-    if not cluster_means:
-        raise ValueError("no IC-LPIPS cluster holds 2 or more images")
-    return float(torch.stack(cluster_means).mean())
-
+from metrics import (LPIPS, _said, au_pro, auroc, average_precision, f1_max, fid, generation_metrics,  # noqa: F401
+                     ic_lpips, inception_features, inception_probs, inception_score, kid, load_inception,
+                     protocol_stamp, refuse_leaks, segmentation_scores)
 
 # ----------------------------------------------------------------------------------------------
 # Downstream segmenter: DRAEM's discriminative sub-network (Zavrtanik et al. 2021), taking the image
@@ -238,20 +78,14 @@ def focal_loss(logits, mask, gamma=2.0):
 
 
 # ----------------------------------------------------------------------------------------------
-# Anomaly sets: (images [N, 3, S, S], masks [N, 1, S, S], defect index [N]) for each method.
+# Anomaly sets: (images [N, 3, S, S], masks [N, 1, S, S], defect index [N]) for each method. A defect's
+# index is its position in the category's sorted list of defect types.
 
 
 def read_anomalies(anomalies, defects, size):
     return (torch.stack([data.read_image(a.image, size) for a in anomalies]),
             torch.stack([data.read_mask(a, size) for a in anomalies]),
             torch.tensor([defects.index(a.defect) for a in anomalies]))
-
-
-def oracle_anomalies(real, counts):
-    """The few-shot real anomalies themselves, cycled up to each defect type's count."""
-    images, masks, labels = real
-    idx = torch.cat([torch.nonzero(labels == d).flatten().repeat(n)[:n] for d, n in counts.items()])
-    return images[idx], masks[idx], labels[idx]
 
 
 def draem_anomalies(normals, counts, g, size):
@@ -296,20 +130,29 @@ def crop_paste_anomalies(real, normals, counts, g):
     return torch.stack(out_images), torch.stack(out_masks), torch.tensor(out_labels)
 
 
+def combine(*sets):
+    """One anomaly set from several (real+<method>: the few-shot real anomalies and a method's together)."""
+    return tuple(torch.cat(parts) for parts in zip(*sets))
+
+
+METHODS = ("axf", "draem", "crop_paste", "real", "real+axf", "real+draem", "real+crop_paste")
+
+
 # ----------------------------------------------------------------------------------------------
 # The evaluation config: sizes and budgets, with a toy (CPU, minutes) and an MVTec (one GPU) preset.
 
 EVAL_CONFIG = dict(
-    seed=0,
+    seed=0,                # the seed of the baselines' anomalies and of KID's subsets; --seeds for the models
     image_size=64,
     seg_width=8,           # base width of the segmenter (DRAEM: 64)
-    seg_epochs=8,          # an epoch: one pass over the normal training images, each batch half anomalies
+    seg_epochs=5,          # an epoch: one pass over the normal training images, each batch half anomalies
     seg_lr=1e-3,
-    cls_epochs=5,          # ResNet-34 epochs, each as many anomalies as there are normal training images
+    cls_epochs=3,          # ResNet-34 epochs, each as many anomalies as there are normal training images
     cls_lr=1e-3,
     batch_size=16,
     pool_window=21,        # image score window at 256 px (DRAEM), scaled with image_size
     is_splits=10,
+    kid_subsets=100,       # KID: subsets of min(1000, generated, real held-out) images per defect type
 )
 
 EVAL_PRESETS = {
@@ -358,17 +201,11 @@ def train_segmenter(anomalies, normals, cfg, device, g):
 
 
 @torch.no_grad()
-def segmentation_metrics(model, test_images, test_masks, cfg, device):
-    """Pixel metrics over all test pixels pooled; image score = max of the average-pooled anomaly map."""
+def segmentation_metrics(model, test, cfg, device):
+    """The segmenter's anomaly maps of the test images, scored by metrics.segmentation_scores."""
     maps = torch.cat([model(x.to(device)).float().softmax(1)[:, 1:].cpu()
-                      for x in test_images.split(cfg["batch_size"])])   # [N, 1, S, S]
-    k = max(1, round(cfg["pool_window"] * cfg["image_size"] / 256)) | 1   # odd, so the map keeps its size
-    image_scores = F.avg_pool2d(maps, k, stride=1, padding=k // 2).flatten(1).max(1).values
-    image_labels = test_masks.flatten(1).amax(1) > 0
-    pixel_scores, pixel_labels = maps.flatten().numpy(), test_masks.flatten().numpy() > 0.5
-    return dict(pixel_auroc=auroc(pixel_scores, pixel_labels), pixel_ap=average_precision(pixel_scores, pixel_labels),
-                pixel_f1_max=f1_max(pixel_scores, pixel_labels), image_auroc=auroc(image_scores, image_labels),
-                image_ap=average_precision(image_scores, image_labels), image_f1_max=f1_max(image_scores, image_labels))
+                      for x in test[0].split(cfg["batch_size"])])   # [N, 1, S, S]
+    return segmentation_scores(maps, test[1], test[2], max(1, round(cfg["pool_window"] * cfg["image_size"] / 256)))
 
 
 def build_resnet(num_classes, path=None):
@@ -405,70 +242,58 @@ def classification_accuracy(anomalies, test, num_classes, steps, cfg, device, g,
 
 
 # ----------------------------------------------------------------------------------------------
-# One row of the table per method, then the script.
-
-_said = set()
+# A run says its time before the long work starts.
 
 
-def null_because(reason):
-    """A metric that cannot be computed is null; its reason is printed once per run."""
-    if reason not in _said:
-        _said.add(reason)
-        print(f"null: {reason}")
-    return None
+def estimate_seconds(ctx, cfg, device, runs):
+    """`runs` trainings of both downstream models, from the time of each one's second step (the first warms up)."""
+    B, S, seconds = cfg["batch_size"], cfg["image_size"], []
+    for model, loss, y in ((SegmentationUNet(cfg["seg_width"]), focal_loss, torch.zeros(B, 1, S, S)),
+                           (build_resnet(len(ctx["defects"])), F.cross_entropy, torch.zeros(B, dtype=torch.long))):
+        for _ in range(2):
+            t0 = time.perf_counter()
+            _fit(model.to(device), 1e-4, [(torch.rand(B, 3, S, S), y)], 1, loss, "timing", device)
+        seconds.append(time.perf_counter() - t0)
+    steps = math.ceil(len(ctx["normals"]) / max(1, B // 2)) * cfg["seg_epochs"], ctx["cls_steps"] * cfg["cls_epochs"]
+    return runs * (steps[0] * seconds[0] + steps[1] * seconds[1])
 
 
-def generation_metrics(anomalies, real, num_defects, cfg, device, inception=None, lpips=None):
-    """IS and IC-LPIPS per defect type, averaged over the defect types that have anomalies."""
-    images, _, labels = anomalies
-    is_rows, ic_rows = [], []
-    for d in range(num_defects):
-        generated = images[labels == d]
-        if len(generated) == 0:
-            continue
-        if inception is not None:
-            probs = inception_probs(inception, generated, cfg["batch_size"])
-            is_rows.append(inception_score(probs, splits=min(cfg["is_splits"], len(generated))))
-        if lpips is not None:
-            centres = real[0][real[2] == d]
-            try:
-                ic_rows.append(ic_lpips(generated, centres, lambda a, b: lpips(a.to(device), b.to(device)),
-                                        cfg["batch_size"]))
-            except ValueError:
-                null_because("IC-LPIPS skips defect types whose clusters all hold fewer than 2 images")
-    is_value = (null_because("IS needs Inception-v3 weights: pass --inception PATH") if inception is None
-                else [float(np.mean([m for m, _ in is_rows])), float(np.mean([s for _, s in is_rows]))])
-    ic_value = (null_because("IC-LPIPS needs torchvision VGG16 weights: pass --vgg PATH") if lpips is None
-                else null_because("IC-LPIPS: no defect type has a cluster of 2 or more images") if not ic_rows
-                else float(np.mean(ic_rows)))
-    return {"is": is_value, "ic_lpips": ic_value}
+# ----------------------------------------------------------------------------------------------
+# One row of the table per method, its downstream metrics over the seeds, then the script.
 
 
-def evaluate_method(anomalies, ctx, cfg, device, inception=None, lpips=None, resnet_path=None):
-    """The JSON row of one method: generation, segmentation and classification metrics."""
-    torch.manual_seed(cfg["seed"])   # the same network initialisation for every method
-    g = torch.Generator().manual_seed(cfg["seed"])
-    row = {"generation": generation_metrics(anomalies, ctx["real"], len(ctx["defects"]), cfg, device, inception, lpips)}
-    segmenter = train_segmenter(anomalies, ctx["normals"], cfg, device, g)
-    row["segmentation"] = segmentation_metrics(segmenter, ctx["test_images"], ctx["test_masks"], cfg, device)
-    steps = math.ceil(len(ctx["normals"]) / cfg["batch_size"])   # an epoch: as many anomalies as normal images
-    row["classification"] = {"accuracy": classification_accuracy(
-        anomalies, ctx["test_classes"], len(ctx["defects"]), steps, cfg, device, g, resnet_path)}
-    return row
+def evaluate_method(anomalies, ctx, cfg, device, seeds, resnet_path=None):
+    """Segmentation and classification of one method, trained once per seed: means, stds and every seed's value."""
+    runs = []
+    for seed in seeds:
+        torch.manual_seed(seed)   # the same network initialisation for every method
+        g = torch.Generator().manual_seed(seed)
+        segmenter = train_segmenter(anomalies, ctx["normals"], cfg, device, g)
+        runs.append({"segmentation": segmentation_metrics(segmenter, ctx["test"], cfg, device),
+                     "classification": {"accuracy": classification_accuracy(
+                         anomalies, ctx["test_classes"], len(ctx["defects"]), ctx["cls_steps"], cfg, device, g,
+                         resnet_path)}})
+    stat = lambda fn: {part: {k: float(fn([r[part][k] for r in runs])) for k in runs[0][part]} for part in runs[0]}
+    return {**stat(np.mean), "std": stat(np.std), "per_seed": dict(zip(map(str, seeds), runs))}
 
 
-def markdown_table(results, category):
-    """The rows as a markdown table: IS raw, IC-LPIPS raw, the rest in percent as in the paper's tables."""
-    cols = ["pixel_auroc", "pixel_ap", "pixel_f1_max", "image_auroc", "image_ap", "image_f1_max"]
-    lines = [f"## {category}", "", "| method | IS | IC-LPIPS | " + " | ".join(cols) + " | accuracy |",
-             "| --- " * (len(cols) + 4) + "|"]
-    fmt = lambda v, scale=100, digits=1: "-" if v is None else f"{v * scale:.{digits}f}"
+def markdown_table(results, category, stamp):
+    """IS, KID ×1000, FID, IC-LPIPS raw; the rest in percent as in the paper's tables, mean ± std over seeds."""
+    cols = ["pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_au_pro", "image_auroc", "image_ap", "image_f1_max"]
+    lines = [f"## {category}", "", "| method | IS | KID ×1000 | FID | IC-LPIPS | " + " | ".join(cols) + " | accuracy |",
+             "| --- " * (len(cols) + 6) + "|"]
+    pm = lambda v, scale=100, d=1: "-" if v is None else f"{v[0] * scale:.{d}f} ± {v[1] * scale:.{d}f}"
+    one = lambda v, d: "-" if v is None else f"{v:.{d}f}"
     for name, row in results.items():
-        is_value = row["generation"]["is"]
-        cells = ["-" if is_value is None else f"{is_value[0]:.2f} ± {is_value[1]:.2f}",
-                 fmt(row["generation"]["ic_lpips"], 1, 3)]
-        cells += [fmt(row["segmentation"][c]) for c in cols] + [fmt(row["classification"]["accuracy"])]
+        gen = row["generation"]
+        cells = [pm(gen["is"], 1, 2), pm(gen["kid"], 1000, 1), one(gen["fid"], 1), one(gen["ic_lpips"], 3)]
+        cells += [pm((row[part][c], row["std"][part][c])) for part, c in
+                  [("segmentation", c) for c in cols] + [("classification", "accuracy")]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", f"Protocol: {stamp['split']}. Few-shot per type {stamp['few_shot']}; test {stamp['test']}; "
+              f"generated {stamp['generated']}. IC-LPIPS {stamp['ic_lpips']}; KID {stamp['kid']}. Epochs "
+              f"{stamp['epochs']}, seeds {stamp['seeds']}, preset {stamp['preset']} ({stamp['image_size']} px). "
+              f"Weights {stamp['weights']}. Commit {stamp['git_commit']}. `{stamp['command']}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -500,87 +325,113 @@ def toy_checks(gen_anomalies, generated, category, cfg, device, steps=1500, judg
                 "defect_type_recognised": accuracy(generated[0], generated[2])}
 
 
-METHODS = ("axf", "draem", "crop_paste", "oracle")
-
-
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        description="Evaluate synthesised anomalies (IS, IC-LPIPS, segmentation AUROC/AP/F1-max, "
-                    "classification accuracy) next to the DRAEM, crop-paste and oracle baselines.",
-        epilog="The mvtec preset sets " + ", ".join(f"{k}={v}" for k, v in EVAL_PRESETS["mvtec"].items()))
-    parser.add_argument("--category", required=True, help="category folder name, e.g. bottle")
-    parser.add_argument("--generated", required=True, help="sample.py's MVTec-layout folder: the 'axf' row")
-    parser.add_argument("--data_root", default="data/mvtec", help="folder holding <category>/ in MVTec layout")
-    parser.add_argument("--toy", action="store_true", help="use the built-in toy dataset (made on first use)")
-    parser.add_argument("--preset", choices=sorted(EVAL_PRESETS), help="default: toy with --toy, else mvtec")
-    parser.add_argument("--out", help="result JSON, with a .md table beside it (default out/evaluate_<category>.json)")
-    parser.add_argument("--inception", help="torchvision Inception-v3 state dict file; without it IS is null")
-    parser.add_argument("--vgg", help="torchvision VGG16 state dict file (LPIPS backbone); without it IC-LPIPS is null")
-    parser.add_argument("--resnet", help="torchvision ResNet-34 state dict for the classifier (default: from scratch)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated rows: axf (--generated), draem "
-                        "(Perlin noise), crop_paste (few-shot anomalies pasted), oracle (the few-shot anomalies)")
-    parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
+    parser = argparse.ArgumentParser(description="Evaluate synthesised anomalies (IS, KID, FID, IC-LPIPS; segmentation "
+                                     "AUROC/AP/F1-max/AU-PRO; classification) next to baselines, over seeds.",
+                                     epilog="The mvtec preset sets " + ", ".join(f"{k}={v}" for k, v in
+                                                                                 EVAL_PRESETS["mvtec"].items()))
+    arg = parser.add_argument
+    arg("--category", required=True, help="category folder name, e.g. bottle")
+    arg("--generated", required=True, help="the 'axf' row: sample.py's output folder (MVTec layout) or "
+        "AnomalyDiffusion's <category>/ with <defect>/image/ and <defect>/mask/")
+    arg("--data_root", default="data/mvtec", help="folder holding <category>/ in MVTec layout")
+    arg("--toy", action="store_true", help="use the built-in toy dataset (made on first use)")
+    arg("--preset", choices=sorted(EVAL_PRESETS), help="default: mvtec on a GPU for images >= 256 px, else toy")
+    arg("--out", help="result JSON, with a .md table beside it (default out/evaluate_<category>.json)")
+    arg("--inception", help="torchvision Inception-v3 state dict (IS, KID, FID), or 'random'")
+    arg("--vgg", help="torchvision VGG16 state dict (LPIPS backbone for IC-LPIPS), or 'random'")
+    arg("--resnet", help="torchvision ResNet-34 state dict for the classifier (default: from scratch)")
+    arg("--methods", default=",".join(METHODS), help="comma-separated rows: axf (--generated), draem (Perlin noise), "
+        "crop_paste (few-shot anomalies pasted), real (the few-shot anomalies), real+<method> (both)")
+    arg("--seeds", help="comma-separated seeds of the downstream models, e.g. 0,1,2 (default: the seed key)")
+    arg("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
     for key, default in EVAL_CONFIG.items():
-        parser.add_argument(f"--{key}", type=type(default), help=f"evaluation config (toy default: {default})")
+        arg(f"--{key}", type=type(default), help=f"evaluation config (toy default: {default})")
     args = parser.parse_args(argv)
-    overrides = {k: getattr(args, k) for k in EVAL_CONFIG if getattr(args, k) is not None}
-    return args, overrides
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args, {k: getattr(args, k) for k in EVAL_CONFIG if getattr(args, k) is not None}
+
+
+def resolve_config(args, overrides, category, device):
+    """The preset (the paper's 256 px recipe only on a GPU for images of 256 px or more), then the overrides."""
+    with Image.open(category.train_good[0]) as im:
+        side = min(im.size)
+    preset = args.preset or ("mvtec" if device.type == "cuda" and side >= 256 and not args.toy else "toy")
+    if not args.preset:
+        print(f"preset {preset} ({side} px images, {device.type}); --preset mvtec|toy chooses")
+    cfg = {**EVAL_CONFIG, **EVAL_PRESETS[preset], "preset": preset, **overrides}
+    print("evaluation config:", json.dumps(cfg))
+    if cfg["image_size"] % 32:
+        raise ValueError(f"image_size={cfg['image_size']}: the segmenter pools 5 times, so it must be a multiple of 32")
+    return cfg
+
+
+def real_data(category, cfg):
+    """At the evaluation size: the normal training images, the few-shot anomalies (the baselines' material) and
+    the test, held-out anomalies + good images, each image labelled by where it comes from."""
+    S, (few, held) = cfg["image_size"], data.few_shot_split(category.anomalies)
+    if not category.test_good or not held:
+        raise ValueError(f"{category.folder}: the test needs good test images and held-out anomalies, found "
+                         f"{len(category.test_good)} and {len(held)}")
+    normals, good = (torch.stack([data.read_image(p, S) for p in files]) for files in (category.train_good,
+                                                                                       category.test_good))
+    real, test = (read_anomalies(a, category.defects, S) for a in (few, held))
+    print(f"{category.name}: {len(normals)} normal training images, {len(few)} few-shot anomalies, test: "
+          f"{len(held)} held-out anomalies + {len(good)} good images; defects {category.defects}")
+    return dict(defects=category.defects, normals=normals, real=real, held=test, held_anomalies=held,
+                n_good=len(good), test_classes=(test[0], test[2]), cls_steps=math.ceil(len(normals) / cfg["batch_size"]),
+                test=(torch.cat([test[0], good]), torch.cat([test[1], torch.zeros(len(good), *test[1].shape[1:])]),
+                      torch.cat([torch.ones(len(held)), torch.zeros(len(good))])))
+
+
+def anomaly_sets(methods, generated, ctx, cfg):
+    """Each method's (images, masks, defect index); the baselines make as many per defect type as were generated."""
+    counts = {d: n for d in range(len(ctx["defects"])) if (n := int((generated[2] == d).sum()))}
+    g, normals, real = torch.Generator().manual_seed(cfg["seed"]), ctx["normals"], ctx["real"]
+    make = {"axf": lambda: generated, "real": lambda: real, "crop_paste": lambda: crop_paste_anomalies(
+        real, normals, counts, g), "draem": lambda: draem_anomalies(normals, counts, g, cfg["image_size"])}
+    sets = {m: make[m]() for m in make if m in methods or f"real+{m}" in methods}
+    return {m: sets[m] if m in sets else combine(real, sets[m.removeprefix("real+")]) for m in methods}
 
 
 def main(argv=None):
     args, overrides = parse_args(argv)
     _said.clear()   # each run explains its nulls
-    preset = args.preset or ("toy" if args.toy else "mvtec")
-    cfg = {**EVAL_CONFIG, **EVAL_PRESETS[preset], "preset": preset, **overrides}
-    print("evaluation config:", json.dumps(cfg))
-    S = cfg["image_size"]
-    if S % 32:
-        raise ValueError(f"image_size={S}: the segmenter pools 5 times, so it must be a multiple of 32")
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if set(methods) - set(METHODS):
         raise ValueError(f"--methods: unknown {sorted(set(methods) - set(METHODS))}; choose from {','.join(METHODS)}")
-    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [overrides.get("seed", EVAL_CONFIG["seed"])]
     start = time.time()
 
-    # the real data: few-shot anomalies (baselines' material), held-out anomalies + good images (test)
-    folder = data.ensure_toy(args.category) if args.toy else Path(args.data_root) / args.category
-    category = data.load_category(folder)
-    defects = category.defects
-    few, held = data.few_shot_split(category.anomalies)
-    if not category.test_good or not held:
-        raise ValueError(f"{folder}: the test needs good test images and held-out anomalies, found "
-                         f"{len(category.test_good)} and {len(held)}")
-    normals = torch.stack([data.read_image(p, S) for p in category.train_good])
-    real = read_anomalies(few, defects, S)
-    test_held = read_anomalies(held, defects, S)
-    test_good = torch.stack([data.read_image(p, S) for p in category.test_good])
-    ctx = dict(defects=defects, normals=normals, real=real, test_classes=(test_held[0], test_held[2]),
-               test_images=torch.cat([test_held[0], test_good]),
-               test_masks=torch.cat([test_held[1], torch.zeros(len(test_good), 1, S, S)]))
-    print(f"{args.category}: {len(normals)} normal training images, {len(few)} few-shot anomalies, "
-          f"test: {len(held)} held-out anomalies + {len(test_good)} good images; defects {defects}")
-
-    gen_anomalies = data.load_category(Path(args.generated)).anomalies
-    if not gen_anomalies:
-        raise ValueError(f"{args.generated}: no anomalies found under test/<defect>/")
-    if {a.defect for a in gen_anomalies} - set(defects):
-        raise ValueError(f"{args.generated}: defect types {sorted({a.defect for a in gen_anomalies} - set(defects))} "
-                         f"are not in {folder}")
-    generated = read_anomalies(gen_anomalies, defects, S)
-    counts = {d: n for d in range(len(defects)) if (n := int((generated[2] == d).sum()))}   # baselines match these
+    category = data.load_category(data.ensure_toy(args.category) if args.toy else Path(args.data_root) / args.category)
+    cfg = resolve_config(args, overrides, category, device)
+    ctx = real_data(category, cfg)
+    gen_anomalies = data.load_generated(args.generated)   # only its anomalies, never one of the test images
+    if unknown := sorted({a.defect for a in gen_anomalies} - set(ctx["defects"])):
+        raise ValueError(f"{args.generated}: defect types {unknown} are not in {category.folder}")
+    refuse_leaks(gen_anomalies, ctx["held_anomalies"])
+    generated = read_anomalies(gen_anomalies, ctx["defects"], cfg["image_size"])
+    sets = anomaly_sets(methods, generated, ctx, cfg)
 
     inception = load_inception(args.inception, device) if args.inception else None
     lpips = LPIPS(args.vgg).to(device) if args.vgg else None
-    g, results = torch.Generator().manual_seed(cfg["seed"]), {}
+    if inception is not None:   # the held-out anomalies' features, for KID and FID of every method
+        ctx["held_features"] = inception_features(inception, ctx["held"][0], cfg["batch_size"])[0]
+    eta = estimate_seconds(ctx, cfg, device, len(methods) * len(seeds))
+    print(f"estimated time for the downstream models: {eta / 60:.1f} min ({len(methods)} methods x {len(seeds)} seeds"
+          f" on {device.type}, preset {cfg['preset']})" + (" -- on a CPU, --preset toy takes minutes"
+                                                            if cfg["preset"] != "toy" and device.type == "cpu" else ""))
+    results = {}
     for name in tqdm(methods, desc="methods"):
-        anomalies = {"axf": lambda: generated,
-                     "draem": lambda: draem_anomalies(normals, counts, g, S),
-                     "crop_paste": lambda: crop_paste_anomalies(real, normals, counts, g),
-                     "oracle": lambda: oracle_anomalies(real, counts)}[name]()
-        results[name] = evaluate_method(anomalies, ctx, cfg, device, inception, lpips, args.resnet)
-        tqdm.write(f"{name} ({len(anomalies[0])} anomalies): {json.dumps(results[name])}")
+        gen = (generation_metrics(sets[name], ctx, cfg, device, inception, lpips) if not name.startswith("real+")
+               else dict.fromkeys(("is", "ic_lpips", "kid", "fid")))   # a mix: its parts have their own rows
+        results[name] = {"generation": gen, **evaluate_method(sets[name], ctx, cfg, device, seeds, args.resnet)}
+        tqdm.write(f"{name} ({len(sets[name][0])} anomalies): {json.dumps(results[name]['segmentation'])}")
 
-    table = markdown_table(results, args.category)
+    stamp = protocol_stamp(args, cfg, seeds, ctx, generated)
+    table = markdown_table(results, args.category, stamp)
+    results["protocol"] = stamp
     if args.toy:
         results["toy_checks"] = toy_checks(gen_anomalies, generated, category, cfg, device)
         table += "\ntoy checks of the generated anomalies: " + json.dumps(results["toy_checks"]) + "\n"
@@ -588,8 +439,7 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     out.with_suffix(".md").write_text(table)
-    print(table)
-    print(f"wrote {out} and {out.with_suffix('.md')} in {time.time() - start:.0f} s")
+    print(table + f"\nwrote {out} and {out.with_suffix('.md')} in {time.time() - start:.0f} s")
     return results
 
 

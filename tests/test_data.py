@@ -2,6 +2,8 @@
 and the toy world (layout, determinism, and that the picture follows the caption)."""
 import hashlib
 import random
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +96,16 @@ def test_read_image_and_mask_give_the_documented_tensors(toy):
     assert mask.shape == (1, 48, 48) and set(mask.unique().tolist()) == {0.0, 1.0}
 
 
+def test_thin_mask_survives_downsampling(tmp_path):
+    """A 1-px scratch must stay in the mask at a quarter of the size, else its image would count as good."""
+    thin = np.zeros((256, 256), np.uint8)
+    thin[101, 30:200] = 255   # a horizontal line on a row that nearest-neighbour sampling at 64 px skips
+    thin[150:220, 37] = 255
+    mask = data.read_mask(_png(tmp_path / "m.png", thin), 64)[0]
+    assert mask[25, 8:50].all() and mask[37:55, 9].all() and mask.sum() == 43 + 18
+    assert data.read_mask(tmp_path / "m.png", 256)[0].sum() == 170 + 70   # at full size: exactly the pixels
+
+
 def test_ad_tree_is_parsed_with_stripped_captions_and_binarised_masks(tmp_path):
     """MVTec AD + Caption: one caption per anomaly with the same index, UTF-8, stripped; grayscale -> RGB."""
     cat_dir = _ad_tree(tmp_path)
@@ -147,50 +159,59 @@ def test_missing_category_folder_says_where_to_download_and_hints_toy(tmp_path):
     assert "\n" not in str(e.value)
 
 
-def test_caption_count_mismatch_names_the_folder_and_both_counts(tmp_path):
-    """One caption per anomalous image: an extra caption means the prompts belong to another version."""
-    cat_dir = _ad_tree(tmp_path)
-    _text(cat_dir / "prompt" / "scratch" / "003.txt", "extra")
-    with pytest.raises(ValueError, match=r"prompt/scratch: 4 captions for 3 images"):
+def _truncate(path):
+    _png(path, np.random.default_rng(0).integers(0, 255, (64, 64, 3)))
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+def _empty(folder):
+    for p in folder.iterdir():
+        p.unlink()
+
+
+# (damage to a valid tree, the file the message must name, what it must say). Every check load_category makes.
+DAMAGES = {
+    "missing mask": (lambda c: (c / "ground_truth/crack/001_mask.png").unlink(),
+                     "test/crack/001", r"no mask; missing \S*ground_truth/crack/001_mask.png"),
+    "missing LOCO region folder": (lambda c: shutil.rmtree(c / "ground_truth/logical_anomalies/000"),
+                                   "test/logical_anomalies/000", r"ground_truth/logical_anomalies/000/ \(MVTec LOCO\)"),
+    "empty LOCO region folder": (lambda c: _empty(c / "ground_truth/logical_anomalies/000"),
+                                 "ground_truth/logical_anomalies/000", "empty folder, expected one PNG per defect region"),
+    "extra mask": (lambda c: _png(c / "ground_truth/crack/007_mask.png", np.zeros((16, 16))),
+                   "ground_truth/crack/007_mask.png", r"mask without an image \(no \S*test/crack/007.png\)"),
+    "missing caption": (lambda c: (c / "prompt/crack/002.txt").unlink(), "test/crack/002.png",
+                        r"no caption \(missing \S*prompt/crack/002.txt\)"),
+    "extra caption": (lambda c: _text(c / "prompt/scratch/003.txt", "extra"), "prompt/scratch/003.txt",
+                      "caption without an image"),
+    "empty caption": (lambda c: _text(c / "prompt/scratch/001.txt", " \n"), "prompt/scratch/001.txt", "empty caption"),
+    "non-UTF-8 caption": (lambda c: (c / "prompt/scratch/001.txt").write_bytes(b"\xff\xfe bad"),
+                          "prompt/scratch/001.txt", "not UTF-8 text"),
+    "missing prompts": (lambda c: shutil.rmtree(c / "prompt/scratch"), "prompt/scratch", "missing MVTec Caption prompts"),
+    "image/mask size": (lambda c: _png(c / "ground_truth/crack/001_mask.png", np.zeros((8, 8))),
+                        "test/crack/001.png", r"is 16x16 but its mask \S*crack/001_mask.png is 8x8"),
+    "LOCO region size": (lambda c: _png(c / "ground_truth/logical_anomalies/000/001.png", np.zeros((8, 8))),
+                         "test/logical_anomalies/000.png", r"is 20x20 but its mask \S*000/001.png is 8x8"),
+    "truncated PNG": (lambda c: _truncate(c / "train/good/002.png"), "train/good/002.png", "unreadable image"),
+    "truncated mask": (lambda c: _truncate(c / "ground_truth/crack/000_mask.png"), "ground_truth/crack/000_mask.png",
+                       "unreadable image"),
+    "stray file": (lambda c: _text(c / "test/crack/notes.txt", "x"), "test/crack/notes.txt", "unexpected file"),
+    "empty train/good": (lambda c: _empty(c / "train/good"), "train/good", "empty folder, expected the normal training"),
+    "empty defect folder": (lambda c: _empty(c / "test/crack"), "test/crack", "empty folder, expected anomalous"),
+    "missing train/good": (lambda c: shutil.rmtree(c / "train"), "train/good", "missing folder"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_every_validation_error_is_one_line_naming_the_file(tmp_path, damage):
+    """Bad data is reported before anything trains, as one line that names the bad (or missing) file."""
+    harm, name, what = DAMAGES[damage]
+    cat_dir = _loco_tree(tmp_path) if "LOCO" in damage else _ad_tree(tmp_path)
+    harm(cat_dir)
+    with pytest.raises((ValueError, FileNotFoundError)) as e:
         data.load_category(cat_dir)
-
-
-def test_missing_caption_or_mask_names_the_image(tmp_path):
-    """With the counts right but a name wrong, the error names the image that lacks its caption or mask."""
-    cat_dir = _ad_tree(tmp_path)
-    (cat_dir / "prompt" / "crack" / "002.txt").rename(cat_dir / "prompt" / "crack" / "007.txt")
-    with pytest.raises(FileNotFoundError, match=r"test/crack/002.png: no caption"):
-        data.load_category(cat_dir)
-    (cat_dir / "prompt" / "crack" / "007.txt").rename(cat_dir / "prompt" / "crack" / "002.txt")
-    gt = cat_dir / "ground_truth" / "scratch"
-    (gt / "001_mask.png").rename(gt / "009_mask.png")
-    with pytest.raises(FileNotFoundError, match=r"test/scratch/001\.\*: no mask"):
-        data.load_category(cat_dir)
-
-
-def test_image_mask_size_mismatch_names_both_files(tmp_path):
-    """A mask of another size cannot be aligned with its image; both files and sizes are named."""
-    cat_dir = _ad_tree(tmp_path)
-    _png(cat_dir / "ground_truth" / "crack" / "001_mask.png", np.zeros((8, 8)))
-    with pytest.raises(ValueError, match=r"test/crack/001.png is 16x16 but its mask .*crack/001_mask.png is 8x8"):
-        data.load_category(cat_dir)
-
-
-def test_truncated_png_is_named(tmp_path):
-    """A half-copied file must fail at load time, naming it, not crash mid-training."""
-    cat_dir = _ad_tree(tmp_path)
-    bad = _png(cat_dir / "train" / "good" / "002.png", np.random.default_rng(0).integers(0, 255, (64, 64, 3)))
-    bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])
-    with pytest.raises(ValueError, match=r"train/good/002.png: unreadable image"):
-        data.load_category(cat_dir)
-
-
-def test_stray_file_in_an_image_folder_is_named(tmp_path):
-    """Nothing is skipped silently: a non-image file among the test images is reported, not ignored."""
-    cat_dir = _ad_tree(tmp_path)
-    _text(cat_dir / "test" / "crack" / "notes.txt", "x")
-    with pytest.raises(ValueError, match=r"test/crack/notes.txt: unexpected file"):
-        data.load_category(cat_dir)
+    message = str(e.value)
+    assert str(cat_dir / name) in message and "\n" not in message
+    assert re.search(what, message), message
 
 
 def test_unknown_defect_type_lists_the_known_ones(tmp_path):

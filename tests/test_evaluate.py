@@ -11,6 +11,7 @@ from PIL import Image
 
 import data
 import evaluate as E
+import metrics as M
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CASES = ("ties", "continuous", "all_tied", "tiny", "int_scores", "informative")
@@ -153,25 +154,129 @@ def test_ic_lpips_zero_for_identical_images_positive_otherwise(lpips):
     assert E.ic_lpips(torch.rand(3, 3, 16, 16), centres[:1], lpips) > 0.0
 
 
-def test_generation_metrics_average_over_defect_types(lpips):
-    """With both networks given, IS is [mean, std] >= 1 and IC-LPIPS is the mean over the defect types."""
-    class Probe(nn.Module):   # a stand-in classifier: 3 classes from the mean colour
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(3, 3)
+class Probe(nn.Module):
+    """A stand-in Inception: 3 'pool features' (the mean colour) and 3 classes from them, through .fc."""
 
-        def forward(self, x):
-            return 10 * self.fc(x.mean((2, 3)))
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
 
+    def forward(self, x):
+        return 10 * self.fc(x.mean((2, 3)))
+
+
+def test_generation_metrics_per_defect_type_and_their_mean(lpips):
+    """IS, KID, FID and IC-LPIPS per defect type (KID and FID against that type's held-out real anomalies),
+    and their means over the types."""
     g = torch.Generator().manual_seed(0)
     images = torch.rand(7, 3, 16, 16, generator=g)
     anomalies = (images, torch.ones(7, 1, 16, 16), torch.tensor([0, 0, 0, 0, 1, 1, 1]))
-    real = (images[[0, 4]], torch.ones(2, 1, 16, 16), torch.tensor([0, 1]))   # one centre per defect type
-    cfg = dict(batch_size=4, is_splits=2)
-    out = E.generation_metrics(anomalies, real, 2, cfg, "cpu", inception=Probe(), lpips=lpips)
+    held = torch.rand(6, 3, 16, 16, generator=g)
+    probe = Probe()
+    ctx = dict(defects=["a", "b"], real=(images[[0, 4]], torch.ones(2, 1, 16, 16), torch.tensor([0, 1])),
+               held=(held, None, torch.tensor([0, 0, 0, 1, 1, 1])), held_features=E.inception_features(probe, held)[0])
+    cfg = dict(batch_size=4, is_splits=2, seed=0, kid_subsets=5)
+    out = E.generation_metrics(anomalies, ctx, cfg, "cpu", inception=probe, lpips=lpips)
     assert len(out["is"]) == 2 and out["is"][0] >= 1.0 and out["is"][1] >= 0.0
     expected = np.mean([E.ic_lpips(images[:4], images[[0]], lpips), E.ic_lpips(images[4:], images[[4]], lpips)])
     assert out["ic_lpips"] == pytest.approx(expected) and out["ic_lpips"] > 0
+    fids = [E.fid(ctx["held_features"][3 * d:3 * d + 3], E.inception_features(probe, x)[0])
+            for d, x in enumerate((images[:4], images[4:]))]
+    assert out["fid"] == pytest.approx(np.mean(fids)) and out["per_defect"]["b"]["fid"] == pytest.approx(fids[1])
+    assert out["kid"][0] == pytest.approx(np.mean([out["per_defect"][d]["kid"][0] for d in "ab"]))
+
+
+def test_kid_and_fid_match_torchmetrics():
+    """Same features, same subsets (seeded alike): torchmetrics' KernelInceptionDistance and
+    FrechetInceptionDistance values (tests/fixtures/make_metric_fixtures.py) to 1e-4."""
+    f = np.load(FIXTURES / "kid_fid_torchmetrics.npz")
+    case = json.loads((FIXTURES / "metric_versions.json").read_text())["kid_fid"]
+    got = E.kid(f["real_features"], f["fake_features"], case["subsets"], case["subset_size"],
+                torch.Generator().manual_seed(case["seed"]))
+    np.testing.assert_allclose(got, f["kid"], rtol=1e-4, atol=1e-6)
+    assert E.fid(f["real_features"], f["fake_features"]) == pytest.approx(float(f["fid"]), rel=1e-4)
+
+
+def test_kid_is_unbiased_and_fid_zero_on_one_set():
+    """KID of two samples of one distribution averages near 0 (it may be negative: unbiased); FID(x, x) = 0;
+    with fewer images than features FID still equals the eigenvalue formula."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(400, 8, generator=g), torch.randn(400, 8, generator=g)
+    mean, std = E.kid(a, b, subsets=50, subset_size=100, generator=g)
+    assert abs(mean) < 2 * std + 1e-3 and E.kid(a, b + 1, subsets=5, subset_size=100, generator=g)[0] > 10 * std
+    assert E.fid(a, a) == pytest.approx(0.0, abs=1e-6) and E.fid(a, a + 1) == pytest.approx(8.0, rel=1e-6)
+    x, y = torch.randn(12, 64, generator=g, dtype=torch.float64), torch.rand(9, 64, generator=g, dtype=torch.float64)
+    s_x, s_y = torch.cov(x.T), torch.cov(y.T)   # fewer images than features: the direct formula, eigenvalues
+    direct = (x.mean(0) - y.mean(0)).square().sum() + s_x.trace() + s_y.trace() - 2 * torch.linalg.eigvals(
+        s_x @ s_y).sqrt().real.sum()
+    assert E.fid(x, y) == pytest.approx(float(direct), rel=1e-6)
+
+
+def _regions_by_flood_fill(mask):
+    """Reference 8-connected labelling, written independently of metrics.connected_regions."""
+    labels, n = np.zeros(mask.shape, int), 0
+    for start in zip(*np.nonzero(mask)):
+        if labels[start]:
+            continue
+        n += 1
+        stack = [start]
+        labels[start] = n
+        while stack:
+            y, x = stack.pop()
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    q = (y + dy, x + dx)
+                    if 0 <= q[0] < mask.shape[0] and 0 <= q[1] < mask.shape[1] and mask[q] and not labels[q]:
+                        labels[q] = n
+                        stack.append(q)
+    return labels, n
+
+
+def _au_pro_slow(maps, masks, limit=0.3):
+    """AU-PRO the direct way: at every distinct threshold, the mean overlap of each ground-truth region and
+    the false-positive rate; the curve from (0, 0), trapezoids up to the limit, interpolated at it."""
+    regions = [(i, labels == k) for i, m in enumerate(masks) for labels, n in [_regions_by_flood_fill(m)]
+               for k in range(1, n + 1)]
+    good = ~masks.astype(bool)
+    points = [(0.0, 0.0)]
+    for t in np.unique(maps)[::-1]:
+        pred = maps >= t
+        points.append(((pred & good).sum() / good.sum(), np.mean([pred[i][r].mean() for i, r in regions])))
+    points.append((1.0, 1.0))
+    area = 0.0
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 >= limit:
+            break
+        if x1 > limit:   # cut the trapezoid at the limit
+            y1, x1 = y0 + (y1 - y0) * (limit - x0) / (x1 - x0), limit
+        area += (x1 - x0) * (y0 + y1) / 2
+    return area / limit
+
+
+def test_au_pro_matches_a_direct_per_threshold_computation():
+    """Regions of very different sizes count equally; ties and a good image included; against a slow
+    implementation with its own flood-fill labelling."""
+    rng = np.random.default_rng(0)
+    masks = np.zeros((3, 24, 24), bool)
+    masks[0, 2:12, 3:15] = True         # a big region
+    masks[0, 18, 18] = masks[0, 19, 19] = True   # two diagonal pixels: one 8-connected region
+    masks[1, 5:7, 20:23] = True          # a small one; image 2 is good
+    maps = np.round(rng.random(masks.shape) * 0.6 + 0.4 * masks, 2)   # 2 decimals: many ties
+    for limit in (0.3, 0.05, 1.0):
+        assert E.au_pro(maps, masks, limit) == pytest.approx(_au_pro_slow(maps, masks, limit), abs=1e-9)
+    labels = M.connected_regions(masks[:1])[0].numpy()
+    assert len(np.unique(labels)) - 1 == _regions_by_flood_fill(masks[0])[1] == 2
+    assert E.au_pro(masks.astype(float), masks) == pytest.approx(1.0)
+
+
+def test_lpips_embedding_gives_the_same_distances_as_the_forward(lpips):
+    """IC-LPIPS runs VGG once per image: |embed(x) - embed(y)|² is LPIPS(x, y)."""
+    x, y = torch.rand(3, 3, 32, 32), torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        np.testing.assert_allclose((lpips.embed(x) - lpips.embed(y)).pow(2).sum(1), lpips(x, y), rtol=1e-4)
+    gen, centres = torch.rand(6, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    per_pair = E.ic_lpips(gen, centres, lambda a, b: lpips(a, b))   # a plain callable: VGG per pair
+    assert E.ic_lpips(gen, centres, lpips) == pytest.approx(per_pair, rel=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- downstream
@@ -197,9 +302,9 @@ def test_baselines_change_only_the_masked_pixels():
     counts = {0: 3, 1: 2}
     for images, masks, labels in (E.draem_anomalies(normals, counts, g, 32),
                                   E.crop_paste_anomalies(real, normals, counts, g),
-                                  E.oracle_anomalies(real, counts)):
-        assert images.shape == (5, 3, 32, 32) and masks.shape == (5, 1, 32, 32)
-        assert labels.tolist() == [0, 0, 0, 1, 1] and torch.all(masks.flatten(1).sum(1) > 0)
+                                  E.combine(real, E.draem_anomalies(normals, counts, g, 32))):
+        assert images.shape[1:] == (3, 32, 32) and masks.shape == (len(images), 1, 32, 32)
+        assert labels.tolist()[-5:] == [0, 0, 0, 1, 1] and torch.all(masks.flatten(1).sum(1) > 0)
     images, masks, _ = E.crop_paste_anomalies(real, normals, counts, g)
     for x, m in zip(images, masks):   # outside the mask, exactly one of the normal images
         assert any(torch.equal(x * (1 - m), n * (1 - m)) for n in normals)
@@ -232,43 +337,103 @@ def _tiny_category(root, n_train=6, n_good=3, per_defect=3, size=32, seed=0):
     return folder
 
 
-def test_pipeline_end_to_end_writes_the_specified_json(tmp_path, capsys):
-    """Each row has exactly the contract's keys, fractions in [0, 1]; nulls are explained once per run."""
-    _tiny_category(tmp_path, n_train=4)   # 4 normals: 2 segmenter steps, 1 classifier step a row
+SEG_KEYS = {"pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_au_pro", "image_auroc", "image_ap", "image_f1_max"}
+
+
+def test_pipeline_end_to_end_writes_rows_over_seeds_and_the_protocol_stamp(tmp_path, capsys):
+    """Each row has the contract's keys, fractions in [0, 1], means over the seeds with their std and every
+    seed's value; the stamp names the split counts, epochs, seeds and commit; nulls are explained once."""
+    _tiny_category(tmp_path, n_train=4)   # 4 normals: 2 segmenter steps, 1 classifier step a run
     generated = _tiny_category(tmp_path / "gen", n_train=1, n_good=0, per_defect=2, seed=1)
     out = tmp_path / "res" / "eval.json"
     results = E.main(["--category", "widget", "--data_root", str(tmp_path), "--generated", str(generated),
                       "--out", str(out), "--device", "cpu", "--image_size", "32", "--seg_width", "2",
-                      "--seg_epochs", "1", "--cls_epochs", "1", "--batch_size", "4", "--preset", "toy"])
-    assert json.loads(out.read_text()) == results and out.with_suffix(".md").is_file()
-    assert list(results) == ["axf", "draem", "crop_paste", "oracle"]
-    for row in results.values():
-        assert set(row) == {"generation", "segmentation", "classification"}
-        assert row["generation"] == {"is": None, "ic_lpips": None}
-        assert set(row["segmentation"]) == {"pixel_auroc", "pixel_ap", "pixel_f1_max",
-                                            "image_auroc", "image_ap", "image_f1_max"}
-        assert set(row["classification"]) == {"accuracy"}
+                      "--seg_epochs", "1", "--cls_epochs", "1", "--batch_size", "4", "--preset", "toy",
+                      "--methods", "real,real+axf", "--seeds", "0,1"])
+    assert json.loads(out.read_text()) == results
+    assert list(results) == ["real", "real+axf", "protocol"]
+    for name in ("real", "real+axf"):
+        row = results[name]
+        assert set(row) == {"generation", "segmentation", "classification", "std", "per_seed"}
+        assert {k: row["generation"][k] for k in ("is", "ic_lpips", "kid", "fid")} == dict.fromkeys(
+            ("is", "ic_lpips", "kid", "fid"))
+        assert set(row["segmentation"]) == SEG_KEYS and set(row["classification"]) == {"accuracy"}
         values = list(row["segmentation"].values()) + [row["classification"]["accuracy"]]
         assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in values)
+        seeds = [row["per_seed"][s]["segmentation"]["pixel_ap"] for s in ("0", "1")]
+        assert row["segmentation"]["pixel_ap"] == pytest.approx(np.mean(seeds))
+        assert row["std"]["segmentation"]["pixel_ap"] == pytest.approx(np.std(seeds))
+    stamp = results["protocol"]
+    assert stamp["few_shot"] == {"blue_spot": 1, "red_spot": 1} and stamp["test"] == {"blue_spot": 2, "red_spot": 2,
+                                                                                        "good": 3}
+    assert stamp["generated"] == {"blue_spot": 2, "red_spot": 2} and stamp["seeds"] == [0, 1]
+    assert stamp["epochs"] == {"segmenter": 1, "classifier": 1} and stamp["git_commit"]
     printed = capsys.readouterr().out
-    assert printed.count("null: IS needs Inception-v3 weights") == 1
-    assert "| oracle |" in out.with_suffix(".md").read_text()
+    assert printed.count("null: IS, KID and FID need Inception-v3 weights") == 1
+    assert "estimated time for the downstream models" in printed
+    table = out.with_suffix(".md").read_text()
+    assert "| real+axf |" in table and "Protocol: per defect type" in table and " ± " in table
 
 
-def test_cli_errors_name_the_problem(tmp_path):
-    """A missing --generated, an unknown key or method, a wrong type or size, a missing folder are reported."""
+def test_generated_folder_layouts_sample_py_and_anomalydiffusion(tmp_path):
+    """sample.py's MVTec layout (its train/good and test/good are real images, ignored) and AnomalyDiffusion's
+    release, <defect>/image/*.png with <defect>/mask/*.png, give the same anomalies."""
+    folder = _tiny_category(tmp_path, per_defect=2)   # train/good and test/good present, as sample.py writes
+    ours = data.load_generated(folder)
+    assert [(a.defect, a.image.name) for a in ours] == [(d, f"00{i}.png") for d in ("blue_spot", "red_spot")
+                                                        for i in (0, 1)]
+    theirs = tmp_path / "released" / "widget"
+    for a in ours:
+        _write_png(theirs / a.defect / "image" / a.image.name, np.asarray(Image.open(a.image)))
+        _write_png(theirs / a.defect / "mask" / a.image.name, np.asarray(Image.open(a.mask_files[0])))
+    loaded = data.load_generated(theirs)
+    assert [(a.defect, a.image.name, a.caption) for a in loaded] == [(a.defect, a.image.name, "") for a in ours]
+    assert all(torch.equal(data.read_mask(a, 32), data.read_mask(b, 32)) for a, b in zip(ours, loaded))
+    with pytest.raises(FileNotFoundError, match="nowhere: generated folder not found"):
+        data.load_generated(tmp_path / "nowhere")
+
+
+def test_a_generated_copy_of_a_held_out_anomaly_is_refused(tmp_path):
+    """A test image among the generated ones is a leak: refused in one line naming both files."""
+    folder = _tiny_category(tmp_path, n_train=4)
+    generated = _tiny_category(tmp_path / "gen", n_train=1, n_good=0, per_defect=2, seed=1)
+    held = data.few_shot_split(data.load_category(folder).anomalies)[1][0]   # a held-out red/blue spot
+    (generated / "test" / held.defect / "001.png").write_bytes(held.image.read_bytes())
+    with pytest.raises(ValueError, match=f"001.png: identical to the held-out real anomaly .*{held.image.name}"):
+        E.main(["--category", "widget", "--data_root", str(tmp_path), "--generated", str(generated),
+                "--device", "cpu", "--image_size", "32", "--out", str(tmp_path / "x.json")])
+
+
+def test_image_labels_come_from_the_test_set_not_from_the_mask():
+    """An anomaly whose mask lost every pixel at this size still counts as an anomalous image."""
+    maps = torch.zeros(3, 1, 8, 8)
+    maps[0, 0, 2, 2] = 1.0   # the anomaly scores highest; its mask is empty at this size
+    masks = torch.zeros(3, 1, 8, 8)
+    masks[1, 0, 4, 4] = 1
+    maps[1, 0, 4, 4] = 0.8
+    scores = E.segmentation_scores(maps, masks, torch.tensor([1.0, 1.0, 0.0]), window=1)
+    assert scores["image_auroc"] == 1.0
+
+
+def test_cli_errors_name_the_problem(tmp_path, capsys):
+    """A missing --generated, an unknown key or method, a wrong type or size, a missing folder are reported;
+    on a CPU without --preset the toy preset is picked and said."""
     folder = _tiny_category(tmp_path)
-    base = ["--category", "widget", "--data_root", str(tmp_path), "--generated", str(folder)]
+    base = ["--category", "widget", "--data_root", str(tmp_path), "--generated", str(folder), "--device", "cpu"]
     with pytest.raises(SystemExit):
-        E.main(base[:-2])   # --generated is required: it sizes every row
+        E.main(base[:4])   # --generated is required: it sizes every row
     with pytest.raises(SystemExit):
         E.main(base + ["--no_such_key", "1"])
     with pytest.raises(SystemExit):
         E.main(base + ["--seg_epochs", "many"])
     with pytest.raises(ValueError, match="unknown \\['gan'\\]"):
         E.main(base + ["--methods", "draem,gan"])
-    with pytest.raises(FileNotFoundError, match="nowhere: MVTec category folder not found"):
-        E.main(base[:-1] + [str(tmp_path / "nowhere"), "--methods", "draem"])
+    with pytest.raises(FileNotFoundError, match="nowhere/widget: MVTec category folder not found"):
+        E.main(["--category", "widget", "--data_root", str(tmp_path / "nowhere"), "--generated", str(folder)])
+    with pytest.raises(FileNotFoundError, match="nope: generated folder not found"):
+        E.main(["--category", "widget", "--data_root", str(tmp_path), "--generated", str(tmp_path / "nope"),
+                "--device", "cpu"])
+    assert "preset toy (32 px images, cpu)" in capsys.readouterr().out
     with pytest.raises(ValueError, match="multiple of 32"):
         E.main(base + ["--image_size", "48", "--methods", "draem"])
 
