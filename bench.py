@@ -7,7 +7,8 @@ new figure by writing such a function and listing it in BENCHES. Times are the m
 after one warm-up run (one run for the MVTec preset on CPU). FLOPs are counted by torch.utils.flop_counter (matmuls, convolutions and
 attention; elementwise ops are free), and compared with this machine's matmul peak, measured in the
 same run on a large square matmul, so "% of peak" says how well the model uses the hardware.
-On CUDA the models run under bf16 autocast, as train.py does, and the peak is bf16's; on CPU all is fp32.
+The models run as train.py runs them (cli.autocast): under bf16 autocast on CUDA and on CPUs with AMX, and
+then the peak is bf16's; elsewhere all is fp32.
 Depends on axf.py (the presets and the whole model), unet.py, vae.py, clip.py and evaluate.py.
 """
 import argparse
@@ -17,6 +18,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import axf
+import cli
+import metrics
 from unet import UNet
 from vae import VAE
 
@@ -63,14 +66,14 @@ def peak_memory_mb(device):
 
 
 def autocast(device):
-    """bf16 autocast on CUDA (the training setting); a no-op context on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    """The training setting (cli.autocast): bf16 on CUDA and on CPUs with AMX, else fp32."""
+    return cli.autocast(device)
 
 
 def matmul_peak_gflops(device, quick):
     """This machine's dense matmul throughput: the yardstick for the "% of peak" column."""
     n = (1024 if quick else 2048) if device.type == "cpu" else 8192
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if cli.uses_bf16(device) else torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     seconds, flops = measure(lambda: a @ b, device, 5)
     return flops / seconds / 1e9
@@ -290,6 +293,10 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--preset", default="all", choices=["all", *axf.PRESETS])
     parser.add_argument("--quick", action="store_true", help="one timed run each and a smaller peak matmul")
+    parser.add_argument("--generation_metrics", type=int, default=0, metavar="N",
+                        help="also time IS, KID, FID and IC-LPIPS on N generated 256 px images of one defect type "
+                             "(metrics.bench_rows; random Inception and VGG weights): 100 take about 14 min on this "
+                             "2-core CPU, so 0 (the default) skips them")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -302,11 +309,13 @@ def main(argv=None):
             rows += bench(cfg, device, args.quick)
     for bench in SHARED_BENCHES:
         rows += bench(device, args.quick)
+    if args.generation_metrics:
+        rows += metrics.bench_rows(device, n=args.generation_metrics)
     for r in rows:
         if "GFLOP/s" in r:
             r["% of peak"] = 100 * r["GFLOP/s"] / peak
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    dtype = "bf16 autocast" if device.type == "cuda" else "fp32"
+    dtype = "bf16 autocast" if cli.uses_bf16(device) else "fp32"
     print(f"{name}, torch {torch.__version__}, {dtype}; matmul peak {peak:.0f} GFLOP/s "
           f"({'CUDA max allocated' if device.type == 'cuda' else 'process max RSS so far'} as peak memory)\n")
     print(markdown_table(rows))

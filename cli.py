@@ -11,8 +11,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 import data
@@ -66,18 +64,14 @@ def category_folder(args):
 
 
 def read_mask(anomaly_or_files, size):
-    """data.read_mask at `size`, but a mask thinner than a pixel at that size (a scratch) is max-pooled
-    from full size instead of vanishing under nearest-neighbour downsampling."""
+    """data.read_mask (thin masks survive its downsampling), refusing a mask without a single pixel:
+    a sample drawn inside it would change nothing."""
     mask = data.read_mask(anomaly_or_files, size)
-    if mask.any():
-        return mask
-    files = anomaly_or_files.mask_files if isinstance(anomaly_or_files, data.Anomaly) else anomaly_or_files
-    files = [files] if isinstance(files, (str, Path)) else list(files)
-    with Image.open(files[0]) as im:
-        full = data.read_mask(files, max(im.size))
-    if not full.any():
-        raise ValueError(f"{files[0]}: empty mask; an anomaly needs at least one mask pixel")
-    return F.adaptive_max_pool2d(full, size)
+    if not mask.any():
+        files = anomaly_or_files.mask_files if isinstance(anomaly_or_files, data.Anomaly) else anomaly_or_files
+        first = files if isinstance(files, (str, Path)) else list(files)[0]
+        raise ValueError(f"{first}: empty mask; an anomaly needs at least one mask pixel")
+    return mask
 
 
 def pick_device(name):
@@ -88,13 +82,16 @@ def pick_device(name):
     return torch.device(name)
 
 
+def uses_bf16(device, enabled=True):
+    """Whether autocast computes in bf16 here: on CUDA, and on CPUs whose matrix units (AMX) multiply
+    bf16 natively, where the toy VAE's training step runs 2x faster (8x for a bare matmul)."""
+    return enabled and (device.type == "cuda" or (device.type == "cpu" and torch.cpu._is_amx_tile_supported()))
+
+
 def autocast(device, enabled=True):
-    """bf16 autocast on CUDA, and on CPUs whose matrix units (AMX) multiply bf16 natively: there the
-    toy VAE's training step runs 2x faster (8x for a bare matmul); elsewhere fp32. The weights, the
-    optimiser and the losses stay fp32, so no loss scaling is needed."""
-    if enabled and (device.type == "cuda" or (device.type == "cpu" and torch.cpu._is_amx_tile_supported())):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
+    """bf16 autocast where uses_bf16 says so, else fp32. The weights, the optimiser and the losses stay
+    fp32, so no loss scaling is needed."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(device, enabled) else nullcontext()
 
 
 def adamw(params, lr, weight_decay=0.01):

@@ -26,6 +26,8 @@ import torchvision
 from PIL import Image
 from tqdm import tqdm
 
+import axf
+import cli
 import data
 from metrics import (LPIPS, _said, au_pro, auroc, average_precision, f1_max, fid, generation_metrics,  # noqa: F401
                      ic_lpips, inception_features, inception_probs, inception_score, kid, load_inception,
@@ -85,7 +87,7 @@ def focal_loss(logits, mask, gamma=2.0):
 def read_anomalies(anomalies, defects, size):
     return (torch.stack([data.read_image(a.image, size) for a in anomalies]),
             torch.stack([data.read_mask(a, size) for a in anomalies]),
-            torch.tensor([defects.index(a.defect) for a in anomalies]))
+            axf.defect_ids([a.defect for a in anomalies], defects) - 1)  # train.py's ids less "good"
 
 
 def draem_anomalies(normals, counts, g, size):
@@ -397,7 +399,7 @@ def anomaly_sets(methods, generated, ctx, cfg):
 def main(argv=None):
     args, overrides = parse_args(argv)
     _said.clear()   # each run explains its nulls
-    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    device = cli.pick_device(args.device)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if set(methods) - set(METHODS):
         raise ValueError(f"--methods: unknown {sorted(set(methods) - set(METHODS))}; choose from {','.join(METHODS)}")
