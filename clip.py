@@ -9,7 +9,8 @@ that OpenAI's released ViT checkpoints load strictly under their own key names a
 features: `load(path)` reads both the TorchScript archive OpenAI distributes and a plain state
 dict, `build_model` reads every size from the tensors' shapes. Stable Diffusion 1.x's text encoder
 (transformers' CLIPTextModel names) maps onto the same modules by `from_hf_text`; it is built as a
-text-only CLIP whose `encode_text_tokens` gives the per-token hidden states SD's UNet attends to. Only ViT towers are written; the
+text-only CLIP whose `encode_text_tokens` gives the per-token hidden states SD's UNet attends to (with
+`replace=`, textual inversion's splice of learned vectors at a placeholder word). Only ViT towers are written; the
 ResNet ("RN50") checkpoints are refused with a clear error. The 49,408-token BPE vocabulary is the
 data file `bpe_simple_vocab_16e6.txt.gz` next to this file (MIT licence, from openai/CLIP);
 nothing is downloaded. Depends on torch, torchvision, ftfy, regex, pillow.

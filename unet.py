@@ -12,8 +12,9 @@ embedding e_t (Eq. 14, 15). The layout is LDM's (Rombach et al. 2022, CompVis/la
 
 Every ResBlock adds the timestep embedding; every SpatialTransformer does self-attention over the
 pixels, cross-attention to the context and a GEGLU feed-forward. Stable Diffusion 1.x's UNet
-(`model.diffusion_model.*` in its single file) loads into this one by the rename rule `from_sd` at the end.
-Depends on torch only.
+(`model.diffusion_model.*` in its single file) loads into this one by the rename rule `from_sd` at the end
+(`to_sd` is its inverse); `add_lora`, `expand_input_channels` and the `gradient_checkpointing` switch adapt
+a pretrained UNet to AnomalyXFusion without changing its output before training. Depends on torch only.
 """
 import math
 import re
