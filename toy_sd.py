@@ -11,7 +11,9 @@ their captions ("a photo of a normal bottle", "A large red contamination lies in
 
   1. data     data.make_toy for seeds 1..--seeds (seed 0 is the toy set train.py uses: never seen here),
               read at --size px; cached in data/toy_sd/
-  2. VAE      vae.py at the toy preset's size, L1 + KL as LDM (vae.vae_loss); then rescaled so that its
+  2. VAE      vae.py at the toy preset's size, L1 + KL as LDM (vae.vae_loss), on the images of every toy
+              category (no captions) and half its batches made generic (random disks on random backgrounds):
+              a generic codec, as SD's VAE trained on OpenImages; then rescaled so that its
               latents have SD's std 1 / 0.18215: load_sd sets scale_factor = 0.18215 for every SD file
   3. LDM      unet.py in SD-1.x's layout at toy widths (8 heads, as load_sd assumes) and a small CLIP text
               tower (clip.py, text only), ε-prediction on the scaled latents with SD's scaled_linear
@@ -20,8 +22,8 @@ their captions ("a photo of a normal bottle", "A large red contamination lies in
 
 The text tower is trained together with the UNet, as LDM trained its BERT text encoder: SD's is a frozen
 CLIP that was pretrained contrastively on 400M pairs, and a random tiny tower has learned nothing to freeze.
-Only one category is used, so that train.py --sd can learn AnomalyXFusion on a category this backbone has
-never seen (cable, with --category bottle). Resumable: re-running the same command continues from
+The UNet and the text tower see one category only, so that train.py --sd can learn AnomalyXFusion on a
+category they have never seen (cable, with --category bottle). Resumable: re-running the same command continues from
 <out>.train.pt (written atomically). Writes <out>.png: samples for a few captions, two per caption.
 Depends on axf.py (DDPM, save_sd, load_sd), clip.py, unet.py, vae.py and data.py (the toy world).
 """
@@ -217,6 +219,8 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=8, help="toy worlds 1..N (292 images each; seed 0 is never used)")
     parser.add_argument("--size", type=int, default=64, help="image size in px (the toy preset's); latents are size / 4")
     parser.add_argument("--vae_steps", type=int, default=1000, help="stage 2: autoencoder training steps")
+    parser.add_argument("--vae_categories", default=",".join(data.TOY_CATEGORIES),
+                        help="what the VAE trains on (images only, no captions); the UNet and text tower see --category only")
     parser.add_argument("--vae_batch_size", type=int, default=8, help="stage 2 batch size")
     parser.add_argument("--steps", type=int, default=3000, help="stage 3: UNet + text tower training steps")
     parser.add_argument("--batch_size", type=int, default=16, help="stage 3 batch size")
@@ -258,10 +262,12 @@ def main(argv=None):
         if state is not None:
             vae_opt.load_state_dict(state["optimizer"]), generator.set_state(state["rng"])
             step = state["step"]
+        # the first stage is a generic image codec (SD's saw OpenImages): it may see every toy category, unlabelled
+        vae_images = torch.cat([load_world(c, args.seeds, args.size)["images"] for c in args.vae_categories.split(",")])
         vae.train()
         bar, start, first_step = tqdm(total=args.vae_steps, initial=step, desc="2/4 VAE"), time.time(), step
         while step < args.vae_steps:
-            x = generic_images(to_unit(world["images"][pick(world, args.vae_batch_size, generator)]), generator)
+            x = generic_images(to_unit(vae_images[torch.randint(len(vae_images), (args.vae_batch_size,), generator=generator)]), generator)
             loss, logs = vae_loss(vae, x)
             vae_opt.zero_grad(set_to_none=True)
             loss.backward()
