@@ -218,11 +218,11 @@ def main(argv=None):
                         help="the one toy category pretrained on; the other stays unseen for train.py --sd")
     parser.add_argument("--seeds", type=int, default=8, help="toy worlds 1..N (292 images each; seed 0 is never used)")
     parser.add_argument("--size", type=int, default=64, help="image size in px (the toy preset's); latents are size / 4")
-    parser.add_argument("--vae_steps", type=int, default=1000, help="stage 2: autoencoder training steps")
+    parser.add_argument("--vae_steps", type=int, default=800, help="stage 2: autoencoder training steps")
     parser.add_argument("--vae_categories", default=",".join(data.TOY_CATEGORIES),
                         help="what the VAE trains on (images only, no captions); the UNet and text tower see --category only")
     parser.add_argument("--vae_batch_size", type=int, default=8, help="stage 2 batch size")
-    parser.add_argument("--steps", type=int, default=3000, help="stage 3: UNet + text tower training steps")
+    parser.add_argument("--steps", type=int, default=2400, help="stage 3: UNet + text tower training steps")
     parser.add_argument("--batch_size", type=int, default=16, help="stage 3 batch size")
     parser.add_argument("--lr", type=float, default=3e-4, help="stage 3 AdamW learning rate (stage 2 uses 1e-3)")
     parser.add_argument("--unet_channels", type=int, default=64, help="UNet base width (levels 1x, 2x, 2x; a multiple of 32)")
