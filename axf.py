@@ -479,7 +479,7 @@ def load_checkpoint(path, device="cpu", use_ema=True):
 
 
 # ----------------------------------------------------------------------------------------------
-# Pretrained Stable Diffusion 1.x: a safetensors reader and load_sd.
+# Pretrained Stable Diffusion 1.x: a safetensors reader and writer, load_sd and its inverse save_sd.
 # One SD-1.x single file (CompVis / RunwayML layout) holds three networks under three prefixes. Each module
 # file has the rule that renames its part (unet.from_sd, vae.from_sd, clip.from_hf_text); here the file is
 # read, every size is read off the tensor shapes (as clip.build_model does), and each module is filled
@@ -650,6 +650,50 @@ def load_sd(path, device="cpu"):
     vae.encode(x).mode() / vae.decode(z) with vae.scale_factor = 0.18215; text_encoder.encode_text_tokens(
     clip.tokenize(texts, pad_id=49407)) is the [B, 77, width] context SD's UNet attends to."""
     return build_sd(read_checkpoint(path), os.fspath(path), device)
+
+
+def write_safetensors(tensors, path, metadata=None):
+    """{name: tensor} -> a .safetensors file (the layout read_safetensors reads), written atomically (temp file
+    + rename). Data starts 8-byte aligned, as the reference writer does; metadata is a {str: str} dict."""
+    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    header, offset = {}, 0
+    for key, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[key] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    if metadata:
+        header["__metadata__"] = metadata
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path = os.fspath(path)
+    with open(path + ".tmp", "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for t in tensors.values():
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def save_sd(path, vae, unet, text_encoder, dtype=None):
+    """(vae, unet, text_encoder) -> an SD-1.x single file in the original layout, the inverse of load_sd:
+    .safetensors by write_safetensors, anything else (.ckpt) by torch.save({"state_dict": ...}) as Lightning
+    writes it. dtype (e.g. torch.float16) casts the floating-point tensors. A UNet with LoRA adapters is
+    refused: unet_module.merge_lora(unet) first. Returns the path."""
+    heads = {m.num_heads for m in unet.modules() if isinstance(m, unet_module.Attention)}
+    if heads - {SD_HEADS} or any(b.attn.n_head != text_encoder.transformer.width // 64 for b in text_encoder.transformer.resblocks):
+        raise ValueError(f"save_sd: load_sd reads SD-1.x's head counts ({SD_HEADS} in the UNet, width / 64 in the text "
+                         f"encoder); this UNet has {sorted(heads)}: the file would load as a different model")
+    parts = {"UNet": unet_module.to_sd(unet.state_dict()), "VAE": vae_module.to_sd(vae.state_dict()),
+             "text encoder": clip.to_hf_text(text_encoder.state_dict())}
+    tensors = {SD_PREFIXES[part] + k: v.detach().cpu() for part, sd in parts.items() for k, v in sd.items()}
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        return write_safetensors(tensors, path, metadata={"format": "pt"})
+    torch.save({"state_dict": tensors}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return path
 
 
 if __name__ == "__main__":  # python axf.py --sd FILE: load a Stable Diffusion 1.x file, print the sizes found

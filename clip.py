@@ -9,7 +9,8 @@ that OpenAI's released ViT checkpoints load strictly under their own key names a
 features: `load(path)` reads both the TorchScript archive OpenAI distributes and a plain state
 dict, `build_model` reads every size from the tensors' shapes. Stable Diffusion 1.x's text encoder
 (transformers' CLIPTextModel names) maps onto the same modules by `from_hf_text`; it is built as a
-text-only CLIP whose `encode_text_tokens` gives the per-token hidden states SD's UNet attends to. Only ViT towers are written; the
+text-only CLIP whose `encode_text_tokens` gives the per-token hidden states SD's UNet attends to (with
+`replace=`, textual inversion's splice of learned vectors at a placeholder word). Only ViT towers are written; the
 ResNet ("RN50") checkpoints are refused with a clear error. The 49,408-token BPE vocabulary is the
 data file `bpe_simple_vocab_16e6.txt.gz` next to this file (MIT licence, from openai/CLIP);
 nothing is downloaded. Depends on torch, torchvision, ftfy, regex, pillow.
@@ -117,6 +118,7 @@ class SimpleTokenizer:
         return text.replace("</w>", " ")
 
 
+PLACEHOLDER_ID = 265  # the BPE token of a lone "*" ("*</w>"): textual inversion's placeholder word
 _tokenizer = None  # built on first use: reading the 1.3 MB vocabulary takes a moment
 
 
@@ -285,11 +287,28 @@ class CLIP(nn.Module):
         """images [B, 3, R, R], normalised with MEAN/STD -> [B, embed_dim] (not L2-normalised)."""
         return self.visual(images.to(self.dtype))
 
-    def encode_text_tokens(self, tokens):
+    def encode_text_tokens(self, tokens, replace=None):
         """tokens [B, n_ctx] -> the final-layer-norm hidden state of every token, [B, n_ctx, width]:
-        what Stable Diffusion's UNet attends to (all 77 tokens, padding included, unprojected)."""
+        what Stable Diffusion's UNet attends to (all 77 tokens, padding included, unprojected).
+
+        replace=(token_id, vectors [B, n, width]): textual inversion's splice. Every row must hold token_id
+        exactly n times (e.g. "a photo of a * * * *", PLACEHOLDER_ID = "*"); the i-th occurrence's embedding
+        becomes vectors[:, i], after the token lookup and before the positional embedding, so the spliced
+        vectors get positions and pass the transformer like words (AnomalyDiffusion's EmbeddingManager, which
+        the paper's authors build on). Gradients reach `vectors`; freezing the encoder is the caller's
+        `requires_grad_(False)`."""
         n_ctx = tokens.shape[-1]
         x = self.token_embedding(tokens).to(self.dtype)  # [B, n_ctx, width]
+        if replace is not None:
+            token_id, vectors = replace
+            where = tokens == token_id  # [B, n_ctx]
+            counts = where.sum(dim=1)
+            wrong_counts = not x.is_meta and bool((counts != vectors.shape[1]).any())  # meta (bench.py): no values
+            if vectors.ndim != 3 or vectors.shape[0] != x.shape[0] or wrong_counts:
+                raise ValueError(f"encode_text_tokens: replace needs vectors [B, n, width] and each row holding token "
+                                 f"{token_id} n times; got vectors {tuple(vectors.shape)}, counts {counts.tolist()}")
+            # row-major fill: row b's i-th placeholder <- vectors[b, i]; out of place, so autograd reaches vectors
+            x = x.masked_scatter(where[..., None], vectors.to(x.dtype))
         x = x + self.positional_embedding[:n_ctx].to(self.dtype)
         return self.ln_final(self.transformer(x, causal=True))  # causal: each token sees only its left
 
@@ -368,6 +387,31 @@ def from_hf_text(state_dict):
         parts = [sd.pop(f"{prefix}.attn.{x}_proj.{kind}") for x in "qkv"]
         sd[f"{prefix}.attn.in_proj_{kind}"] = torch.cat(parts)  # [3 * width, width]: q, k, v stacked
     return sd
+
+
+def to_hf_text(state_dict):
+    """The inverse of from_hf_text: a text tower's tensors in OpenAI's names -> transformers' `text_model.…` names
+    (in_proj split back into q, k, v). Image-tower, projection and temperature tensors have no place there."""
+    sd = {}
+    for key, value in state_dict.items():
+        if key.startswith("visual.") or key in ("text_projection", "logit_scale"):
+            continue
+        if key.endswith((".attn.in_proj_weight", ".attn.in_proj_bias")):
+            prefix, kind = key.split(".attn.in_proj_")
+            for x, part in zip("qkv", value.chunk(3)):
+                sd[f"{prefix}.attn.{x}_proj.{kind}"] = part
+        else:
+            sd[key] = value
+    inverse = [("token_embedding.", "embeddings.token_embedding."), ("transformer.resblocks.", "encoder.layers."),
+               (".attn.", ".self_attn."), (".ln_1.", ".layer_norm1."), (".ln_2.", ".layer_norm2."),
+               (".mlp.c_fc.", ".mlp.fc1."), (".mlp.c_proj.", ".mlp.fc2."), ("ln_final.", "final_layer_norm.")]
+    out = {}
+    for key, value in sd.items():
+        key = "embeddings.position_embedding.weight" if key == "positional_embedding" else key
+        for ours, theirs in inverse:
+            key = key.replace(ours, theirs)
+        out["text_model." + key] = value
+    return out
 
 
 def _read_state_dict(path):

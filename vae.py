@@ -259,3 +259,8 @@ def from_sd(state_dict):
     went through diffusers store them as Linear [C, C], which is the same map: reshaped to [C, C, 1, 1]."""
     attention = ("attn_1.q.weight", "attn_1.k.weight", "attn_1.v.weight", "attn_1.proj_out.weight")
     return {k: v[:, :, None, None] if k.endswith(attention) and v.ndim == 2 else v for k, v in state_dict.items()}
+
+
+def to_sd(state_dict):
+    """The inverse of from_sd: the same names, without the scale_factor buffer (SD keeps it in its yaml)."""
+    return {k: v for k, v in state_dict.items() if k != "scale_factor"}

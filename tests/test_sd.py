@@ -2,10 +2,11 @@
 
 Parity numbers come from diffusers and transformers via tests/fixtures/make_sd_fixtures.py
 (sd_reference.pt); the weights are rebuilt here from the script's seeded generator, written as an
-original-layout SD file (safetensors by the script's small writer, or a Lightning-style .ckpt) and
+original-layout SD file (safetensors by axf.write_safetensors, or a Lightning-style .ckpt) and
 loaded with axf.load_sd. The full-size SD-1.5 layout (sd_layouts.json.gz) is checked on the meta device.
 """
 import importlib.util
+import re
 import runpy
 import sys
 import types
@@ -53,7 +54,7 @@ def write(ref, path, weights, dtype=torch.float32):
     if path.suffix == ".ckpt":
         torch.save({"state_dict": tensors, "global_step": 840000, "epoch": 6}, path)
     else:
-        ref[1].write_safetensors(tensors, path, metadata={"format": "pt"})
+        axf.write_safetensors(tensors, path, metadata={"format": "pt"})
     return path
 
 
@@ -177,7 +178,7 @@ def test_reader_matches_the_safetensors_library(ref, tmp_path):
     bit for bit, and so does the test writer's output."""
     data, script, _ = ref
     (tmp_path / "ref.safetensors").write_bytes(data["safetensors_file"].numpy().tobytes())
-    script.write_safetensors(data["safetensors_tensors"], tmp_path / "ours.safetensors")
+    axf.write_safetensors(data["safetensors_tensors"], tmp_path / "ours.safetensors")
     for file in (tmp_path / "ref.safetensors", tmp_path / "ours.safetensors"):
         got = axf.read_safetensors(file)
         assert got.keys() == data["safetensors_tensors"].keys()
@@ -189,7 +190,7 @@ def test_reader_maps_the_file_instead_of_reading_it(ref, tmp_path):
     """The tensors view one memory map of the file (a 4 GB file is not copied into memory): they share
     its buffer, and the file is never written."""
     path = tmp_path / "t.safetensors"
-    ref[1].write_safetensors({"a": torch.ones(1000), "b": torch.zeros(10)}, path)
+    axf.write_safetensors({"a": torch.ones(1000), "b": torch.zeros(10)}, path)
     before = path.read_bytes()
     tensors = axf.read_safetensors(path)
     a, b = tensors["a"], tensors["b"]
@@ -246,7 +247,7 @@ def test_corrupted_safetensors_header(tmp_path):
 ])
 def test_files_that_are_not_sd1_say_what_they_are(ref, tmp_path, keys, what):
     """A VAE-only, diffusers-layout, SD-2, SDXL or LDM-BERT file is named as such, and SD-1.x is asked for."""
-    ref[1].write_safetensors({k: torch.zeros(s) for k, s in keys.items()}, tmp_path / "other.safetensors")
+    axf.write_safetensors({k: torch.zeros(s) for k, s in keys.items()}, tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match=f"other.safetensors: {what}.*Stable Diffusion 1.x single file expected"):
         axf.load_sd(tmp_path / "other.safetensors")
 
@@ -263,3 +264,65 @@ def test_command_line_prints_sizes_or_one_error_line(ref, tmp_path, monkeypatch,
         runpy.run_path(axf.__file__, run_name="__main__")
     assert str(exit.value).startswith("error: ") and "nope.ckpt: no such file" in str(exit.value)
     assert "\n" not in str(exit.value)
+
+
+# ----------------------------------------------------------------------------- save_sd: the inverse of load_sd
+
+
+VAE_ATTENTION = re.compile(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")
+
+
+def original_name(key):
+    """Real SD-1.x files name the text encoder `cond_stage_model.transformer.text_model.…` (save_sd writes that);
+    the fixtures' layouts, made with transformers 5, lack `text_model.`. load_sd reads both."""
+    return key.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.")
+
+
+def original_shape(key, shape):
+    """Real SD-1.x files keep the VAE's mid-block attention as 1x1 convs [C, C, 1, 1] (save_sd writes that);
+    the fixtures' layouts store them as [C, C]. load_sd reads both."""
+    return tuple(shape)[:2] if VAE_ATTENTION.search(key) else tuple(shape)
+
+
+@pytest.mark.parametrize("in_channels, suffix", [(4, ".safetensors"), (9, ".ckpt")])
+def test_save_sd_writes_back_the_file_it_loaded(ref, tmp_path, in_channels, suffix):
+    """load_sd -> save_sd gives the original file's tensors under the original names (nothing renamed wrong,
+    nothing added but what load_sd drops), and loading it again gives identical modules and outputs."""
+    weights = tiny_weights(ref, in_channels)
+    vae, unet, text = axf.load_sd(write(ref, tmp_path / f"a{suffix}", weights))
+    path = axf.save_sd(tmp_path / f"b{suffix}", vae, unet, text)
+    saved = {original_name(k): v for k, v in axf.read_checkpoint(path).items()}
+    assert saved.keys() == weights.keys()
+    assert all(torch.equal(saved[k].reshape(v.shape), v) for k, v in weights.items())
+    assert all(saved[k].shape == (128, 128, 1, 1) for k in saved if VAE_ATTENTION.search(k))
+    vae2, unet2, text2 = axf.load_sd(path)
+    x, t, context, image, z, tokens = ref[1].inputs(in_channels, 128)
+    with torch.no_grad():
+        assert torch.equal(unet(x, t, context), unet2(x, t, context))
+        assert torch.equal(vae.decode(z), vae2.decode(z))
+        assert torch.equal(text.encode_text_tokens(tokens), text2.encode_text_tokens(tokens))
+
+
+def test_save_sd_names_every_tensor_of_the_sd15_layout(ref):
+    """At SD-1.5's full size (meta device): the writer's names are exactly a real SD-1.5 file's, shape for shape."""
+    layout = dict(ref[2]["sd15"])
+    vae, unet, text = axf.build_sd(meta_state_dict(layout.items()), "sd15", device="meta")
+    names = {**{axf.SD_PREFIXES["UNet"] + k: v for k, v in axf.unet_module.to_sd(unet.state_dict()).items()},
+             **{axf.SD_PREFIXES["VAE"] + k: v for k, v in axf.vae_module.to_sd(vae.state_dict()).items()},
+             **{axf.SD_PREFIXES["text encoder"] + k: v for k, v in axf.clip.to_hf_text(text.state_dict()).items()}}
+    names = {original_name(k): v for k, v in names.items()}
+    assert names.keys() == layout.keys()
+    assert all(original_shape(k, v.shape) == tuple(layout[k]) for k, v in names.items())
+
+
+def test_save_sd_refuses_what_load_sd_would_misread(tmp_path):
+    """A UNet with LoRA adapters (no SD key for them) or with other head counts than SD-1.x's 8 is refused."""
+    from unet import UNet, add_lora
+    from vae import VAE
+    vae, text = VAE(3, 32, (1, 2), 1, 4), axf.clip.CLIP(None, None, 0, None, None, 77, 49408, 64, 1, 1)
+    with pytest.raises(ValueError, match="head counts"):
+        axf.save_sd(tmp_path / "x.safetensors", vae, UNet(4, 4, 32, (1, 2), 1, (1,), 4, 64), text)
+    unet = UNet(4, 4, 32, (1, 2), 1, (1,), 8, 64)
+    add_lora(unet, 2)
+    with pytest.raises(ValueError, match="merge_lora"):
+        axf.save_sd(tmp_path / "x.safetensors", vae, unet, text)
