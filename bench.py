@@ -18,6 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import axf
+import sd
 import cli
 import metrics
 from unet import UNet
@@ -232,7 +233,7 @@ def bench_metrics(device, quick, n=5_000_000):
 
 
 def bench_sd(device, quick):
-    """Stable Diffusion 1.5's UNet as axf.load_sd builds it from v1-5-pruned-emaonly (tests/test_sd.py checks
+    """Stable Diffusion 1.5's UNet as sd.load_sd builds it from v1-5-pruned-emaonly (tests/test_sd.py checks
     that layout), per image at 256 and 512 px: a training step (forward, backward) and a sampling step (one
     forward; classifier-free guidance doubles it). FLOPs are counted on the meta device (no memory, no
     weights); times and peak memory are measured on CUDA only (a full training step, AdamW included)."""

@@ -7,7 +7,7 @@ AnomalyXFusion's authors start from such a frozen model. This script makes a sma
 what this project has instead of LAION: many seeds of one toy category, normal and anomalous images with
 their captions ("a photo of a normal bottle", "A large red contamination lies inside the bottle"):
 
-    python toy_sd.py --out runs/toy_sd.safetensors        # then: python axf.py --sd runs/toy_sd.safetensors
+    python toy_sd.py --out runs/toy_sd.safetensors        # then: python sd.py --sd runs/toy_sd.safetensors
 
   1. data     data.make_toy for seeds 1..--seeds (seed 0 is the toy set train.py uses: never seen here),
               read at --size px; cached in data/toy_sd/
@@ -18,7 +18,7 @@ their captions ("a photo of a normal bottle", "A large red contamination lies in
   3. LDM      unet.py in SD-1.x's layout at toy widths (8 heads, as load_sd assumes) and a small CLIP text
               tower (clip.py, text only), ε-prediction on the scaled latents with SD's scaled_linear
               schedule (axf.DDPM), 10% of captions dropped to "" (classifier-free guidance), EMA weights
-  4. file     the EMA weights written by axf.save_sd as an SD-1.x single file (original key layout)
+  4. file     the EMA weights written by sd.save_sd as an SD-1.x single file (original key layout)
 
 The text tower is trained together with the UNet, as LDM trained its BERT text encoder: SD's is a frozen
 CLIP that was pretrained contrastively on 400M pairs, and a random tiny tower has learned nothing to freeze.
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import axf
+import sd
 import clip
 import data
 from unet import UNet
@@ -66,7 +67,7 @@ def build_models(args):
     """VAE, UNet and text tower with SD-1.x's key structure at toy widths (load_sd reads every size back)."""
     vae = VAE(**VAE_SIZES)
     text = clip.CLIP(None, None, 0, None, None, 77, 49408, args.text_width, args.text_width // 64, args.text_layers)
-    unet = UNet(4, 4, args.unet_channels, (1, 2, 2), 1, (0, 1), axf.SD_HEADS, args.text_width)
+    unet = UNet(4, 4, args.unet_channels, (1, 2, 2), 1, (0, 1), sd.SD_HEADS, args.text_width)
     return vae, unet, text
 
 
@@ -145,13 +146,13 @@ def match_sd_scale(vae, images):
     file. Exact: quant_conv's mean rows are multiplied by s (its log-variance shifted by 2 log s) and
     post_quant_conv divides its input by s, so decode(encode(x)) is unchanged. Returns s."""
     z = torch.cat([vae.encode(x).sample() for x in images.split(64)])
-    s = 1.0 / (axf.SD_SCALE_FACTOR * z.std().item())
+    s = 1.0 / (sd.SD_SCALE_FACTOR * z.std().item())
     C = vae.post_quant_conv.in_channels
     vae.quant_conv.weight[:C] *= s
     vae.quant_conv.bias[:C] *= s
     vae.quant_conv.bias[C:] += 2 * math.log(s)
     vae.post_quant_conv.weight /= s
-    vae.scale_factor.fill_(axf.SD_SCALE_FACTOR)
+    vae.scale_factor.fill_(sd.SD_SCALE_FACTOR)
     return s
 
 
@@ -285,14 +286,14 @@ def main(argv=None):
         vae.eval()
         with torch.no_grad():
             print(f"VAE: latents rescaled by {match_sd_scale(vae, to_unit(world['images'])):.3f} "
-                  f"to SD's std 1 / {axf.SD_SCALE_FACTOR}")
+                  f"to SD's std 1 / {sd.SD_SCALE_FACTOR}")
     vae.eval().requires_grad_(False)
 
     # the latents, cached as the posterior's scaled mean and std: a batch draws fresh samples
     with torch.no_grad():
         posteriors = [vae.encode(x) for x in to_unit(world["images"]).split(64)]
-    mean = torch.cat([p.mean for p in posteriors]) * axf.SD_SCALE_FACTOR  # [N, 4, size / 4, size / 4]
-    std = torch.cat([p.std for p in posteriors]) * axf.SD_SCALE_FACTOR
+    mean = torch.cat([p.mean for p in posteriors]) * sd.SD_SCALE_FACTOR  # [N, 4, size / 4, size / 4]
+    std = torch.cat([p.std for p in posteriors]) * sd.SD_SCALE_FACTOR
     print(f"scaled latents: std {(mean + std * torch.randn_like(std)).std().item():.3f} (SD's convention: about 1)")
     tokens = clip.tokenize(world["captions"], pad_id=SD_PAD)  # [N, 77]
     null = clip.tokenize([""], pad_id=SD_PAD)[0]
@@ -345,8 +346,8 @@ def main(argv=None):
 
     # 4. the SD-1.x file (EMA weights, like SD's emaonly files), checked by loading it back
     ema_unet.eval(), ema_text.eval()
-    axf.save_sd(out, vae, ema_unet, ema_text)
-    vae2, unet2, text2 = axf.load_sd(out)
+    sd.save_sd(out, vae, ema_unet, ema_text)
+    vae2, unet2, text2 = sd.load_sd(out)
     with torch.no_grad():
         x, tt = torch.randn(2, 4, args.size // 4, args.size // 4), torch.tensor([10, 900])
         c = text2.encode_text_tokens(clip.tokenize(["a photo of a normal bottle"] * 2, pad_id=SD_PAD))

@@ -288,7 +288,7 @@ class UNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Stable Diffusion 1.x weights: CompVis `openaimodel.py` names -> this file's (used by axf.load_sd)
+# Stable Diffusion 1.x weights: CompVis `openaimodel.py` names -> this file's (used by sd.load_sd)
 
 SD_RENAMES = [  # (regex on the SD key, our name), applied in order
     (r"^input_blocks\.0\.0\.", "conv_in."),

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import axf
+import sd
 import toy_sd
 
 
@@ -21,17 +22,17 @@ def test_rescaled_vae_has_sd_latent_scale_and_decodes_the_same():
         after = vae.decode(vae.encode(images).mode())
         generator = torch.Generator().manual_seed(1)
         z = torch.cat([vae.encode(x).sample(generator) for x in images.split(8)])
-    assert s > 0 and vae.scale_factor.item() == pytest.approx(axf.SD_SCALE_FACTOR)
+    assert s > 0 and vae.scale_factor.item() == pytest.approx(sd.SD_SCALE_FACTOR)
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
-    assert abs(z.std().item() * axf.SD_SCALE_FACTOR - 1) < 0.1
+    assert abs(z.std().item() * sd.SD_SCALE_FACTOR - 1) < 0.1
 
 
 def test_toy_models_round_trip_through_an_sd_file(tmp_path):
     """The miniature's sizes are SD-1.x's structure at toy widths: save_sd -> load_sd rebuilds them exactly."""
     args = argparse.Namespace(text_width=64, text_layers=1, unet_channels=32)
     vae, unet, text = toy_sd.build_models(args)
-    path = axf.save_sd(tmp_path / "toy.safetensors", vae, unet, text)
-    vae2, unet2, text2 = axf.load_sd(path)
+    path = sd.save_sd(tmp_path / "toy.safetensors", vae, unet, text)
+    vae2, unet2, text2 = sd.load_sd(path)
     for a, b in ((vae, vae2), (unet, unet2), (text, text2)):
         sa, sb = a.state_dict(), b.state_dict()
         sa.pop("scale_factor", None), sb.pop("scale_factor", None)
