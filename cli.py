@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import toy
 from axf import CONFIG, HELP
 
 
@@ -55,9 +56,9 @@ def category_folder(args):
     if args.toy and args.data_root:
         raise ValueError("give either --toy or --data_root, not both")
     if args.toy:
-        if args.category not in data.TOY_CATEGORIES:
-            raise ValueError(f"--toy has categories {', '.join(data.TOY_CATEGORIES)}, not {args.category!r}")
-        return data.ensure_toy(args.category)
+        if args.category not in toy.TOY_CATEGORIES:
+            raise ValueError(f"--toy has categories {', '.join(toy.TOY_CATEGORIES)}, not {args.category!r}")
+        return toy.ensure_toy(args.category)
     folder = Path(args.data_root or "data/mvtec") / args.category
     data.load_category(folder)  # raises one clear line on a missing folder or bad data
     return folder

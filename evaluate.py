@@ -29,6 +29,7 @@ from tqdm import tqdm
 import axf
 import cli
 import data
+import toy
 from metrics import (LPIPS, _said, au_pro, auroc, average_precision, f1_max, fid, generation_metrics,  # noqa: F401
                      ic_lpips, inception_features, inception_probs, inception_score, kid, load_inception,
                      protocol_stamp, refuse_leaks, segmentation_scores)
@@ -303,14 +304,14 @@ def markdown_table(results, category, stamp):
 # Toy-world checks (--toy): does the picture follow the caption, and is the defect type recognisable?
 
 
-def toy_checks(gen_anomalies, generated, category, cfg, device, steps=1500, judge_root=data.TOY_ROOT / "judge", seeds=5):
-    """Caption colour drawn in the mask (data.drawn_colour), and the defect type a judge assigns. The judge trains on
+def toy_checks(gen_anomalies, generated, category, cfg, device, steps=1500, judge_root=toy.TOY_ROOT / "judge", seeds=5):
+    """Caption colour drawn in the mask (toy.drawn_colour), and the defect type a judge assigns. The judge trains on
     `seeds` other toy worlds' real anomalies, turned and mirrored; its accuracy on this one's real anomalies is known."""
-    hits = [data.drawn_colour(image, mask) == data.caption_colour(a.caption)
-            for a, image, mask in zip(gen_anomalies, generated[0], generated[1]) if data.caption_colour(a.caption)]
+    hits = [toy.drawn_colour(image, mask) == toy.caption_colour(a.caption)
+            for a, image, mask in zip(gen_anomalies, generated[0], generated[1]) if toy.caption_colour(a.caption)]
     colour = sum(hits) / len(hits) if hits else None
     fresh = [a for seed in range(1, seeds + 1) for a in data.load_category(
-        data.ensure_toy(category.name, Path(judge_root) / f"seed{seed}", seed=seed)).anomalies]
+        toy.ensure_toy(category.name, Path(judge_root) / f"seed{seed}", seed=seed)).anomalies]
     train, check = (read_anomalies(a, category.defects, cfg["image_size"]) for a in (fresh, category.anomalies))
     torch.manual_seed(cfg["seed"])
     widths = (3, 32, 64, 96, 128)  # a small CNN: the defect type from the image alone
@@ -406,7 +407,7 @@ def main(argv=None):
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [overrides.get("seed", EVAL_CONFIG["seed"])]
     start = time.time()
 
-    category = data.load_category(data.ensure_toy(args.category) if args.toy else Path(args.data_root) / args.category)
+    category = data.load_category(toy.ensure_toy(args.category) if args.toy else Path(args.data_root) / args.category)
     cfg = resolve_config(args, overrides, category, device)
     ctx = real_data(category, cfg)
     gen_anomalies = data.load_generated(args.generated)   # only its anomalies, never one of the test images

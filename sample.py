@@ -35,6 +35,7 @@ from PIL import Image
 import axf
 import cli
 import data
+import toy
 
 SAMPLING_KEYS = ("sampler", "sample_steps", "guidance_scale", "eta", "seed", "device")
 MANIFEST = ".axf_samples.json"  # not an image: MVTec readers (data.py, anomalib) skip it
@@ -249,8 +250,8 @@ def main(argv=None):
             counters[defect] = index + 1
             save_sample(out, defect, index, image, mask, caption, written)
             inside.append((image - normal)[mask.expand_as(image) > 0].abs().mean().item())
-            if data.caption_colour(caption) and (category.folder / "toy.json").exists():  # the toy world's own check
-                colours.append(data.drawn_colour(image, mask) == data.caption_colour(caption))
+            if toy.caption_colour(caption) and (category.folder / "toy.json").exists():  # the toy world's own check
+                colours.append(toy.drawn_colour(image, mask) == toy.caption_colour(caption))
             if index < 4:  # the preview shows the first few of each defect type
                 preview.append([normal, mask, image, caption])
     finally:  # even after a kill, the manifest lists every file written, so a re-run can replace them

@@ -9,7 +9,7 @@ their captions ("a photo of a normal bottle", "A large red contamination lies in
 
     python toy_sd.py --out runs/toy_sd.safetensors        # then: python sd.py --sd runs/toy_sd.safetensors
 
-  1. data     data.make_toy for seeds 1..--seeds (seed 0 is the toy set train.py uses: never seen here),
+  1. data     toy.make_toy for seeds 1..--seeds (seed 0 is the toy set train.py uses: never seen here),
               read at --size px; cached in data/toy_sd/
   2. VAE      vae.py at the toy preset's size, L1 + KL as LDM (vae.vae_loss), on the images of every toy
               category (no captions) and half its batches made generic (random disks on random backgrounds):
@@ -41,11 +41,12 @@ import axf
 import sd
 import clip
 import data
+import toy
 from unet import UNet
 from vae import VAE, vae_loss
 
 ROOT = Path(__file__).parent / "data" / "toy_sd"
-TOY_RENDER_SIZE = 128  # data.ensure_toy's default: train.py reads these 128 px images at its image_size
+TOY_RENDER_SIZE = 128  # toy.ensure_toy's default: train.py reads these 128 px images at its image_size
 SD_PAD = 49407  # SD-1.x pads prompts with the end token (clip.tokenize's pad_id)
 VAE_SIZES = dict(in_channels=3, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=4)  # toy preset's
 
@@ -57,7 +58,7 @@ def normal_caption(category):
 def preview_captions(category):
     """What the preview draws: a normal object and one caption per defect kind and contaminant colour."""
     if category == "bottle":
-        return [normal_caption("bottle")] + [f"A large {c} contamination lies inside the bottle" for c in data.CONTAMINANTS] + [
+        return [normal_caption("bottle")] + [f"A large {c} contamination lies inside the bottle" for c in toy.CONTAMINANTS] + [
             "A large piece of the bottle rim is broken off at the top"]
     return [normal_caption("cable"), "The green cable is replaced by a repeated blue cable",
             "One gray cable is missing, replaced by a black hole"]
@@ -82,7 +83,7 @@ def load_world(category, seeds, size):
         return torch.load(cache, weights_only=True)
     images, captions, anomalous = [], [], []
     for seed in tqdm(range(1, seeds + 1), desc="1/4 toy world"):
-        folder = data.ensure_toy(category, ROOT / f"seed{seed}", TOY_RENDER_SIZE, seed)
+        folder = toy.ensure_toy(category, ROOT / f"seed{seed}", TOY_RENDER_SIZE, seed)
         cat = data.load_category(folder)
         items = [(p, normal_caption(category), False) for p in cat.train_good + cat.test_good]
         items += [(a.image, a.caption, True) for a in cat.anomalies]
@@ -117,7 +118,7 @@ def generic_images(x, generator):
     """The VAE's stand-in for SD's generic training images (OpenImages): a quarter of the batch becomes random
     disks on a random background, another quarter gets one disk painted on. So the autoencoder carries colours,
     backgrounds and shapes the category lacks (without it, the unseen cable decodes with ~7x the L1 error)."""
-    palette = torch.cat([torch.tensor(list(data.TOY_COLOURS.values()), dtype=torch.float32) / 127.5 - 1,
+    palette = torch.cat([torch.tensor(list(toy.TOY_COLOURS.values()), dtype=torch.float32) / 127.5 - 1,
                          torch.rand(8, 3, generator=generator) * 2 - 1])  # the toy colours and any others
     for i in range(len(x)):
         u = torch.rand(1, generator=generator).item()
@@ -180,12 +181,12 @@ def sample(unet, text, vae, ddpm, captions, generator, steps=50, guidance=3.0, l
 
 
 def named_colour(image):
-    """The contaminant colour (data.CONTAMINANTS) most pixels of image [3, S, S] are close to, or None."""
-    table = torch.tensor([data.TOY_COLOURS[c] for c in data.CONTAMINANTS], dtype=torch.float32)  # [5, 3]
+    """The contaminant colour (toy.CONTAMINANTS) most pixels of image [3, S, S] are close to, or None."""
+    table = torch.tensor([toy.TOY_COLOURS[c] for c in toy.CONTAMINANTS], dtype=torch.float32)  # [5, 3]
     dist = torch.cdist(image.reshape(3, -1).t() * 255, table)  # [S * S, 5]
     near = dist.min(dim=1)
     counts = torch.bincount(near.indices[near.values < 60], minlength=len(table))
-    return data.CONTAMINANTS[int(counts.argmax())] if counts.max() >= 4 else None
+    return toy.CONTAMINANTS[int(counts.argmax())] if counts.max() >= 4 else None
 
 
 def preview(unet, text, vae, ddpm, category, path, per_caption=2, seed=0):
@@ -215,12 +216,12 @@ def ema_update(ema, model, decay, step):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default="runs/toy_sd.safetensors", help="the SD-1.x single file to write (.safetensors or .ckpt)")
-    parser.add_argument("--category", default="bottle", choices=data.TOY_CATEGORIES,
+    parser.add_argument("--category", default="bottle", choices=toy.TOY_CATEGORIES,
                         help="the one toy category pretrained on; the other stays unseen for train.py --sd")
     parser.add_argument("--seeds", type=int, default=8, help="toy worlds 1..N (292 images each; seed 0 is never used)")
     parser.add_argument("--size", type=int, default=64, help="image size in px (the toy preset's); latents are size / 4")
     parser.add_argument("--vae_steps", type=int, default=800, help="stage 2: autoencoder training steps")
-    parser.add_argument("--vae_categories", default=",".join(data.TOY_CATEGORIES),
+    parser.add_argument("--vae_categories", default=",".join(toy.TOY_CATEGORIES),
                         help="what the VAE trains on (images only, no captions); the UNet and text tower see --category only")
     parser.add_argument("--vae_batch_size", type=int, default=8, help="stage 2 batch size")
     parser.add_argument("--steps", type=int, default=2400, help="stage 3: UNet + text tower training steps")

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import data
+import toy
 
 SIZE = 64  # toy images in tests: small enough to generate a category in about a second
 
@@ -65,18 +66,18 @@ def _files_digest(folder):
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
+def toy_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
-    return {c: data.load_category(data.make_toy(root, c, size=SIZE, seed=0)) for c in data.TOY_CATEGORIES}
+    return {c: data.load_category(toy.make_toy(root, c, size=SIZE, seed=0)) for c in toy.TOY_CATEGORIES}
 
 
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def test_toy_category_has_the_mvtec_layout_and_counts(toy):
+def test_toy_category_has_the_mvtec_layout_and_counts(toy_world):
     """Every code path is the real one only if the toy world is a valid MVTec + MVTec Caption folder."""
-    for name, cat in toy.items():
-        assert cat.name == name and cat.defects == sorted(data.TOY_DEFECTS[name])
+    for name, cat in toy_world.items():
+        assert cat.name == name and cat.defects == sorted(toy.TOY_DEFECTS[name])
         assert len(cat.train_good) >= 200 and len(cat.test_good) >= 20
         for defect in cat.defects:
             items = cat.anomalies_of(defect)
@@ -87,9 +88,9 @@ def test_toy_category_has_the_mvtec_layout_and_counts(toy):
             assert a.caption and a.caption == a.caption.strip()
 
 
-def test_read_image_and_mask_give_the_documented_tensors(toy):
+def test_read_image_and_mask_give_the_documented_tensors(toy_world):
     """Models rely on images being float [3, S, S] in [0, 1] and masks exactly {0, 1} of shape [1, S, S]."""
-    a = toy["cable"].anomalies[0]
+    a = toy_world["cable"].anomalies[0]
     image, mask = data.read_image(a.image, 48), data.read_mask(a, 48)
     assert image.shape == (3, 48, 48) and image.dtype == torch.float32
     assert 0 <= image.min() and image.max() <= 1 and image.std() > 0.05
@@ -297,9 +298,9 @@ def test_small_jitter_keeps_a_mask_on_its_part_and_none_keeps_it_exactly():
 
 def test_toy_is_byte_identical_for_a_seed_and_differs_across_seeds(tmp_path):
     """Experiments on the toy world are reproducible only if the same seed writes the same files."""
-    a = _files_digest(data.make_toy(tmp_path / "a", "bottle", size=32, seed=0))
-    b = _files_digest(data.make_toy(tmp_path / "b", "bottle", size=32, seed=0))
-    c = _files_digest(data.make_toy(tmp_path / "c", "bottle", size=32, seed=1))
+    a = _files_digest(toy.make_toy(tmp_path / "a", "bottle", size=32, seed=0))
+    b = _files_digest(toy.make_toy(tmp_path / "b", "bottle", size=32, seed=0))
+    c = _files_digest(toy.make_toy(tmp_path / "c", "bottle", size=32, seed=1))
     assert a == b
     assert a.keys() == c.keys()
     assert sum(a[k] != c[k] for k in a if k.endswith(".png")) > 0.9 * sum(k.endswith(".png") for k in a)
@@ -307,46 +308,46 @@ def test_toy_is_byte_identical_for_a_seed_and_differs_across_seeds(tmp_path):
 
 def test_ensure_toy_generates_once_and_refuses_to_overwrite_real_data(tmp_path):
     """The toy category is made on first use only; a real folder of the same name is never deleted."""
-    folder = data.ensure_toy("cable", root=tmp_path, size=32)
+    folder = toy.ensure_toy("cable", root=tmp_path, size=32)
     first = folder / "train" / "good" / "000.png"
     stamp = first.stat().st_mtime_ns
-    assert data.ensure_toy("cable", root=tmp_path, size=32) == folder and first.stat().st_mtime_ns == stamp
-    data.ensure_toy("cable", root=tmp_path, size=40)  # another size: the old images must not be reused
+    assert toy.ensure_toy("cable", root=tmp_path, size=32) == folder and first.stat().st_mtime_ns == stamp
+    toy.ensure_toy("cable", root=tmp_path, size=40)  # another size: the old images must not be reused
     assert Image.open(first).size == (40, 40)
     (tmp_path / "bottle").mkdir()
     with pytest.raises(FileExistsError, match="not a toy category"):
-        data.ensure_toy("bottle", root=tmp_path, size=32)
+        toy.ensure_toy("bottle", root=tmp_path, size=32)
 
 
 def test_toy_anomaly_equals_its_normal_twin_outside_the_mask():
     """Masks tightly cover what changed: outside, the anomaly is its normal image pixel for pixel."""
-    for category, defects in data.TOY_DEFECTS.items():
+    for category, defects in toy.TOY_DEFECTS.items():
         for k, defect in enumerate(defects):
-            image, mask, caption, normal = data._toy_sample(category, SIZE, np.random.default_rng([0, k]), defect, k)
+            image, mask, caption, normal = toy._toy_sample(category, SIZE, np.random.default_rng([0, k]), defect, k)
             assert np.array_equal(image[~mask], normal[~mask])
             assert (np.abs(image[mask].astype(int) - normal[mask]).max(-1) > 8).mean() > 0.8
 
 
-def test_toy_picture_draws_the_colour_its_caption_names(toy):
+def test_toy_picture_draws_the_colour_its_caption_names(toy_world):
     """The caption decides what is drawn: the swap colour, the black hole, the copper core, the stain colour."""
-    checked = [a for a in toy["cable"].anomalies] + toy["bottle"].anomalies_of("contamination")
+    checked = [a for a in toy_world["cable"].anomalies] + toy_world["bottle"].anomalies_of("contamination")
     for a in checked:
-        colour = data.caption_colour(a.caption)
+        colour = toy.caption_colour(a.caption)
         assert colour is not None
-        assert data.drawn_colour(data.read_image(a.image, SIZE), data.read_mask(a, SIZE)) == colour, a.caption
-    stains = {data.caption_colour(a.caption) for a in toy["bottle"].anomalies_of("contamination")}
+        assert toy.drawn_colour(data.read_image(a.image, SIZE), data.read_mask(a, SIZE)) == colour, a.caption
+    stains = {toy.caption_colour(a.caption) for a in toy_world["bottle"].anomalies_of("contamination")}
     assert stains >= {"red", "green", "blue", "yellow"}
-    assert all(data.caption_colour(a.caption) is None for a in toy["bottle"].anomalies_of("broken_large"))
+    assert all(toy.caption_colour(a.caption) is None for a in toy_world["bottle"].anomalies_of("broken_large"))
 
 
 def test_caption_colour_reads_the_drawn_colour_from_toy_captions():
     """Swap -> the replacing colour; missing -> black; cut -> copper; contamination -> its colour."""
-    assert data.caption_colour("The blue cable is replaced by a repeated green cable") == "green"
-    assert data.caption_colour("One gray cable is missing, replaced by a black hole") == "black"
-    assert data.caption_colour("One grey cable is missing") == "black"
-    assert data.caption_colour("The insulation of the green cable is cut, exposing the copper core") == "copper"
-    assert data.caption_colour("A small red contamination lies inside the bottle") == "red"
-    assert data.caption_colour("A large piece of the bottle rim is broken off at the top left") is None
+    assert toy.caption_colour("The blue cable is replaced by a repeated green cable") == "green"
+    assert toy.caption_colour("One gray cable is missing, replaced by a black hole") == "black"
+    assert toy.caption_colour("One grey cable is missing") == "black"
+    assert toy.caption_colour("The insulation of the green cable is cut, exposing the copper core") == "copper"
+    assert toy.caption_colour("A small red contamination lies inside the bottle") == "red"
+    assert toy.caption_colour("A large piece of the bottle rim is broken off at the top left") is None
 
 
 def test_drawn_colour_is_the_nearest_named_colour_of_the_median():
@@ -356,9 +357,9 @@ def test_drawn_colour_is_the_nearest_named_colour_of_the_median():
     image[:, 0, 0] = 1.0                                             # one white outlier
     mask = torch.zeros(1, 8, 8)
     mask[:, :4] = 1
-    assert data.drawn_colour(image, mask) == "green"
+    assert toy.drawn_colour(image, mask) == "green"
     with pytest.raises(ValueError, match="empty"):
-        data.drawn_colour(image, torch.zeros(1, 8, 8))
+        toy.drawn_colour(image, torch.zeros(1, 8, 8))
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -369,7 +370,7 @@ def test_cli_writes_the_toy_category_and_a_preview(tmp_path, capsys):
     data.main(["--toy", "--category", "cable", "--out", str(tmp_path), "--size", "32", "--rows", "2"])
     preview = tmp_path / "cable_preview.png"
     assert str(preview) in capsys.readouterr().out
-    assert data.load_category(tmp_path / "cable").defects == sorted(data.TOY_DEFECTS["cable"])
+    assert data.load_category(tmp_path / "cable").defects == sorted(toy.TOY_DEFECTS["cable"])
     with Image.open(preview) as im:
         assert im.size[1] == 3 * 2 * (128 + 2)  # 2 rows for each of 3 defect types
     with pytest.raises(SystemExit) as e:

@@ -10,6 +10,7 @@ import torch.nn as nn
 from PIL import Image
 
 import data
+import toy
 import evaluate as E
 import metrics as M
 
@@ -440,7 +441,7 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
 
 def test_toy_checks_give_full_marks_to_real_toy_anomalies(tmp_path):
     """Real toy anomalies draw exactly the colour their caption names; every check is a fraction."""
-    folder = data.make_toy(tmp_path, "cable", size=64, seed=0)
+    folder = toy.make_toy(tmp_path, "cable", size=64, seed=0)
     category = data.load_category(folder)
     cfg = {**E.EVAL_CONFIG, "image_size": 64}
     real = E.read_anomalies(category.anomalies, category.defects, 64)

@@ -11,6 +11,7 @@ from PIL import Image
 import axf
 import clip
 import data
+import toy
 import sample
 import train
 
@@ -27,7 +28,7 @@ TINY = ["--preset", "toy", "--image_size", "32", "--vae_channels", "32", "--vae_
 @pytest.fixture(scope="module")
 def toy_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
-    data.make_toy(root, "bottle", size=32, seed=0)
+    toy.make_toy(root, "bottle", size=32, seed=0)
     return root
 
 
@@ -109,7 +110,7 @@ def test_every_changed_pixel_of_a_saved_sample_lies_inside_its_saved_mask(sample
 def test_sampling_never_deletes_files_it_did_not_write(trained, tmp_path):
     """Pointed at a dataset's own category folder, sample.py refuses and touches nothing; in its own output it
     replaces only what its manifest lists."""
-    dataset = data.make_toy(tmp_path, "bottle", size=32, seed=0)
+    dataset = toy.make_toy(tmp_path, "bottle", size=32, seed=0)
     before = sorted(dataset.rglob("*"))
     with pytest.raises(ValueError, match="not written by sample.py"):
         sample.main(["--category", "bottle", "--ckpt", str(trained), "--n", "1", "--out_dir", str(dataset)])
