@@ -18,7 +18,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import axf
-import sd
 import cli
 import metrics
 from unet import UNet

@@ -64,6 +64,7 @@ class EMA:
         # warm-up: early on the average would mostly remember the random initialisation
         decay = min(self.decay, (1 + step) / (10 + step))
         params = dict(model.named_parameters())
+        # shadow += (1 - decay) * (weight - shadow) for every tensor at once: one call, not a Python loop
         torch._foreach_lerp_(list(self.shadow.values()), [params[n].detach() for n in self.shadow], 1 - decay)
 
     def swap(self, model):

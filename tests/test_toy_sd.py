@@ -5,7 +5,6 @@ import argparse
 import pytest
 import torch
 
-import axf
 import sd
 import toy_sd
 
