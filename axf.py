@@ -9,6 +9,7 @@ What this file holds, in reading order:
   AnomalyXFusion   the whole model: the loss (Eq. 17) and blended sampling (Eq. 16)
   builders         one per network from the config; CLIP; checkpoints that load by themselves
 """
+import hashlib
 import math
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import clip
 from ddpm import DDPM
 from sd import load_sd, save_sd  # noqa: F401  (Stable Diffusion 1.x files, sd.py; DESIGN's axf.load_sd)
 from mask_encoder import LocationTokens, MaskAutoencoder, MaskEncoder
-from unet import UNet, timestep_embedding
+from unet import UNet, add_lora, expand_input_channels, timestep_embedding
 from vae import VAE
 
 # ----------------------------------------------------------------------------------------------
@@ -50,6 +51,9 @@ CONFIG = dict(
     outside_loss_weight=0.1, center_text=True, cond_dropout=0.1, shift_cells=2, checkpoint_every=250, preview_every=450,
     # sampling (Eq. 16)
     sampler="ddim", sample_steps=50, guidance_scale=3.0, eta=0.0,
+    # a pretrained Stable Diffusion 1.x backbone (train.py --sd FILE): its VAE, UNet and text encoder
+    sd="", train_unet="none", lora_rank=32, unet_lr=5e-4, sd_context="splice", sd_prompt="{caption} *",
+    gradient_checkpointing=False,
 )
 
 HELP = dict(
@@ -76,6 +80,17 @@ HELP = dict(
     sample_steps="DDIM steps (the ddpm sampler takes every one)",
     guidance_scale="classifier-free guidance; 1 is the conditional model alone",
     eta="DDIM eta: 0 deterministic, 1 like DDPM",
+    sd="a Stable Diffusion 1.x single file (.safetensors or .ckpt): its VAE (stage 1 is skipped), UNet and "
+       "text encoder replace the project's own; empty: everything trained from scratch",
+    train_unet="with --sd, what of the UNet trains: none (the authors' recipe: only the conditioning), lora "
+               "(rank-r adapters on its attention, as DualAnoDiff) or full (every weight, as SeaS)",
+    lora_rank="r of --train_unet lora",
+    unet_lr="learning rate of the UNet weights that train (LoRA ~1e-4, full fine-tuning ~1e-5 on SD-1.5)",
+    sd_context="with --sd, how e_t reaches the UNet: splice (textual inversion: e_t replaces the * of sd_prompt "
+               "at the frozen text encoder's input) or append (e_t after the prompt's 77 hidden states)",
+    sd_prompt="with --sd, the text encoder's prompt; {caption} is the caption, * the place of e_t's tokens "
+              "(the authors': 'a photo of a *')",
+    gradient_checkpointing="recompute the UNet's activations in the backward pass: less memory, ~30% more time",
 )
 
 # A resume must rebuild the very networks it saved: these keys may not change between runs of one
@@ -84,7 +99,8 @@ ARCHITECTURE_KEYS = ("image_size", "vae_channels", "vae_channel_mult", "vae_num_
                      "unet_channels", "unet_channel_mult", "unet_num_res_blocks", "unet_attention_levels",
                      "unet_num_heads", "num_tokens", "context_dim", "clip", "num_diffusion_steps", "schedule",
                      "beta_start", "beta_end", "mask_channels", "mask_feature_channels", "aggregator_heads",
-                     "use_text", "use_mif", "use_ddf")
+                     "use_text", "use_mif", "use_ddf", "train_unet", "lora_rank", "sd_context", "sd_prompt")
+# ("sd" is not among them: a checkpoint names its SD file by size and hash, so the file may move; sd_file())
 
 PRESETS = {
     "toy": dict(),
@@ -96,6 +112,13 @@ PRESETS = {
         context_dim=768,                  # CLIP ViT-L/14's embedding width
         vae_steps=20000, vae_lr=1e-4, mask_steps=2000, steps=30000, batch_size=8, lr=1e-4, warmup_steps=1000,
         ema_decay=0.9999, shift_cells=4, checkpoint_every=1000, preview_every=5000,
+    ),
+    # on a Stable Diffusion 1.x file (--sd): its sizes come from the file, these are the rest
+    "sd": dict(
+        image_size=256,                   # the paper's and AnomalyDiffusion's size (SD's own is 512)
+        context_dim=768,                  # CLIP ViT-L/14's embedding width
+        mask_steps=2000, steps=5000, batch_size=8, lr=1e-4, unet_lr=1e-5, warmup_steps=500, ema_decay=0.9999,
+        shift_cells=4, checkpoint_every=500, preview_every=1000, gradient_checkpointing=True,
     ),
 }
 
@@ -111,6 +134,11 @@ def resolve_config(preset, overrides=None):
         config[key] = value
     if config["warmup_steps"] < 0:
         raise ValueError(f"warmup_steps must be 0 (none) or more, got {config['warmup_steps']}")
+    for key, choices in (("train_unet", ("none", "lora", "full")), ("sd_context", ("splice", "append"))):
+        if config[key] not in choices:
+            raise ValueError(f"{key} must be one of {', '.join(choices)}, not {config[key]!r}")
+    if config["sd_prompt"].count("*") != 1:
+        raise ValueError(f"sd_prompt needs exactly one * (where e_t's tokens go), got {config['sd_prompt']!r}")
     return config
 
 
@@ -202,17 +230,35 @@ class AnomalyXFusion(nn.Module):
 
     `defects` names the texture-token rows: row 0 is "good" (normal training images), then one
     row per defect type of the category (the convention of defect_ids()).
+    `backbone`: (vae, unet, text_encoder) of a Stable Diffusion 1.x file (load_sd), required when
+    config["sd"] names one. Then the VAE and the text encoder stay frozen, the UNet is adapted
+    (adapt_sd_unet) and e_t reaches it through the text encoder (sd_context).
     """
 
-    def __init__(self, config, clip_model, defects):
+    def __init__(self, config, clip_model, defects, backbone=None):
         super().__init__()
         self.config = dict(config)
         self.defects = ["good"] + list(defects)
         d, k = config["context_dim"], config["num_tokens"]
         self.use_text, self.use_mif, self.use_ddf = config["use_text"], config["use_mif"], config["use_ddf"]
-        self.vae = build_vae(config)
+        self.text_encoder = None  # SD's frozen text encoder, when there is a backbone
+        # what a checkpoint leaves out: frozen networks that are rebuilt from their own files
+        self.frozen_prefixes = ("clip.",)
+        if config["sd"]:
+            if backbone is None:
+                raise ValueError("config['sd'] names a Stable Diffusion file: pass backbone=load_sd(config['sd'])")
+            self.vae, unet, self.text_encoder = backbone
+            self.vae.requires_grad_(False)
+            self.text_encoder.eval().requires_grad_(False)
+            self.unet = adapt_sd_unet(unet, config["train_unet"], config["lora_rank"])
+            self.frozen_prefixes = ("clip.", "vae.", "text_encoder.", "unet.")  # unet: only what trains is saved
+        else:
+            self.vae = build_vae(config)
+            self.unet = build_unet(config)
         self.latent_factor = latent_factor(config)
-        self.unet = build_unet(config)
+        self.unet.gradient_checkpointing = config["gradient_checkpointing"]
+        # SD-1.5-inpainting reads [x_t, mask, masked-image latent] (9 channels); every other UNet here [x_t, mask]
+        self.masked_image_input = self.unet.conv_in.in_channels == 2 * config["vae_latent_channels"] + 1
         self.ddpm = DDPM(config["num_diffusion_steps"], config["schedule"], config["beta_start"], config["beta_end"])
         # CLIP is frozen (§4.2): no gradient ever reaches it, and it is left out of the optimiser
         self.clip = clip_model.eval().requires_grad_(False)
@@ -231,10 +277,18 @@ class AnomalyXFusion(nn.Module):
             self.aggregator = Aggregator(d, config["aggregator_heads"])
         if self.use_ddf:
             self.ddf = DynamicDifFusion(d)
-        num_context = k * (self.use_text + 2 * self.use_mif) or k
+        self.num_context = k * (self.use_text + 2 * self.use_mif) or k
         # the empty condition: classifier-free guidance's unconditional branch, and the whole
         # context when every modality is switched off (Table 6, first row)
-        self.null_context = nn.Parameter(torch.randn(1, num_context, d) * 0.02)
+        self.null_context = nn.Parameter(torch.randn(1, self.num_context, d) * 0.02)
+        if self.text_encoder is not None:
+            width = self.text_encoder.token_embedding.weight.shape[1]
+            # e_t's tokens [n, d] -> the text encoder's width (768 = d for SD-1.5 with CLIP ViT-L/14)
+            self.to_text = nn.Linear(d, width) if width != d else nn.Identity()
+            # spliced at the encoder's input, e_t's tokens take the size of its word embeddings (std ~0.015 in
+            # SD-1.5); at e_t's own unit scale they would drown the prompt's words in the residual stream
+            self.token_scale = self.text_encoder.token_embedding.weight.float().std().item()
+            self._prompt_cache, self._hidden_cache = {}, {}
 
     # --- the three modalities and the context -------------------------------------------------
 
@@ -289,16 +343,73 @@ class AnomalyXFusion(nn.Module):
         e_x = torch.cat(parts, dim=1)  # Eq. (4): e_mul [B, n, d]
         return self.aggregator(e_x) if self.use_mif else e_x  # Eq. (5): the X-embedding
 
-    def context(self, e_x, t, drop=None):
-        """The cross-attention context e_t [B, n, d] of Eq. (13)-(15); drop: optional bool [B],
-        samples whose condition is replaced by the null one (classifier-free guidance)."""
+    def context(self, e_x, t, drop=None, captions=None):
+        """The cross-attention context of Eq. (13)-(15): e_t [B, n, d]; drop: optional bool [B],
+        samples whose condition is replaced by the null one (classifier-free guidance).
+        On an SD backbone, e_t then goes through sd_context with the captions (dropped ones: "")."""
         if drop is not None:
             e_x = torch.where(drop[:, None, None], self.null_context.expand_as(e_x), e_x)
-        return self.ddf(e_x, t) if self.use_ddf else e_x  # Eq. (14): e_t = f_phi(e_X, t)
+        e_t = self.ddf(e_x, t) if self.use_ddf else e_x  # Eq. (14): e_t = f_phi(e_X, t)
+        if self.text_encoder is None:
+            return e_t
+        captions = list(captions) if captions is not None and self.use_text else [""] * len(e_t)
+        if drop is not None:
+            captions = ["" if dropped else c for c, dropped in zip(captions, drop.tolist())]
+        return self.sd_context(e_t, captions)
 
     def condition(self, captions, masks, defect_ids, t, textures=None, drop=None):
-        """e_t from the raw conditions: context(x_embedding(...), t, drop)."""
-        return self.context(self.x_embedding(captions, masks, defect_ids, textures), t, drop)
+        """The UNet's context from the raw conditions: context(x_embedding(...), t, drop, captions)."""
+        return self.context(self.x_embedding(captions, masks, defect_ids, textures), t, drop, captions)
+
+    # --- how e_t reaches a pretrained SD UNet -------------------------------------------------
+
+    def sd_context(self, e_t, captions):
+        """e_t [B, n, d] -> the pretrained UNet's context [B, 77 (+ n), width].
+
+        splice (the default; the authors' textual inversion, as AnomalyDiffusion): the n * of the prompt
+        are replaced by e_t's tokens at the frozen text encoder's input (clip.encode_text_tokens), and its
+        77 hidden states are the context. DDF makes e_t depend on t, so the encoder runs at every step.
+        append: the prompt's own 77 hidden states (computed once per caption), then e_t's n tokens.
+        """
+        vectors = self.to_text(e_t)  # [B, n, width]
+        if self.config["sd_context"] == "splice":
+            tokens = self.prompt_tokens(captions, self.num_context).to(e_t.device)
+            return self.text_encoder.encode_text_tokens(tokens, replace=(clip.PLACEHOLDER_ID, vectors * self.token_scale))
+        hidden = self.prompt_hidden_states(captions)
+        return torch.cat([hidden.to(vectors.dtype), vectors], dim=1)
+
+    def prompt_tokens(self, captions, n):
+        """sd_prompt with {caption} filled in and its * made n placeholders -> [B, 77] token ids (SD's end-token
+        padding). A long caption is cut; the placeholders never are."""
+        rows = []
+        for caption in captions:
+            if (caption, n) not in self._prompt_cache:
+                before, after = self.config["sd_prompt"].replace("{caption}", caption.replace("*", " ")).split("*")
+                tail = clip.bpe_tokens(after)[:75 - n]
+                head = clip.bpe_tokens(before)[:75 - n - len(tail)]
+                ids = [clip.START_ID] + head + [clip.PLACEHOLDER_ID] * n + tail + [clip.END_ID]
+                self._prompt_cache[caption, n] = torch.tensor(ids + [clip.END_ID] * (77 - len(ids)))
+            rows.append(self._prompt_cache[caption, n])
+        return torch.stack(rows)
+
+    @torch.no_grad()
+    def prompt_hidden_states(self, captions):
+        """The frozen text encoder's 77 hidden states of the prompt without its * (sd_context append), cached."""
+        missing = sorted({c for c in captions if c not in self._hidden_cache})
+        if missing:
+            tokens = self.prompt_tokens(missing, 0).to(self.null_context.device)
+            for caption, hidden in zip(missing, self.text_encoder.encode_text_tokens(tokens)):
+                self._hidden_cache[caption] = hidden
+        return torch.stack([self._hidden_cache[c] for c in captions])
+
+    def unet_input(self, x_t, region, masked_latents=None):
+        """What the UNet reads: [x_t, latent mask], and for SD-1.5-inpainting also the masked image's latent."""
+        parts = [x_t, region.to(x_t.dtype)]
+        if self.masked_image_input:
+            if masked_latents is None:
+                raise ValueError("this UNet (SD inpainting, 9 channels) also needs the masked image's latent")
+            parts.append(masked_latents.to(x_t.dtype))
+        return torch.cat(parts, dim=1)
 
     # --- training -----------------------------------------------------------------------------
 
@@ -307,7 +418,13 @@ class AnomalyXFusion(nn.Module):
         """Images [B, 3, S, S] in [0, 1] -> scaled latents [B, 4, S/f, S/f] (posterior mode)."""
         return self.vae.encode_latents(images * 2 - 1, sample=False)
 
-    def loss(self, latents, masks, captions, defect_ids, is_anomaly, generator=None):
+    @torch.no_grad()
+    def encode_masked_images(self, images, masks):
+        """The inpainting UNet's third input: the latent of the image with its mask grey (0 in [-1, 1], as RunwayML's
+        SD-1.5-inpainting was trained), or None for a UNet that does not read it."""
+        return self.encode_images(images * (1 - masks) + 0.5 * masks) if self.masked_image_input else None
+
+    def loss(self, latents, masks, captions, defect_ids, is_anomaly, generator=None, masked_latents=None):
         """The ε-prediction loss of Eq. (17), weighted to the anomaly region for anomalous images.
 
         Normal images (is_anomaly False) count every latent cell alike: they teach the object
@@ -322,7 +439,7 @@ class AnomalyXFusion(nn.Module):
         drop = torch.rand(B, device=device, generator=generator) < self.config["cond_dropout"]
         context = self.condition(captions, masks, defect_ids, t, drop=drop)
         region = latent_mask(masks, self.latent_factor)
-        eps = self.unet(torch.cat([x_t, region.to(x_t.dtype)], 1), t, context)
+        eps = self.unet(self.unet_input(x_t, region, masked_latents), t, context)
         outside = self.config["outside_loss_weight"]
         weight = torch.where(is_anomaly[:, None, None, None], region + outside * (1 - region), torch.ones_like(region))
         # Eq. (17), squared as in DDPM, averaged over the weighted cells of each sample
@@ -331,13 +448,15 @@ class AnomalyXFusion(nn.Module):
 
     # --- blended sampling ---------------------------------------------------------------------
 
-    def guided_eps(self, x_t, region, t, e_x, guidance_scale):
-        """Classifier-free guidance: eps_u + s (eps_c - eps_u); both branches in one DDF and one UNet call."""
-        x_in = torch.cat([x_t, region.to(x_t.dtype)], 1)
+    def guided_eps(self, x_t, region, t, e_x, guidance_scale, captions=None, masked_latents=None):
+        """Classifier-free guidance: eps_u + s (eps_c - eps_u); both branches in one DDF and one UNet call.
+        (captions reach an SD backbone's prompt; the unconditional branch's prompt has none.)"""
+        x_in = self.unet_input(x_t, region, masked_latents)
         if guidance_scale == 1:  # eps_u + 1 (eps_c - eps_u) = eps_c: the unconditional branch is not needed
-            return self.unet(x_in, t, self.context(e_x, t))
+            return self.unet(x_in, t, self.context(e_x, t, captions=captions))
         null = self.null_context.expand_as(e_x)
-        contexts = self.context(torch.cat([e_x, null]), torch.cat([t, t]))  # Eq. (14) for both branches
+        both = list(captions) + [""] * len(e_x) if captions is not None else None
+        contexts = self.context(torch.cat([e_x, null]), torch.cat([t, t]), captions=both)  # Eq. (14) for both branches
         eps_cond, eps_uncond = self.unet(torch.cat([x_in, x_in]), torch.cat([t, t]), contexts).chunk(2)
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
@@ -354,6 +473,7 @@ class AnomalyXFusion(nn.Module):
         """
         device, B = normal_images.device, len(normal_images)
         z0 = self.encode_images(normal_images)
+        masked_latents = self.encode_masked_images(normal_images, masks)
         region = latent_mask(masks, self.latent_factor)
         e_x = self.x_embedding(captions, masks, defect_ids, textures)  # Eq. (1)-(5): once per batch
         # one fixed noise for the background: its latent at step t is q_sample(z0, t, known_noise), a point
@@ -373,7 +493,7 @@ class AnomalyXFusion(nn.Module):
         x = region * x + (1 - region) * self.ddpm.q_sample(z0, at(timesteps[0]), known_noise)
         for i, step in enumerate(timesteps):
             t, t_prev = at(step), at(timesteps[i + 1] if i + 1 < len(timesteps) else -1)
-            eps = self.guided_eps(x, region, t, e_x, guidance_scale).float()  # Eq. (14) with t, then guidance
+            eps = self.guided_eps(x, region, t, e_x, guidance_scale, captions, masked_latents).float()  # Eq. (14) with t, then guidance
             if sampler == "ddim":
                 noise = torch.randn(z0.shape, device=device, generator=generator) if eta > 0 else None
                 x_model = self.ddpm.ddim_step(eps, t, t_prev, x, eta=eta, noise=noise)
@@ -442,35 +562,113 @@ def build_clip(config, device="cpu"):
     return model.to(device).eval()
 
 
+# ----------------------------------------------------------------------------------------------
+# A Stable Diffusion 1.x backbone (issue #13): the file, its identity, and how its UNet is adapted
+
+
+def load_backbone(config, device="cpu"):
+    """(vae, unet, text_encoder) of config["sd"] (sd.load_sd), its sizes copied into the config: the latent
+    factor, the latent channels and the context width are the file's, whatever the preset says."""
+    vae, unet, text = load_sd(config["sd"], device)
+    for prefix, sizes in (("vae_", vae.sd_sizes), ("unet_", unet.sd_sizes)):
+        for key in ("channels", "channel_mult", "num_res_blocks", "latent_channels", "attention_levels", "num_heads"):
+            if key in sizes:
+                config[prefix + key] = tuple(sizes[key]) if isinstance(sizes[key], (list, tuple)) else sizes[key]
+    f = 2 ** (len(vae.sd_sizes["channel_mult"]) - 1) * 2 ** (len(unet.sd_sizes["channel_mult"]) - 1)
+    if config["image_size"] % f:
+        raise ValueError(f"image_size {config['image_size']} must be a multiple of {f} for {config['sd']}")
+    return vae, unet, text
+
+
+def sd_file(path, chunk=1 << 24):
+    """What names an SD file in a checkpoint: its path, size in bytes and sha256 (~3 s for SD-1.5's 4 GB)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return {"path": str(path.resolve()), "size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def check_sd_file(path, saved):
+    """Raise one clear line unless `path` is the very file a checkpoint was trained on (same size and hash)."""
+    wanted = f"{saved['path']} ({saved['size']:,} bytes, sha256 {saved['sha256'][:16]}...)"
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: missing; this checkpoint was trained on the Stable Diffusion file {wanted}: "
+                                f"pass --sd with where that file is now")
+    size = Path(path).stat().st_size
+    if size != saved["size"] or sd_file(path)["sha256"] != saved["sha256"]:
+        raise ValueError(f"{path} is not the Stable Diffusion file this checkpoint was trained on ({wanted}); "
+                         f"its trained weights belong to that file")
+
+
+def adapt_sd_unet(unet, train_unet, lora_rank):
+    """A pretrained SD UNet made ready for AnomalyXFusion (paper §4 conditions a frozen LDM):
+    - a 4-channel UNet gets the mask as a fifth input channel, zero-initialised: at step 0 it is the
+      pretrained model; SD-1.5-inpainting keeps its 9 channels (x_t, mask, masked-image latent);
+    - train_unet: none freezes it (only conv_in trains, if it was widened), lora adds rank-r adapters
+      (unet.add_lora) and trains them, full trains every weight."""
+    channels = unet.conv_in.in_channels
+    latent = unet.conv_out.out_channels
+    if channels not in (latent, 2 * latent + 1):
+        raise ValueError(f"a UNet with {channels} input channels is neither text-to-image ({latent}) nor inpainting "
+                         f"({2 * latent + 1})")
+    unet.requires_grad_(train_unet == "full")
+    if channels == latent:
+        expand_input_channels(unet, latent + 1)
+        unet.conv_in.requires_grad_(True)  # the mask channel must learn, whatever else is frozen
+    if train_unet == "lora":
+        add_lora(unet, lora_rank)
+    return unet
+
+
+def trained_keys(model):
+    """The state-dict keys a checkpoint holds: all, but a frozen part (frozen_prefixes) only where it trains."""
+    frozen = getattr(model, "frozen_prefixes", ())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    return [k for k in model.state_dict() if not k.startswith(frozen) or k in trainable]
+
+
 def model_state_dict(model):
-    """The weights to save: everything but the frozen CLIP (saved apart only when it is random)."""
-    return {k: v for k, v in model.state_dict().items() if not k.startswith("clip.")}
+    """The weights to save: everything but the frozen networks that come from their own files (CLIP, and an SD
+    backbone's VAE, text encoder and frozen UNet weights): a checkpoint on SD-1.5 weighs megabytes."""
+    state = model.state_dict()
+    return {k: state[k] for k in trained_keys(model)}
 
 
 def load_weights(model, state, where):
-    """Load saved weights strictly, CLIP aside (it is not in them); a mismatch raises one clear line."""
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("clip.")]
+    """Load saved weights strictly, frozen networks aside (they are not in them); a mismatch raises one clear line."""
+    expected = set(trained_keys(model))
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
     if missing or unexpected:
         raise ValueError(f"{where}: weights do not match the model its config describes "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.load_state_dict(state, strict=False)
 
 
-def load_checkpoint(path, device="cpu", use_ema=True):
-    """An AnomalyXFusion checkpoint written by train.py -> (model in eval mode, checkpoint dict)."""
+def load_checkpoint(path, device="cpu", use_ema=True, sd=None):
+    """An AnomalyXFusion checkpoint written by train.py -> (model in eval mode, checkpoint dict).
+    A checkpoint trained on a Stable Diffusion file reads that file again (or `sd`, where it has moved to),
+    and refuses any other."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint; train one with train.py first")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        config, defects = checkpoint["config"], checkpoint["defects"]
+        config, defects = {**CONFIG, **checkpoint["config"]}, checkpoint["defects"]  # keys added since: defaults
     except Exception as error:
         raise ValueError(f"{path}: not an AnomalyXFusion checkpoint ({type(error).__name__}: {error})") from None
     if checkpoint["clip"] is not None:
         clip_model = clip.build_model(checkpoint["clip"])
     else:
         clip_model = build_clip(config, device)
-    model = AnomalyXFusion(config, clip_model, defects)
+    backbone = None
+    if config["sd"]:
+        saved = checkpoint["sd_file"]  # the path as given at training, else as resolved then
+        config["sd"] = str(sd or (config["sd"] if Path(config["sd"]).is_file() else saved["path"]))
+        check_sd_file(config["sd"], saved)
+        backbone = load_backbone(config)
+    model = AnomalyXFusion(config, clip_model, defects, backbone)
     load_weights(model, checkpoint["model"], path)
     if use_ema and checkpoint.get("ema"):
         params = dict(model.named_parameters())

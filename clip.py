@@ -122,25 +122,32 @@ PLACEHOLDER_ID = 265  # the BPE token of a lone "*" ("*</w>"): textual inversion
 _tokenizer = None  # built on first use: reading the 1.3 MB vocabulary takes a moment
 
 
+START_ID, END_ID = 49406, 49407  # <|startoftext|>, <|endoftext|>
+
+
+def bpe_tokens(text):
+    """A text -> its BPE token ids, without the start and end tokens (tokenize adds them)."""
+    global _tokenizer
+    if _tokenizer is None:
+        _tokenizer = SimpleTokenizer()
+    return _tokenizer.encode(text)
+
+
 def tokenize(texts, context_length=77, truncate=False, pad_id=0):
     """A str or list of str -> LongTensor [N, context_length]: <start> tokens <end>, then pad_id.
     A text longer than the context raises, unless truncate=True (then the end token stays last).
     OpenAI pads with 0; Stable Diffusion 1.x pads with the end token, pad_id=49407 (its UNet attends
     to the padding positions too, so the choice changes its context)."""
-    global _tokenizer
-    if _tokenizer is None:
-        _tokenizer = SimpleTokenizer()
     if isinstance(texts, str):
         texts = [texts]
-    sot, eot = _tokenizer.encoder["<|startoftext|>"], _tokenizer.encoder["<|endoftext|>"]  # 49406, 49407
     result = torch.full((len(texts), context_length), pad_id, dtype=torch.long)
     for i, text in enumerate(texts):
-        tokens = [sot] + _tokenizer.encode(text) + [eot]
+        tokens = [START_ID] + bpe_tokens(text) + [END_ID]
         if len(tokens) > context_length:
             if not truncate:
                 raise RuntimeError(f"Input {text} is too long for context length {context_length}")
             tokens = tokens[:context_length]
-            tokens[-1] = eot
+            tokens[-1] = END_ID
         result[i, :len(tokens)] = torch.tensor(tokens)
     return result
 

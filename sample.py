@@ -174,6 +174,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_data_args(parser)
     parser.add_argument("--ckpt", help="checkpoint file or train.py --out_dir (default: runs/<category>)")
+    parser.add_argument("--sd", help="where the Stable Diffusion file a train.py --sd checkpoint was trained on is now "
+                                     "(default: the path it was trained with; a different file is refused)")
     parser.add_argument("--n", type=int, default=100, help="anomalies per defect type (default: 100)")
     parser.add_argument("--defect", help="only this defect type (default: every defect type)")
     parser.add_argument("--prompt", help="one caption for every sample (default: the few-shot captions)")
@@ -206,8 +208,8 @@ def load_model(args):
     """The checkpoint (EMA weights), its config with the sampling flags applied, and the category to draw on."""
     path = Path(args.ckpt or Path("runs") / args.category)
     path = path / "axf.pt" if path.is_dir() else path  # a train.py --out_dir means its checkpoint
-    model, checkpoint = axf.load_checkpoint(path, device="cpu")
-    config = dict(checkpoint["config"], **cli.config_overrides(args))
+    model, checkpoint = axf.load_checkpoint(path, device="cpu", sd=args.sd)
+    config = dict(model.config, **cli.config_overrides(args))
     folder = cli.category_folder(args) if args.toy or args.data_root else Path(checkpoint["data_folder"])
     category = data.load_category(folder)
     if category.defects != model.defects[1:]:

@@ -3,12 +3,21 @@
     python train.py --category bottle --toy                 # the built-in toy world, on a CPU
     python train.py --category bottle --data_root DIR       # MVTec AD + MVTec Caption, one GPU
 
+    python train.py --category bottle --data_root DIR --sd v1-5-pruned-emaonly.safetensors --clip ViT-L-14.pt
+
 Stages, in order, each a checkpoint in --out_dir (default runs/<category>):
   1. vae.pt       the KL autoencoder on normal and few-shot anomalous images (vae.py), defect pixels
                   weighted up and random-colour blobs painted on normal images so that it can draw
                   any defect; its latent scale factor is measured at the end (unit-std latents)
   2. mask_ae.pt   the mask encoder pre-trained as a mask autoencoder (mask_encoder.py, Eq. 2)
   3. axf.pt       AnomalyXFusion: MIF + DDF + UNet with the loss of Eq. (17) (axf.py)
+
+With --sd FILE (a Stable Diffusion 1.x single file; preset sd: 256 px) the file supplies the VAE
+(stage 1 is skipped; SD's latent scale), the UNet (frozen, LoRA or fully trained: --train_unet)
+and the text encoder (frozen), into which e_t is spliced at the * of --sd_prompt (textual
+inversion, as the authors' code). --clip FILE (OpenAI CLIP) still gives Eq. (1)'s caption feature
+and Eq. (3)'s image feature; without it a small random CLIP does (the toy world's default). axf.pt
+then holds only what trained and the SD file's size and sha256: it refuses any other file.
 
 Re-running the same command resumes: a finished stage is skipped, an unfinished one continues
 from its last checkpoint (model, optimiser, EMA, step, RNG), and reaches the weights an
@@ -265,6 +274,8 @@ def pretrain_mask_encoder(train, config, out_dir, device):
 
 def make_batch(train, latents, config, generator):
     """A batch of cached latents: `anomaly_fraction` few-shot anomalies, the rest normal images.
+    -> latents, masks, captions, defect ids, is_anomaly, and the masked images' latents (an inpainting
+    UNet's input; a normal image's mask is empty: its masked latent is its latent) or None.
 
     Image and mask are rolled together by whole latent cells, so the few anomalies are seen at
     many positions without resampling anything.
@@ -274,23 +285,30 @@ def make_batch(train, latents, config, generator):
     anomaly_idx = torch.randint(len(train["captions"]), (num_anomalies,), generator=generator)
     normal_idx = torch.randint(len(train["normals"]), (B - num_anomalies,), generator=generator)
     z = torch.cat([latents["anomalies"][anomaly_idx], latents["normals"][normal_idx]])
+    masked = None
+    if "masked_anomalies" in latents:
+        masked = torch.cat([latents["masked_anomalies"][anomaly_idx], latents["normals"][normal_idx]])
     S = config["image_size"]
     masks = torch.cat([train["masks"][anomaly_idx], torch.zeros(B - num_anomalies, 1, S, S)])
     factor = axf.latent_factor(config)
     shifts = torch.randint(-config["shift_cells"], config["shift_cells"] + 1, (B, 2), generator=generator)
     z = torch.stack([zi.roll(tuple(s.tolist()), (1, 2)) for zi, s in zip(z, shifts)])
+    if masked is not None:
+        masked = torch.stack([mi.roll(tuple(s.tolist()), (1, 2)) for mi, s in zip(masked, shifts)])
     masks = torch.stack([m.roll(tuple((s * factor).tolist()), (1, 2)) for m, s in zip(masks, shifts)])
     captions = [train["captions"][i] for i in anomaly_idx] + [""] * (B - num_anomalies)
     defect_ids = torch.cat([train["defect_ids"][anomaly_idx], torch.zeros(B - num_anomalies, dtype=torch.long)])
     is_anomaly = torch.arange(B) < num_anomalies
-    return z, masks, captions, defect_ids, is_anomaly
+    return z, masks, captions, defect_ids, is_anomaly, masked
 
 
-def build_model(train, vae, mask_encoder, clip_model, config, device):
-    """AnomalyXFusion with the trained VAE (frozen) and mask encoder, texture tokens and caption mean set."""
-    model = axf.AnomalyXFusion(config, clip_model, train["category"].defects).to(device)
-    model.vae.load_state_dict(vae.state_dict())
-    model.vae.requires_grad_(False)  # stage 1 trained it; the diffusion runs in its latent space
+def build_model(train, vae, mask_encoder, clip_model, config, device, backbone=None):
+    """AnomalyXFusion with the trained VAE (frozen) and mask encoder, texture tokens and caption mean set;
+    on an SD backbone (vae, unet, text encoder), with the file's networks."""
+    model = axf.AnomalyXFusion(config, clip_model, train["category"].defects, backbone).to(device)
+    if backbone is None:
+        model.vae.load_state_dict(vae.state_dict())
+    model.vae.requires_grad_(False)  # stage 1 (or SD) trained it; the diffusion runs in its latent space
     if model.use_mif:
         model.mask_encoder.load_state_dict(mask_encoder.state_dict())  # pre-trained, now fine-tuned
         model.init_textures(train["defect_ids"].to(device), train["images"].to(device), train["masks"].to(device))
@@ -300,11 +318,12 @@ def build_model(train, vae, mask_encoder, clip_model, config, device):
 
 
 def axf_step(model, optimizer, ema, train, latents, config, generator, device, losses, i):
-    z, masks, captions, defect_ids, is_anomaly = make_batch(train, latents, config, generator)
+    z, masks, captions, defect_ids, is_anomaly, masked = make_batch(train, latents, config, generator)
     for group in optimizer.param_groups:  # linear warm-up of the learning rate
-        group["lr"] = config["lr"] * min(1.0, (i + 1) / max(1, config["warmup_steps"]))
+        group["lr"] = group["base_lr"] * min(1.0, (i + 1) / max(1, config["warmup_steps"]))
     with cli.autocast(device, config["bf16"]):
-        loss = model.loss(z.to(device), masks.to(device), captions, defect_ids.to(device), is_anomaly.to(device))
+        loss = model.loss(z.to(device), masks.to(device), captions, defect_ids.to(device), is_anomaly.to(device),
+                          masked_latents=None if masked is None else masked.to(device))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config["grad_clip"])
@@ -334,25 +353,64 @@ def preview(model, ema, train, config, out_dir, device, i):
     print(f"preview: {path}")
 
 
-def train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, folder):
+def parameter_groups(model, config):
+    """The UNet's trained weights (LoRA, full fine-tuning, a widened conv_in) at unet_lr; the conditioning
+    (MIF, DDF, mask encoder, texture and null tokens) at lr. On a from-scratch UNet both are lr."""
+    unet_lr = config["unet_lr"] if config["sd"] else config["lr"]
+    groups = {"unet": [], "conditioning": []}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups["unet" if name.startswith("unet.") else "conditioning"].append(p)
+    return [{"params": groups["unet"], "lr": unet_lr, "base_lr": unet_lr},
+            {"params": groups["conditioning"], "lr": config["lr"], "base_lr": config["lr"]}]
+
+
+@torch.no_grad()
+def encode_training_set(model, train, device):
+    """Every training image's latent, once (the VAE is frozen; SD's encoder costs more than a UNet step),
+    and for an inpainting UNet the latents of the few-shot anomalies with their masks grey."""
+    def encode(images, masks=None):
+        batches = zip(images.split(32), masks.split(32) if masks is not None else [None] * len(images))
+        return torch.cat([model.encode_images(x.to(device)) if m is None else model.encode_masked_images(x.to(device), m.to(device))
+                          for x, m in batches]).cpu()
+    latents = {"normals": encode(train["normals"]), "anomalies": encode(train["images"])}
+    if model.masked_image_input:
+        latents["masked_anomalies"] = encode(train["images"], train["masks"])
+    return latents
+
+
+def peak_memory(device):
+    """The most memory this run held: CUDA's max allocated, else the process's max resident set (Linux)."""
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB (CUDA max allocated)"
+    import resource
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB (process max resident set)"
+
+
+def train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, folder, backbone=None):
     path, total = out_dir / "axf.pt", config["steps"]
     state = load_stage(path, total, config)
+    sd_file = axf.sd_file(config["sd"]) if config["sd"] else None
+    if state and config["sd"]:  # the trained weights belong to one SD file
+        axf.check_sd_file(config["sd"], state["sd_file"])
     if state and state["step"] >= total:
         return
-    model = build_model(train, vae, mask_encoder, clip_model, config, device)
-    optimizer = cli.adamw([p for p in model.parameters() if p.requires_grad], lr=config["lr"], weight_decay=0.0)
+    model = build_model(train, vae, mask_encoder, clip_model, config, device, backbone)
+    groups = parameter_groups(model, config)
+    print(f"trainable: {sum(p.numel() for p in groups[0]['params']):,} UNet and "
+          f"{sum(p.numel() for p in groups[1]['params']):,} conditioning parameters")
+    optimizer = cli.adamw(groups, lr=config["lr"], weight_decay=0.0)
     ema = EMA(model, config["ema_decay"])
     generator = torch.Generator().manual_seed(config["seed"] + 2)
-    with torch.no_grad():  # the VAE is frozen: encode every training image once
-        latents = {key: torch.cat([model.encode_images(b.to(device)) for b in train[images].split(64)]).cpu()
-                   for key, images in (("normals", "normals"), ("anomalies", "images"))}
+    latents = encode_training_set(model, train, device)
     started = time.time()
     run_stage("3/3 anomalyxfusion", path, total, state, config, device, dict(model=model, optimizer=optimizer, ema=ema),
               partial(axf_step, model, optimizer, ema, train, latents, config, generator, device, []), generator,
-              extra={"defects": train["category"].defects, "data_folder": str(folder),
+              extra={"defects": train["category"].defects, "data_folder": str(folder), "sd_file": sd_file,
                      "clip": clip_model.state_dict() if not config["clip"] else None},
               after_step=partial(preview, model, ema, train, config, out_dir, device))
-    print(f"anomalyxfusion: {total} steps, {time.time() - started:.0f} s this run, saved {path}")
+    print(f"anomalyxfusion: {total} steps, {time.time() - started:.0f} s this run, saved {path} "
+          f"({path.stat().st_size / 2 ** 20:.1f} MiB); peak memory {peak_memory(device)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,14 +419,21 @@ def train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, fol
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_data_args(parser)
-    parser.add_argument("--preset", choices=sorted(axf.PRESETS), help="size preset (default: toy with --toy, mvtec otherwise)")
+    parser.add_argument("--preset", choices=sorted(axf.PRESETS),
+                        help="size preset (default: toy with --toy, else sd with --sd, else mvtec)")
     parser.add_argument("--out_dir", help="where checkpoints and previews go (default: runs/<category>)")
     cli.add_config_args(parser)
     args = parser.parse_args(argv)
     folder = cli.category_folder(args)  # checks the whole dataset before anything is written
-    config = axf.resolve_config(args.preset or ("toy" if args.toy else "mvtec"), cli.config_overrides(args))
+    overrides = cli.config_overrides(args)
+    config = axf.resolve_config(args.preset or ("toy" if args.toy else "sd" if overrides.get("sd") else "mvtec"), overrides)
     device = cli.pick_device(config["device"])
     clip_model = axf.build_clip(config, device)  # a bad --clip file stops here, before any writing
+    backbone = None
+    if config["sd"]:  # a bad --sd file too; its sizes replace the preset's in the config
+        backbone = axf.load_backbone(config, device)
+        print(f"{config['sd']}: VAE, UNet ({sum(p.numel() for p in backbone[1].parameters()):,} parameters, "
+              f"{backbone[1].conv_in.in_channels} input channels) and text encoder; --train_unet {config['train_unet']}")
     out_dir = Path(args.out_dir or Path("runs") / args.category)
     print(f"config: {config}")
     torch.manual_seed(config["seed"])
@@ -376,9 +441,9 @@ def main(argv=None):
     print(f"{args.category}: {len(train['normals'])} normal images, {len(train['captions'])} few-shot anomalies "
           f"of {len(train['category'].defects)} defect types; device {device}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    vae = train_vae(train, config, out_dir, device)
+    vae = backbone[0] if backbone else train_vae(train, config, out_dir, device)  # SD's VAE: no stage 1
     mask_encoder = pretrain_mask_encoder(train, config, out_dir, device)
-    train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, folder)
+    train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, folder, backbone)
 
 
 if __name__ == "__main__":

@@ -226,7 +226,7 @@ def test_make_batch_rolls_each_latent_and_its_mask_together():
                  "normals": torch.zeros(2, 3, 16, 16)}
     generator, moved = torch.Generator().manual_seed(0), False
     for _ in range(5):
-        z, m, captions, ids, is_anomaly = train.make_batch(
+        z, m, captions, ids, is_anomaly, _ = train.make_batch(
             train_set, {"anomalies": latents, "normals": torch.zeros(2, 4, 8, 8)}, config, generator)
         assert is_anomaly.tolist() == [True, True, True, False] and captions[3] == "" and ids[3] == 0
         for zi, mi in zip(z[:3], m[:3]):
