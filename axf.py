@@ -6,8 +6,10 @@ What this file holds, in reading order:
   MIF              semantic (Eq. 1), location (Eq. 2, with mask_encoder.py), textural (Eq. 3) tokens,
                    concatenated (Eq. 4) and refined by the Aggregator into the X-embedding (Eq. 5)
   DDF              e_t = f_phi(e_X, t), the UNet's cross-attention context (Eq. 13-15)
-  AnomalyXFusion   the whole model: the loss (Eq. 17) and blended sampling (Eq. 16)
-  builders         one per network from the config; CLIP; checkpoints that load by themselves
+  AnomalyXFusion   the whole model: the loss (Eq. 17) and blended sampling (Eq. 16); on a Stable Diffusion
+                   backbone (train.py --sd) e_t is spliced into SD's frozen text encoder (sd_context)
+  builders         one per network from the config; CLIP; an SD backbone (load_backbone, adapt_sd_unet,
+                   sd_file); checkpoints that hold what trained and load by themselves
 """
 import hashlib
 import math
@@ -64,7 +66,8 @@ HELP = dict(
     vae_kl_weight="LDM's kl-f8 weight: the latent stays close to a plain autoencoder",
     num_tokens="k, tokens per modality (Eq. 1-3)",
     context_dim="d, the token width = the CLIP embedding width (taken from the --clip file when given)",
-    clip="a file of OpenAI CLIP weights, or empty for a small random CLIP (toy preset)",
+    clip="a file of OpenAI CLIP weights, or empty for a small random CLIP (toy preset); with --sd it still "
+         "gives Eq. (1)'s caption feature and Eq. (3)'s image feature",
     use_text="Table 6: the semantic tokens of the caption (Eq. 1)",
     use_mif="Table 6: the whole MIF: location and texture tokens and the aggregator (Eq. 2-5)",
     use_ddf="Table 6: DDF, the timestep-dependent context (Eq. 14)",
@@ -143,8 +146,12 @@ def resolve_config(preset, overrides=None):
 
 
 def architecture_changes(saved, current):
-    """The ARCHITECTURE_KEYS whose values differ between two configs, as 'key saved -> current'."""
-    return [f"{k} {saved.get(k)!r} -> {current[k]!r}" for k in ARCHITECTURE_KEYS if saved.get(k) != current[k]]
+    """The ARCHITECTURE_KEYS whose values differ between two configs, as 'key saved -> current', and whether
+    one was trained on a Stable Diffusion file (--sd) and the other not (which file is sd_file's to check)."""
+    changes = [f"{k} {saved.get(k)!r} -> {current[k]!r}" for k in ARCHITECTURE_KEYS if saved.get(k) != current[k]]
+    if bool(saved.get("sd")) != bool(current["sd"]):
+        changes.insert(0, f"--sd {saved.get('sd') or '(none)'} -> {current['sd'] or '(none)'}")
+    return changes
 
 
 def latent_factor(config):
@@ -663,6 +670,8 @@ def load_checkpoint(path, device="cpu", use_ema=True, sd=None):
     else:
         clip_model = build_clip(config, device)
     backbone = None
+    if sd and not config.get("sd"):
+        raise ValueError(f"{path} was trained without a Stable Diffusion file: --sd {sd} has nothing to do")
     if config["sd"]:
         saved = checkpoint["sd_file"]  # the path as given at training, else as resolved then
         config["sd"] = str(sd or (config["sd"] if Path(config["sd"]).is_file() else saved["path"]))

@@ -98,20 +98,21 @@ class EMA:
 # The loop every stage shares: resume, step, show the loss, checkpoint
 
 
-def load_stage(path, total, config):
+def load_stage(path, total, config, quiet=False):
     """The stage's last checkpoint, if any; says in one line whether it resumes or is complete.
 
     A checkpoint of another architecture is refused: loading it would drop or mismatch weights.
     """
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # mmap: a full UNet is not read twice
     changed = axf.architecture_changes(state["config"], config)
     if changed:
         raise ValueError(f"{path} was trained with another architecture ({'; '.join(changed)}); "
                          f"resume with the same settings or pass a new --out_dir")
-    print(f"resuming from {path} at step {state['step']}" if state["step"] < total
-          else f"{path}: complete at step {state['step']}")
+    if not quiet:
+        print(f"resuming from {path} at step {state['step']}" if state["step"] < total
+              else f"{path}: complete at step {state['step']}")
     return state
 
 
@@ -441,6 +442,8 @@ def main(argv=None):
     print(f"{args.category}: {len(train['normals'])} normal images, {len(train['captions'])} few-shot anomalies "
           f"of {len(train['category'].defects)} defect types; device {device}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / "mask_ae.pt").exists():  # before stage 1: a run with(out) --sd is not resumed without(with) it
+        load_stage(out_dir / "mask_ae.pt", config["mask_steps"], config, quiet=True)
     vae = backbone[0] if backbone else train_vae(train, config, out_dir, device)  # SD's VAE: no stage 1
     mask_encoder = pretrain_mask_encoder(train, config, out_dir, device)
     train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, folder, backbone)
