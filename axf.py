@@ -621,6 +621,7 @@ def adapt_sd_unet(unet, train_unet, lora_rank):
         raise ValueError(f"a UNet with {channels} input channels is neither text-to-image ({latent}) nor inpainting "
                          f"({2 * latent + 1})")
     unet.requires_grad_(train_unet == "full")
+    unet.train()  # load_sd returns eval mode; UNet's gradient checkpointing acts in training mode only
     if channels == latent:
         expand_input_channels(unet, latent + 1)
         unet.conv_in.requires_grad_(True)  # the mask channel must learn, whatever else is frozen

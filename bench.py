@@ -1,6 +1,7 @@
 """Speed and memory figures for the toy and MVTec presets and SD-1.5's UNet, printed as one markdown table.
 
-    python bench.py [--device cpu|cuda] [--preset toy|mvtec|all] [--quick]
+    python bench.py [--device cpu|cuda] [--preset toy|mvtec|all] [--quick] [--only NAMES]
+    python bench.py --device cuda --only sd_train     # AnomalyXFusion's training step on SD-1.5, per --train_unet
 
 Each `bench_<thing>(cfg, device, quick)` function returns rows (dicts with the columns below); add a
 new figure by writing such a function and listing it in BENCHES. Times are the median of a few runs
@@ -9,9 +10,13 @@ attention; elementwise ops are free), and compared with this machine's matmul pe
 same run on a large square matmul, so "% of peak" says how well the model uses the hardware.
 The models run as train.py runs them (cli.autocast): under bf16 autocast on CUDA and on CPUs with AMX, and
 then the peak is bf16's; elsewhere all is fp32.
-Depends on axf.py (the presets and the whole model), unet.py, vae.py, clip.py and evaluate.py.
+Depends on axf.py (the presets and the whole model), train.py (the SD training step), cli.py, unet.py, vae.py,
+clip.py, sd.py and evaluate.py.
 """
 import argparse
+import gc
+import itertools
+import sys
 import time
 
 import torch
@@ -19,7 +24,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import axf
 import cli
+import clip
 import metrics
+import train
+from sd import SD_SCALE_FACTOR
 from unet import UNet
 from vae import VAE
 
@@ -200,7 +208,6 @@ def bench_axf(cfg, device, quick):
 
 def bench_clip(device, quick):
     """CLIP ViT-B/32 size (random weights): encode_image on 32 images of 224 px, encode_text on 32 captions."""
-    import clip
     model = clip.CLIP(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
                       context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
                       transformer_layers=12).to(device).eval()
@@ -298,7 +305,6 @@ def bench_sd_memory(device, quick, batch=8, px=256, lora_rank=4):
     the meta device takes the math attention path, so attention maps that fused SDPA kernels do not keep are
     included: an upper bound. With gradient checkpointing each UNet block keeps only its input, and backward
     recomputes one block at a time: block inputs + the largest block's activations + what lies outside blocks."""
-    import clip
     from unet import add_lora
     rows = []
     for mode in ("none", "lora", "full"):
@@ -342,42 +348,261 @@ def bench_sd_memory(device, quick, batch=8, px=256, lora_rank=4):
     return rows
 
 
+# SD-1.5's sizes, as load_sd reads them off v1-5-pruned-emaonly (README, "At full size"), with the CLIP that
+# --clip ViT-L-14.pt loads for Eq. (1) and (3); and a tiny stand-in of the same layout, for a CPU
+SD15_SIZES = dict(
+    label="sd-1.5 (random weights)", image_size=256, batch=8,
+    unet=dict(in_channels=4, out_channels=4, channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
+              attention_levels=(0, 1, 2), num_heads=8, context_dim=768),
+    vae=dict(in_channels=3, channels=128, channel_mult=(1, 2, 4, 4), num_res_blocks=2, latent_channels=4),
+    text=dict(embed_dim=None, image_resolution=None, vision_layers=0, vision_width=None, vision_patch_size=None,
+              context_length=77, vocab_size=49408, transformer_width=768, transformer_heads=12, transformer_layers=12),
+    clip=dict(embed_dim=768, image_resolution=224, vision_layers=24, vision_width=1024, vision_patch_size=14,
+              context_length=77, vocab_size=49408, transformer_width=768, transformer_heads=12, transformer_layers=12),
+)
+TINY_SIZES = dict(
+    label="tiny stand-in (CPU check, not a figure)", image_size=64, batch=2,
+    unet=dict(in_channels=4, out_channels=4, channels=32, channel_mult=(1, 2), num_res_blocks=1,
+              attention_levels=(0, 1), num_heads=4, context_dim=64),
+    vae=dict(in_channels=3, channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1, latent_channels=4),
+    text=dict(SD15_SIZES["text"], transformer_width=64, transformer_heads=2, transformer_layers=2),
+    clip=dict(embed_dim=64, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
+              context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=2, transformer_layers=2),
+)
+
+
+def random_weights(module, device):
+    """A module built on the meta device, allocated on `device` with cheap random weights: matrices N(0, 0.02), norm
+    scales 1, biases 0. Default init of SD-1.5's 1.5B parameters takes minutes; a timing needs no particular values."""
+    module.to_empty(device=device)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 0.02)
+            elif name.endswith("weight"):
+                p.fill_(1)
+            else:
+                p.zero_()
+    return module
+
+
+def sd_train_model(sizes, clip_model, mode, context, checkpointing, device):
+    """(config, model) as train.py --sd builds them (load_backbone's sizes in the config, the sd preset), with
+    random SD-1.x networks in place of a file: its frozen VAE and text encoder, its UNet adapted per --train_unet."""
+    config = axf.resolve_config("sd", {"sd": "(random SD-1.5 weights)", "train_unet": mode, "sd_context": context,
+                                       "gradient_checkpointing": checkpointing, "image_size": sizes["image_size"],
+                                       "batch_size": sizes["batch"], "context_dim": sizes["clip"]["embed_dim"]})
+    for prefix, part in (("vae_", sizes["vae"]), ("unet_", sizes["unet"])):  # as axf.load_backbone copies them
+        for key in ("channels", "channel_mult", "num_res_blocks", "latent_channels", "attention_levels", "num_heads"):
+            if key in part:
+                config[prefix + key] = part[key]
+    with torch.device("meta"):
+        vae, unet, text = VAE(**sizes["vae"]), UNet(**sizes["unet"]), clip.CLIP(**sizes["text"])
+    vae, unet, text = (random_weights(m, device).eval() for m in (vae, unet, text))  # eval: as load_sd returns them
+    vae.scale_factor.fill_(SD_SCALE_FACTOR)
+    model = axf.AnomalyXFusion(config, clip_model, ["crack", "hole"], (vae, unet, text)).to(device)
+    return config, model
+
+
+def fake_training_set(config, num_anomalies=6, num_normals=16):
+    """What train.axf_step reads: few-shot masks, captions and defect ids, and cached latents (random)."""
+    S, f, C = config["image_size"], axf.latent_factor(config), config["vae_latent_channels"]
+    masks = torch.zeros(num_anomalies, 1, S, S)
+    for i in range(num_anomalies):  # boxes of 1/8 to 1/4 of the side, in different places
+        a, b = (i * S) // (2 * num_anomalies) + S // 8, S // 8 + (i % 3) * S // 16
+        masks[i, :, a:a + b, a:a + b] = 1
+    colours = ["red", "green", "blue", "white", "black", "yellow"]
+    train_set = {"captions": [f"The {colours[i % 6]} cable has a crack across its insulation near the centre"
+                              for i in range(num_anomalies)],
+                 "masks": masks, "defect_ids": torch.arange(num_anomalies) % 2 + 1,
+                 "normals": torch.zeros(num_normals, 0)}  # make_batch reads only how many: their latents are cached
+    latents = {"anomalies": torch.randn(num_anomalies, C, S // f, S // f),
+               "normals": torch.randn(num_normals, C, S // f, S // f)}
+    return train_set, latents
+
+
+def time_training_step(model, config, label, device, repeats, say):
+    """One row: train.axf_step itself (optimiser and EMA as train.py makes them), 2 warm-up steps, `repeats` timed;
+    the peak memory counts from before the first step (AdamW allocates its moments there)."""
+    groups = train.parameter_groups(model, config)
+    optimizer = cli.adamw(groups, lr=config["lr"], weight_decay=0.0)
+    ema = train.EMA(model, config["ema_decay"])
+    train_set, latents = fake_training_set(config)
+    generator, steps, losses = torch.Generator().manual_seed(config["seed"] + 2), itertools.count(), []
+    step = lambda: train.axf_step(model, optimizer, ema, train_set, latents, config, generator, device, losses,
+                                  next(steps))
+    n_unet, n_cond = (sum(p.numel() for p in g["params"]) for g in groups)
+    mode = config["train_unet"] + (f" (rank {config['lora_rank']})" if config["train_unet"] == "lora" else "")
+    name = (f"AXF training step (train.axf_step), --train_unet {mode}, sd_context {config['sd_context']}, gradient "
+            f"checkpointing {'on' if config['gradient_checkpointing'] else 'off'}: {n_unet:,} UNet + {n_cond:,} "
+            f"conditioning params train")
+    say(f"{name}: 2 warm-up + {repeats} timed steps")
+    reset_peak_memory(device)
+    step()  # warm-up 1 (allocations, AdamW's state); measure's FLOP-counted run is warm-up 2
+    return row({"preset": label}, name, config["batch_size"], measure(step, device, repeats), device)
+
+
+def sd_train_rows(rows, sizes, clip_model, mode, context, checkpointing, device, repeats, say, extras):
+    """Append to `rows` (as each is measured: an out-of-memory keeps those before it) the rows of one --train_unet
+    mode: its training step; with extras (mode none), then the text encoder's and the UNet's forward + backward
+    alone, and sampling, with the model alone (the optimiser and EMA freed, as sample.py holds it)."""
+    torch.manual_seed(0)
+    config, model = sd_train_model(sizes, clip_model, mode, context, checkpointing, device)
+    B, S, label = config["batch_size"], config["image_size"], sizes["label"]
+    rows.append(time_training_step(model, config, label, device, repeats, say))
+    say(markdown_row(rows[-1]))
+    if not extras:
+        return
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    # what the splice adds to every step: the frozen text encoder's forward + backward to e_t, next to the UNet's
+    batch = fake_training_set(config, num_anomalies=B)[0]
+    masks, captions = batch["masks"].to(device), batch["captions"]
+    tokens = model.prompt_tokens(captions, model.num_context).to(device)  # [B, 77]
+    width = model.text_encoder.token_embedding.weight.shape[1]
+    e_t = torch.randn(B, model.num_context, width, device=device, requires_grad=True)
+    f, C = axf.latent_factor(config), config["vae_latent_channels"]
+    x = torch.randn(B, model.unet.conv_in.in_channels, S // f, S // f, device=device)  # [x_t, mask]
+    t = torch.randint(0, 1000, (B,), device=device)
+    hidden = torch.randn(B, 77, width, device=device, requires_grad=True)  # the context, as the splice makes it
+
+    def text_step():
+        with autocast(device):
+            out = model.text_encoder.encode_text_tokens(tokens, replace=(clip.PLACEHOLDER_ID, e_t * model.token_scale))
+        out.float().square().mean().backward()
+        e_t.grad = None
+
+    def unet_step():
+        with autocast(device):
+            out = model.unet(x, t, hidden)
+        out.float().square().mean().backward()
+        hidden.grad = None
+        model.unet.zero_grad(set_to_none=True)
+
+    results = {}
+    for what, fn in (("UNet", unet_step), ("text encoder", text_step)):
+        say(f"{what} forward + backward alone")
+        fn()
+        reset_peak_memory(device)
+        results[what] = measure(fn, device, repeats)
+    share = 100 * results["text encoder"][0] / results["UNet"][0]
+    switch = "on" if checkpointing else "off"
+    for what, detail in (("UNet", f"(frozen but conv_in, which reads the mask; checkpointing {switch}), "
+                                  f"{S // f}x{S // f}x{C} latent"),
+                         ("text encoder", f"(frozen), e_t spliced, 77 tokens: {share:.1f}% of the UNet's")):
+        rows.append(row({"preset": label}, f"{what} forward + backward alone {detail}", B, results[what], device))
+        say(markdown_row(rows[-1]))
+
+    # sampling, as sample.py runs it: model.sample under bf16 autocast, VAE encode and decode included
+    images = torch.rand(B, 3, S, S, device=device)
+    ids = torch.arange(B, device=device) % 2 + 1
+    model.eval()
+
+    def sample():
+        with torch.inference_mode(), autocast(device):  # inference mode: FlopCounterMode trips on no_grad views
+            model.sample(images, masks, captions, ids, steps=config["sample_steps"],
+                         guidance_scale=config["guidance_scale"])
+
+    say(f"sampling, {config['sample_steps']} DDIM steps, batch {B}: one FLOP-counted run (the warm-up), one timed")
+    reset_peak_memory(device)
+    seconds, flops = measure(sample, device, 1)
+    rows.append(row({"preset": label}, f"sampling (model.sample), {config['sample_steps']} DDIM steps + guidance "
+                    f"{config['guidance_scale']:g}, sd_context {context}, VAE included: per image", B,
+                    (seconds / B, flops / B), device))
+    say(markdown_row(rows[-1]))
+
+
+def bench_sd_train(device, quick, sizes=None):
+    """AnomalyXFusion's real training step on an SD-1.5-sized backbone (random weights, no file), per --train_unet mode
+    (none; lora at CONFIG's rank 32; full; and full without checkpointing, for comparison) with the sd preset's
+    settings: batch 8 at 256 px (32x32x4 latents), bf16 autocast, gradient checkpointing, e_t spliced into the text
+    encoder (and appended, mode none). Each step is train.axf_step itself: a batch of cached latents, the loss (CLIP
+    features cached, MIF, DDF, text encoder, UNet, Eq. 17), clipping, AdamW (train.parameter_groups, cli.adamw) and the
+    EMA. Peak memory is CUDA's max allocated since the mode's model was built: every weight (UNet, VAE, text encoder,
+    and the ViT-L/14 CLIP of Eq. 1 and 3, as --clip ViT-L-14.pt holds it), AdamW's moments, the EMA, activations. Then,
+    on mode none's model: the spliced text encoder's forward + backward to e_t next to the UNet's (what the splice
+    adds to every step), and sampling per image (model.sample, 50 DDIM steps with guidance, VAE decode included).
+    Each mode's model is freed before the next is built. On a CPU the same code runs at TINY_SIZES: a check that it
+    runs, not a figure (SD-1.5 sizes need CUDA). Progress and each row go to stderr as they come.
+    Run alone: python bench.py --device cuda --only sd_train (its time on a GPU is not measured yet: no GPU here)."""
+    sizes = sizes or (SD15_SIZES if device.type == "cuda" else TINY_SIZES)
+    started = time.perf_counter()
+
+    def say(text):
+        print(f"sd_train {time.perf_counter() - started:6.1f} s: {text}", file=sys.stderr, flush=True)
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        clip_model = clip.CLIP(**sizes["clip"])
+    clip_model = random_weights(clip_model, device).eval()  # frozen, shared by every mode's model
+    repeats = 2 if quick else 5
+    rows = []
+    for mode, context, checkpointing in (("none", "splice", True), ("lora", "splice", True), ("full", "splice", True),
+                                         ("full", "splice", False), ("none", "append", True)):
+        say(f"--train_unet {mode}, sd_context {context}, gradient checkpointing {checkpointing}: building")
+        try:
+            sd_train_rows(rows, sizes, clip_model, mode, context, checkpointing, device, repeats, say,
+                          extras=(mode, context) == ("none", "splice"))
+        except torch.cuda.OutOfMemoryError:  # a smaller GPU: say so and go on with the next mode
+            rows.append({"preset": sizes["label"], "benchmark": f"--train_unet {mode}, sd_context {context}, "
+                         f"gradient checkpointing {checkpointing}: CUDA out of memory", "batch": sizes["batch"]})
+            say(markdown_row(rows[-1]))
+        gc.collect()  # the mode's model, optimiser and EMA, before the next is built
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    say("done")
+    return rows
+
+
 BENCHES = [bench_unet, bench_vae, bench_axf]
-SHARED_BENCHES = [bench_clip, bench_metrics, bench_sd, bench_sd_memory]  # preset-independent: run once
+SHARED_BENCHES = [bench_clip, bench_metrics, bench_sd, bench_sd_memory, bench_sd_train]  # preset-independent: run once
 
 
 # ----------------------------------------------------------------------------------------------
 
-def markdown_table(rows):
+def markdown_row(r):
     def fmt(value):
         if isinstance(value, float):
             return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
         return str(value)
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines)
+    return "| " + " | ".join(fmt(r.get(c, "")) for c in COLUMNS) + " |"
+
+
+def markdown_table(rows):
+    return "\n".join(["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)] + [markdown_row(r) for r in rows])
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--preset", default="all", choices=["all", *axf.PRESETS])
+    # the sd preset has no network sizes of its own (they come from the SD file): bench_sd_train stands for it
+    parser.add_argument("--preset", default="all", choices=["all", "toy", "mvtec"])
     parser.add_argument("--quick", action="store_true", help="one timed run each and a smaller peak matmul")
     parser.add_argument("--generation_metrics", type=int, default=0, metavar="N",
                         help="also time IS, KID, FID and IC-LPIPS on N generated 256 px images of one defect type "
                              "(metrics.bench_rows; random Inception and VGG weights): 100 take about 14 min on this "
                              "2-core CPU, so 0 (the default) skips them")
+    names = [b.__name__.removeprefix("bench_") for b in BENCHES + SHARED_BENCHES]
+    parser.add_argument("--only", metavar="NAMES", help=f"comma-separated benchmarks to run, of {', '.join(names)} "
+                        "(bench_<name>; the first three per preset); default all")
     args = parser.parse_args(argv)
+    only = set(args.only.split(",")) if args.only else set(names)
+    if only - set(names):
+        parser.error(f"--only: unknown {', '.join(sorted(only - set(names)))}; choose from {', '.join(names)}")
+    selected = lambda benches: [b for b in benches if b.__name__.removeprefix("bench_") in only]
     device = torch.device(args.device)
     torch.manual_seed(0)
-    presets = list(axf.PRESETS) if args.preset == "all" else [args.preset]
+    presets = ["toy", "mvtec"] if args.preset == "all" else [args.preset]
     peak = matmul_peak_gflops(device, args.quick)
     rows = []
-    for preset in presets:
+    for preset in presets if selected(BENCHES) else []:
         cfg = axf.resolve_config(preset)
-        for bench in BENCHES:
+        for bench in selected(BENCHES):
             rows += bench(cfg, device, args.quick)
-    for bench in SHARED_BENCHES:
+    for bench in selected(SHARED_BENCHES):
         rows += bench(device, args.quick)
     if args.generation_metrics:
         rows += metrics.bench_rows(device, n=args.generation_metrics)
