@@ -98,7 +98,18 @@ class EMA:
 # The loop every stage shares: resume, step, show the loss, checkpoint
 
 
-def load_stage(path, total, config, quiet=False):
+def refuse_sd_switch(out_dir, config):
+    """Before stage 1: a run made with --sd is not continued without it, nor one made without it with it
+    (its stage 1 would be trained, or skipped, before stage 2's checkpoint said so)."""
+    path = out_dir / "mask_ae.pt"  # every run has one
+    if path.exists():
+        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["config"].get("sd", "")
+        if bool(saved) != bool(config["sd"]):
+            raise ValueError(f"{path} was trained {'with --sd ' + saved if saved else 'without --sd'}; "
+                             f"resume it the same way or pass a new --out_dir")
+
+
+def load_stage(path, total, config):
     """The stage's last checkpoint, if any; says in one line whether it resumes or is complete.
 
     A checkpoint of another architecture is refused: loading it would drop or mismatch weights.
@@ -110,9 +121,8 @@ def load_stage(path, total, config, quiet=False):
     if changed:
         raise ValueError(f"{path} was trained with another architecture ({'; '.join(changed)}); "
                          f"resume with the same settings or pass a new --out_dir")
-    if not quiet:
-        print(f"resuming from {path} at step {state['step']}" if state["step"] < total
-              else f"{path}: complete at step {state['step']}")
+    print(f"resuming from {path} at step {state['step']}" if state["step"] < total
+          else f"{path}: complete at step {state['step']}")
     return state
 
 
@@ -315,6 +325,11 @@ def build_model(train, vae, mask_encoder, clip_model, config, device, backbone=N
         model.init_textures(train["defect_ids"].to(device), train["images"].to(device), train["masks"].to(device))
     if model.use_text and config["center_text"]:
         model.center_captions(train["captions"])
+    if model.use_text:
+        model.encode_captions(train["captions"])  # cached once: CLIP is not needed again for these
+    # Frozen CLIP has given its features: on the CPU it leaves its memory (1.7 GB for ViT-L/14) to training, e.g.
+    # SD-1.5's full fine-tuning; a caption it has not seen (none in training) is then encoded on the CPU
+    model.clip.cpu().float()  # (a CLIP file's fp16 weights: fp32 on the CPU, as clip.load gives them there)
     return model
 
 
@@ -442,8 +457,7 @@ def main(argv=None):
     print(f"{args.category}: {len(train['normals'])} normal images, {len(train['captions'])} few-shot anomalies "
           f"of {len(train['category'].defects)} defect types; device {device}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    if (out_dir / "mask_ae.pt").exists():  # before stage 1: a run with(out) --sd is not resumed without(with) it
-        load_stage(out_dir / "mask_ae.pt", config["mask_steps"], config, quiet=True)
+    refuse_sd_switch(out_dir, config)
     vae = backbone[0] if backbone else train_vae(train, config, out_dir, device)  # SD's VAE: no stage 1
     mask_encoder = pretrain_mask_encoder(train, config, out_dir, device)
     train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, folder, backbone)
