@@ -23,15 +23,19 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-TOY_CATEGORIES = ("bottle", "cable")
+TOY_CATEGORIES = ("bottle", "cable", "pill")
 TOY_ROOT = Path(__file__).parent / "data" / "toy"
 TOY_COLOURS = {"red": (200, 35, 35), "green": (40, 160, 60), "blue": (40, 70, 200), "gray": (140, 140, 140),
                "black": (15, 15, 15), "yellow": (225, 200, 40), "purple": (130, 50, 165), "copper": (190, 110, 50)}
 TOY_DEFECTS = {"bottle": ("broken_large", "broken_small", "contamination"),
-               "cable": ("cable_swap", "cut_inner_insulation", "missing_cable")}
+               "cable": ("cable_swap", "cut_inner_insulation", "missing_cable"),
+               "pill": ("color", "crack")}
 TOY_COUNTS = dict(train=200, test_good=20, per_defect=24)  # 24 -> 8 few-shot anomalies per defect type
+# pill: fewer anomalies, 18 -> 6 few-shot ones per type, two of each spot colour: the hard case of issue #13
+PER_DEFECT = {"pill": 18}
 CABLE_WIRES = ("green", "blue", "gray")                       # top left, top right, bottom, as in MVTec cable
 CONTAMINANTS = ("red", "green", "blue", "yellow", "purple")
+SPOTS = ("red", "blue", "yellow")  # the pill's colour defect
 WHERE = ("right", "bottom right", "bottom", "bottom left", "left", "top left", "top", "top right")  # y points down
 
 
@@ -88,6 +92,30 @@ def _draw_cable(s, pose, d, rng):
     return im
 
 
+def _draw_pill(s, pose, d, rng):
+    """Top view of a white oblong pill on a slate background, a groove across its middle."""
+    im = Image.new("RGB", (s, s), (78, 92, 110))
+    draw = ImageDraw.Draw(im)
+    cx, cy, r = pose["cx"] * s, pose["cy"] * s, pose["r"] * s
+    t = np.deg2rad(pose["rot"])
+    along, across = np.array([np.cos(t), np.sin(t)]), np.array([-np.sin(t), np.cos(t)])
+    outline = lambda a, b: [tuple(np.array([cx, cy]) + a * np.cos(u) * along + b * np.sin(u) * across)
+                            for u in np.linspace(0, 2 * np.pi, 48, endpoint=False)]
+    draw.polygon(outline(r, 0.55 * r), fill=(170, 168, 160))  # the shadowed rim
+    draw.polygon(outline(0.94 * r, 0.5 * r), fill=(236, 232, 222))
+    ends = [tuple(np.array([cx, cy]) + k * 0.42 * r * across) for k in (-1, 1)]
+    draw.line(ends, fill=(196, 192, 182), width=max(1, int(0.05 * r)))
+    if d and d["defect"] == "color":  # a spot of the named colour on the pill's face
+        spot = np.array([cx, cy]) + d["u"] * 0.6 * r * along + d["v"] * 0.25 * r * across
+        _blob(draw, *spot, d["radius"] * r, rng, TOY_COLOURS[d["colour"]])
+    elif d:  # a crack: a dark jagged line across the pill, on its left or right half
+        x0 = d["side"] * d["offset"] * r
+        points = [tuple(np.array([cx, cy]) + (x0 + rng.uniform(-0.06, 0.06) * r) * along + y * across)
+                  for y in np.linspace(-0.45 * r, 0.45 * r, 6)]
+        draw.line(points, fill=(60, 58, 56), width=max(1, int(0.07 * r)))
+    return im
+
+
 def _toy_defect(defect, i, rng):
     """Defect parameters and caption; the main factor cycles with i so the few-shot third covers it."""
     size = ("small", "large")[rng.integers(2)]
@@ -108,6 +136,13 @@ def _toy_defect(defect, i, rng):
     elif defect == "missing_cable":
         d = dict(wire=i % 3)
         caption = f"One {CABLE_WIRES[i % 3]} cable is missing, replaced by a black hole"
+    elif defect == "color":  # the spot's colour cycles, so the 6 few-shot spots show each colour twice
+        d = dict(colour=SPOTS[i % 3], radius=rng.uniform(0.16, 0.22), u=rng.uniform(-1, 1), v=rng.uniform(-1, 1))
+        caption = f"A {d['colour']} spot is on the pill"
+    elif defect == "crack":
+        side = (-1, 1)[i % 2]
+        d = dict(side=side, offset=rng.uniform(0.3, 0.6))
+        caption = f"The pill has a crack on its {'left' if side < 0 else 'right'} half"
     else:
         d = dict(wire=i % 3, angle=rng.uniform(0, 360), span=rng.uniform(60, 100))
         caption = f"The insulation of the {CABLE_WIRES[i % 3]} cable is cut, exposing the copper core"
@@ -117,9 +152,9 @@ def _toy_defect(defect, i, rng):
 def _toy_sample(category, size, rng, defect=None, i=0):
     """One toy image (uint8 [S, S, 3]); for an anomaly also its mask (bool [S, S]), caption and normal twin."""
     pose = dict(cx=0.5 + rng.uniform(-0.05, 0.05), cy=0.5 + rng.uniform(-0.05, 0.05),
-                r=rng.uniform(0.38, 0.42), rot=rng.uniform(-10, 10) if category == "cable" else rng.uniform(0, 360))
+                r=rng.uniform(0.38, 0.42), rot=rng.uniform(-10, 10) if category in ("cable", "pill") else rng.uniform(0, 360))
     d, caption = _toy_defect(defect, i, rng) if defect else (None, None)
-    draw = _draw_bottle if category == "bottle" else _draw_cable
+    draw = {"bottle": _draw_bottle, "cable": _draw_cable, "pill": _draw_pill}[category]
     shape_seed = int(rng.integers(2**31))  # the same irregular polygons in both renders
 
     def render(dd):  # drawn at 2x and box-filtered down: anti-aliased edges
@@ -159,7 +194,7 @@ def make_toy(root, category, size=128, seed=0):
             image = _toy_sample(category, size, np.random.default_rng([seed, k, i]))[0]
             save(image, tmp / split / "good" / f"{i:03d}.png")
     for k, defect in enumerate(TOY_DEFECTS[category], start=2):
-        for i in range(TOY_COUNTS["per_defect"]):
+        for i in range(PER_DEFECT.get(category, TOY_COUNTS["per_defect"])):
             image, mask, caption, _ = _toy_sample(category, size, np.random.default_rng([seed, k, i]), defect, i)
             save(image, tmp / "test" / defect / f"{i:03d}.png")
             save(mask.astype(np.uint8) * 255, tmp / "ground_truth" / defect / f"{i:03d}_mask.png")

@@ -221,8 +221,9 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=8, help="toy worlds 1..N (292 images each; seed 0 is never used)")
     parser.add_argument("--size", type=int, default=64, help="image size in px (the toy preset's); latents are size / 4")
     parser.add_argument("--vae_steps", type=int, default=800, help="stage 2: autoencoder training steps")
-    parser.add_argument("--vae_categories", default=",".join(toy.TOY_CATEGORIES),
-                        help="what the VAE trains on (images only, no captions); the UNet and text tower see --category only")
+    parser.add_argument("--vae_categories", default="bottle,cable",
+                        help="what the VAE trains on (images only, no captions); the UNet and text tower see --category only "
+                             "(the pill, made later, is seen by none of them)")
     parser.add_argument("--vae_batch_size", type=int, default=8, help="stage 2 batch size")
     parser.add_argument("--steps", type=int, default=2400, help="stage 3: UNet + text tower training steps")
     parser.add_argument("--batch_size", type=int, default=16, help="stage 3 batch size")
