@@ -1,4 +1,4 @@
-"""The toy world: procedural bottles and cables in the exact MVTec AD + MVTec Caption layout, so every
+"""The toy world: procedural bottles, cables and pills in the exact MVTec AD + MVTec Caption layout, so every
 code path of the project is the real one, on a CPU, with no download.
 
 Each anomaly is drawn twice, without and with its defect, on the same pose, light and noise, so its
@@ -8,7 +8,7 @@ drawn_colour check whether a generator drew the colour its caption names.
 
 What this file holds, in reading order:
   TOY_CATEGORIES, TOY_COLOURS, ...   the world's constants
-  _draw_bottle, _draw_cable          one normal object; _toy_defect, _toy_sample add a defect and caption
+  _draw_bottle, _draw_cable, _draw_pill   one normal object; _toy_defect, _toy_sample add a defect and caption
   make_toy, ensure_toy               write a category folder (data.load_category reads it like MVTec's)
   caption_colour, drawn_colour       did a generator draw the colour its caption names?
 Depends on numpy, pillow and torch only.

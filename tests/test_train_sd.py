@@ -24,12 +24,13 @@ from vae import VAE
 SD_TINY = ["--preset", "toy", "--image_size", "32", "--num_tokens", "2", "--context_dim", "32", "--mask_channels", "8",
            "--mask_feature_channels", "16", "--mask_steps", "2", "--steps", "4", "--batch_size", "4",
            "--checkpoint_every", "2", "--preview_every", "4", "--sample_steps", "2"]
-# one run per --train_unet mode on a text-to-image file, and SD-inpainting's 9 channels from a .ckpt
+# one run per --train_unet mode on a text-to-image file (sd_context append, the default), and SD-inpainting's
+# 9 channels from a .ckpt with the authors' splice
 RUNS = {
     "none": ("txt2img", ["--train_unet", "none"]),
     "lora": ("txt2img", ["--train_unet", "lora", "--lora_rank", "4"]),
     "full": ("txt2img", ["--train_unet", "full"]),
-    "inpainting": ("inpainting", ["--train_unet", "none", "--sd_context", "append", "--gradient_checkpointing", "True"]),
+    "inpainting": ("inpainting", ["--train_unet", "none", "--sd_context", "splice", "--gradient_checkpointing", "True"]),
 }
 NORMALS = 16  # normal training images kept of the toy bottle's 200
 CONV_IN = {"unet.conv_in.weight", "unet.conv_in.bias"}
