@@ -5,13 +5,17 @@ file has the rule that renames its part (unet.from_sd, vae.from_sd, clip.from_hf
 read, every size is read off the tensor shapes (as clip.build_model does), and each module is filled
 strictly, one shape check per tensor.
 
-These are file formats, not the method: axf.py re-exports load_sd and save_sd (DESIGN's axf.load_sd).
+Then what train.py --sd needs to use such a file (issue #13): load_backbone (the file's sizes into the config),
+sd_file / check_sd_file (the file's identity in a checkpoint) and adapt_sd_unet (the mask channel, what trains).
+axf.py re-exports them with load_sd and save_sd (DESIGN's axf.load_sd).
 """
+import hashlib
 import json
 import math
 import os
 import re
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -222,6 +226,67 @@ def save_sd(path, vae, unet, text_encoder, dtype=None):
     torch.save({"state_dict": tensors}, path + ".tmp")
     os.replace(path + ".tmp", path)
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# A Stable Diffusion 1.x backbone (issue #13): the file, its identity, and how its UNet is adapted
+
+
+def load_backbone(config, device="cpu"):
+    """(vae, unet, text_encoder) of config["sd"] (sd.load_sd), its sizes copied into the config: the latent
+    factor, the latent channels and the context width are the file's, whatever the preset says."""
+    vae, unet, text = load_sd(config["sd"], device)
+    for prefix, sizes in (("vae_", vae.sd_sizes), ("unet_", unet.sd_sizes)):
+        for key in ("channels", "channel_mult", "num_res_blocks", "latent_channels", "attention_levels", "num_heads"):
+            if key in sizes:
+                config[prefix + key] = tuple(sizes[key]) if isinstance(sizes[key], (list, tuple)) else sizes[key]
+    f = 2 ** (len(vae.sd_sizes["channel_mult"]) - 1) * 2 ** (len(unet.sd_sizes["channel_mult"]) - 1)
+    if config["image_size"] % f:
+        raise ValueError(f"image_size {config['image_size']} must be a multiple of {f} for {config['sd']}")
+    return vae, unet, text
+
+
+def sd_file(path, chunk=1 << 24):
+    """What names an SD file in a checkpoint: its path, size in bytes and sha256 (~3 s for SD-1.5's 4 GB)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return {"path": str(path.resolve()), "size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def check_sd_file(path, saved):
+    """Raise one clear line unless `path` is the very file a checkpoint was trained on (same size and hash)."""
+    wanted = f"{saved['path']} ({saved['size']:,} bytes, sha256 {saved['sha256'][:16]}...)"
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: missing; this checkpoint was trained on the Stable Diffusion file {wanted}: "
+                                f"pass --sd with where that file is now")
+    size = Path(path).stat().st_size
+    if size != saved["size"] or sd_file(path)["sha256"] != saved["sha256"]:
+        raise ValueError(f"{path} is not the Stable Diffusion file this checkpoint was trained on ({wanted}); "
+                         f"its trained weights belong to that file")
+
+
+def adapt_sd_unet(unet, train_unet, lora_rank):
+    """A pretrained SD UNet made ready for AnomalyXFusion (paper §4 conditions a frozen LDM):
+    - a 4-channel UNet gets the mask as a fifth input channel, zero-initialised: at step 0 it is the
+      pretrained model; SD-1.5-inpainting keeps its 9 channels (x_t, mask, masked-image latent);
+    - train_unet: none freezes it (only conv_in trains, if it was widened), lora adds rank-r adapters
+      (unet.add_lora) and trains them, full trains every weight."""
+    channels = unet.conv_in.in_channels
+    latent = unet.conv_out.out_channels
+    if channels not in (latent, 2 * latent + 1):
+        raise ValueError(f"a UNet with {channels} input channels is neither text-to-image ({latent}) nor inpainting "
+                         f"({2 * latent + 1})")
+    unet.requires_grad_(train_unet == "full")
+    unet.train()  # load_sd returns eval mode; UNet's gradient checkpointing acts in training mode only
+    if channels == latent:
+        unet_module.expand_input_channels(unet, latent + 1)
+        unet.conv_in.requires_grad_(True)  # the mask channel must learn, whatever else is frozen
+    if train_unet == "lora":
+        unet_module.add_lora(unet, lora_rank)
+    return unet
 
 
 if __name__ == "__main__":  # python sd.py --sd FILE: load a Stable Diffusion 1.x file, print the sizes found

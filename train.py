@@ -14,10 +14,11 @@ Stages, in order, each a checkpoint in --out_dir (default runs/<category>):
 
 With --sd FILE (a Stable Diffusion 1.x single file; preset sd: 256 px) the file supplies the VAE
 (stage 1 is skipped; SD's latent scale), the UNet (frozen, LoRA or fully trained: --train_unet)
-and the text encoder (frozen), whose 77 hidden states of --sd_prompt e_t's tokens follow
-(--sd_context splice: e_t replaces the prompt's * inside it, as the authors' code). --clip FILE (OpenAI CLIP) still gives Eq. (1)'s caption feature
-and Eq. (3)'s image feature; without it a small random CLIP does (the toy world's default). axf.pt
-then holds only what trained and the SD file's size and sha256: it refuses any other file.
+and the text encoder (frozen): e_t's tokens follow its 77 hidden states of --sd_prompt
+(--sd_context splice: e_t replaces the prompt's * inside it, as the authors' code does).
+--clip FILE (OpenAI CLIP) still gives Eq. (1)'s caption feature and Eq. (3)'s image feature;
+without it a small random CLIP does (the toy world's default). axf.pt then holds only what
+trained and the SD file's size and sha256: it refuses any other file.
 
 Re-running the same command resumes: a finished stage is skipped, an unfinished one continues
 from its last checkpoint (model, optimiser, EMA, step, RNG), and reaches the weights an
