@@ -279,75 +279,6 @@ def bench_sd(device, quick):
     return rows
 
 
-def saved_activation_bytes(fn, params):
-    """Bytes of the tensors autograd saves for backward while fn() runs, each storage counted once and the
-    parameters' own storages left out (they are weights, not activations). Run on the meta device."""
-    weights = {p.untyped_storage()._cdata for p in params}
-    seen = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage._cdata not in weights:
-            seen[storage._cdata] = storage.nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
-def bench_sd_memory(device, quick, batch=8, px=256, lora_rank=4):
-    """Issue #13's memory targets for AnomalyXFusion on SD-1.5 (train.py --sd --train_unet none|lora|full), batch 8
-    at 256 px, estimated on the meta device (no GPU, no weights): fp32 weights of the UNet and the text encoder
-    (the VAE stays off the GPU: latents are cached), fp32 gradients and AdamW's two fp32 moments of what trains
-    (none: the X-embedding only, which is small and left out; lora: rank-4 adapters; full: the UNet), and the
-    activations autograd saves in one step: the UNet, plus the frozen text encoder through which the spliced
-    e_t gets its gradient. Activations are counted in fp32 on the meta device, then halved for bf16 autocast;
-    the meta device takes the math attention path, so attention maps that fused SDPA kernels do not keep are
-    included: an upper bound. With gradient checkpointing each UNet block keeps only its input, and backward
-    recomputes one block at a time: block inputs + the largest block's activations + what lies outside blocks."""
-    from unet import add_lora
-    rows = []
-    for mode in ("none", "lora", "full"):
-        with torch.device("meta"):
-            unet = UNet(4, 4, channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_levels=(0, 1, 2),
-                        num_heads=8, context_dim=768).requires_grad_(mode == "full").train()
-            text = clip.CLIP(None, None, 0, None, None, 77, 49408, 768, 12, 12).requires_grad_(False)
-            trainable = add_lora(unet, lora_rank) if mode == "lora" else [p for p in unet.parameters() if p.requires_grad]
-            x, t = torch.randn(batch, 4, px // 8, px // 8), torch.full((batch,), 500)
-            tokens = torch.full((batch, 77), 49407)
-            tokens[:, :8] = torch.tensor([49406, 320, 1125, 539, 320, 265, 265, 265])  # "a photo of a * * *"
-            e_t = torch.randn(batch, 3, 768, requires_grad=True)  # the X-embedding after DDF, spliced at the *s
-        params = list(unet.parameters()) + list(text.parameters())
-        total = saved_activation_bytes(lambda: unet(x, t, text.encode_text_tokens(tokens, replace=(265, e_t))), params)
-        # block by block, as checkpointing runs them: what each block saves, and the input it would keep instead
-        per_block, inputs = [], []
-        with torch.device("meta"):
-            context = text.encode_text_tokens(tokens, replace=(265, e_t))
-            temb = unet.time_embed(torch.randn(batch, 320))
-            h = unet.conv_in(x)
-            skips = [h]
-            for block in [*unet.input_blocks, unet.middle_block, *unet.output_blocks]:
-                hin = h if block in (*unet.input_blocks, unet.middle_block) else torch.cat([h, skips.pop()], dim=1)
-                per_block.append(saved_activation_bytes(lambda: block(hin, temb, context), params))
-                inputs.append(hin.numel() * 4)
-                h = block(hin, temb, context)
-                if block in unet.input_blocks:
-                    skips.append(h)
-        outside = total - sum(per_block)
-        checkpointed = sum(inputs) + max(per_block) + outside
-        weights = sum(p.numel() for p in params) * 4
-        n_train = sum(p.numel() for p in trainable)
-        for switch, activations in (("off", total), ("on", checkpointed)):
-            act = activations / 2  # bf16
-            gib = [weights / 2 ** 30, 4 * n_train / 2 ** 30, 8 * n_train / 2 ** 30, act / 2 ** 30]
-            name = (f"AXF on SD-1.5, --train_unet {mode}{f' (rank {lora_rank})' if mode == 'lora' else ''}, "
-                    f"{px} px, gradient checkpointing {switch}: weights {gib[0]:.2f} + grads {gib[1]:.2f} + AdamW "
-                    f"{gib[2]:.2f} + activations {gib[3]:.2f} GiB (estimate)")
-            rows.append({"preset": "sd-1.5 (meta: memory estimate)", "benchmark": name, "batch": batch,
-                         "peak memory (MB)": sum(gib) * 1024})
-    return rows
-
-
 # SD-1.5's sizes, as load_sd reads them off v1-5-pruned-emaonly (README, "At full size"), with the CLIP that
 # --clip ViT-L-14.pt loads for Eq. (1) and (3); and a tiny stand-in of the same layout, for a CPU
 SD15_SIZES = dict(
@@ -560,7 +491,7 @@ def bench_sd_train(device, quick, sizes=None):
 
 
 BENCHES = [bench_unet, bench_vae, bench_axf]
-SHARED_BENCHES = [bench_clip, bench_metrics, bench_sd, bench_sd_memory, bench_sd_train]  # preset-independent: run once
+SHARED_BENCHES = [bench_clip, bench_metrics, bench_sd, bench_sd_train]  # preset-independent: run once
 
 
 # ----------------------------------------------------------------------------------------------

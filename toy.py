@@ -50,11 +50,15 @@ def _disk(draw, cx, cy, r, fill):
     draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
 
 
+def _canvas(s, pose, background):
+    """An s x s image of one colour, its drawing context, and the object's centre and radius in px."""
+    im = Image.new("RGB", (s, s), background)
+    return im, ImageDraw.Draw(im), pose["cx"] * s, pose["cy"] * s, pose["r"] * s
+
+
 def _draw_bottle(s, pose, d, rng):
     """Top view of a bottle mouth on a light background: dark glass, a lighter lip, the dark inside."""
-    im = Image.new("RGB", (s, s), (232, 228, 218))
-    draw = ImageDraw.Draw(im)
-    cx, cy, r = pose["cx"] * s, pose["cy"] * s, pose["r"] * s
+    im, draw, cx, cy, r = _canvas(s, pose, (232, 228, 218))
     _disk(draw, cx, cy, r, (50, 62, 45))
     _disk(draw, cx, cy, 0.8 * r, (92, 106, 82))
     a = pose["rot"]  # the specular highlight on the lip turns with the bottle
@@ -72,9 +76,7 @@ def _draw_bottle(s, pose, d, rng):
 
 def _draw_cable(s, pose, d, rng):
     """Cross-section of a cable: black sheath, beige filler, three insulated wires with copper cores."""
-    im = Image.new("RGB", (s, s), (72, 76, 82))
-    draw = ImageDraw.Draw(im)
-    cx, cy, r = pose["cx"] * s, pose["cy"] * s, pose["r"] * s
+    im, draw, cx, cy, r = _canvas(s, pose, (72, 76, 82))
     _disk(draw, cx, cy, r, (32, 32, 36))
     _disk(draw, cx, cy, 0.88 * r, (205, 195, 172))
     for i, (wire, a) in enumerate(zip(CABLE_WIRES, (-150, -30, 90))):
@@ -94,9 +96,7 @@ def _draw_cable(s, pose, d, rng):
 
 def _draw_pill(s, pose, d, rng):
     """Top view of a white oblong pill on a slate background, a groove across its middle."""
-    im = Image.new("RGB", (s, s), (78, 92, 110))
-    draw = ImageDraw.Draw(im)
-    cx, cy, r = pose["cx"] * s, pose["cy"] * s, pose["r"] * s
+    im, draw, cx, cy, r = _canvas(s, pose, (78, 92, 110))
     t = np.deg2rad(pose["rot"])
     along, across = np.array([np.cos(t), np.sin(t)]), np.array([-np.sin(t), np.cos(t)])
     outline = lambda a, b: [tuple(np.array([cx, cy]) + a * np.cos(u) * along + b * np.sin(u) * across)

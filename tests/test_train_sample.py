@@ -14,6 +14,7 @@ import data
 import toy
 import sample
 import train
+from helpers import kill_after_two_steps_and_resume
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -134,24 +135,8 @@ def test_interrupted_training_resumes_to_the_weights_of_an_uninterrupted_run(tra
     """A kill after the step-2 checkpoint loses nothing: re-running continues from step 2 and ends with the
     very weights and EMA of the run that was never stopped (model, optimiser, EMA and both RNGs are saved)."""
     args = ["--category", "bottle", "--data_root", str(toy_root), "--out_dir", str(tmp_path)] + TINY
-    calls = {"n": 0}
-    real_loss = axf.AnomalyXFusion.loss
-
-    def dying_loss(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_loss(self, *a, **k)
-
-    monkeypatch.setattr(axf.AnomalyXFusion, "loss", dying_loss)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(args)
-    assert torch.load(tmp_path / "axf.pt", weights_only=False)["step"] == 2
-    monkeypatch.setattr(axf.AnomalyXFusion, "loss", real_loss)
-    capsys.readouterr()
-    train.main(args)
-    assert f"resuming from {tmp_path / 'axf.pt'} at step 2" in capsys.readouterr().out
-    resumed, uninterrupted = (torch.load(p / "axf.pt", weights_only=False) for p in (tmp_path, trained))
+    resumed = kill_after_two_steps_and_resume(args, tmp_path, monkeypatch, capsys)
+    uninterrupted = torch.load(trained / "axf.pt", weights_only=False)
     assert resumed["step"] == 4
     for key in ("model", "ema"):
         for name, value in uninterrupted[key].items():

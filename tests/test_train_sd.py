@@ -19,6 +19,7 @@ import toy
 import train
 from unet import UNet, add_lora, lora_state_dict
 from vae import VAE
+from helpers import kill_after_two_steps_and_resume
 
 # the sizes of tests/test_train_sample.py's TINY that an SD file leaves to the config (the rest is the file's)
 SD_TINY = ["--preset", "toy", "--image_size", "32", "--num_tokens", "2", "--context_dim", "32", "--mask_channels", "8",
@@ -265,24 +266,8 @@ def test_interrupted_lora_run_resumes_to_the_weights_of_an_uninterrupted_run(tra
     conditioning are saved with optimiser, EMA and RNGs, the frozen rest comes back from the file, and the
     resumed run ends with the very weights and EMA of the run that was never stopped."""
     args = sd_args(toy_root, tmp_path, sd_files["txt2img"], RUNS["lora"][1])
-    calls = {"n": 0}
-    real_loss = axf.AnomalyXFusion.loss
-
-    def dying_loss(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_loss(self, *a, **k)
-
-    monkeypatch.setattr(axf.AnomalyXFusion, "loss", dying_loss)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(args)
-    assert torch.load(tmp_path / "axf.pt", weights_only=False)["step"] == 2
-    monkeypatch.setattr(axf.AnomalyXFusion, "loss", real_loss)
-    capsys.readouterr()
-    train.main(args)
-    assert f"resuming from {tmp_path / 'axf.pt'} at step 2" in capsys.readouterr().out
-    resumed, uninterrupted = (torch.load(p / "axf.pt", weights_only=False) for p in (tmp_path, trained("lora")))
+    resumed = kill_after_two_steps_and_resume(args, tmp_path, monkeypatch, capsys)
+    uninterrupted = torch.load(trained("lora") / "axf.pt", weights_only=False)
     assert resumed["step"] == 4
     for key in ("model", "ema"):
         assert resumed[key].keys() == uninterrupted[key].keys()
