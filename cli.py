@@ -6,8 +6,9 @@
 - the device, bf16 autocast, the optimiser, and progress bars that also read well in a log file.
 """
 import argparse
+import os
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -73,6 +74,23 @@ def read_mask(anomaly_or_files, size):
         first = files if isinstance(files, (str, Path)) else list(files)[0]
         raise ValueError(f"{first}: empty mask; an anomaly needs at least one mask pixel")
     return mask
+
+
+@contextmanager
+def atomic_write(path):
+    """Yield a temporary path beside `path`, renamed onto it when the block ends: a kill mid-write never
+    leaves a half-written checkpoint (the rename is atomic on one file system)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    yield tmp
+    os.replace(tmp, path)
+
+
+def save_atomic(obj, path):
+    """torch.save through atomic_write."""
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def pick_device(name):

@@ -92,9 +92,37 @@ class DDPM(torch.nn.Module):
             x_prev = x_prev + sigma * noise.float()
         return x_prev.to(x_t.dtype)
 
+    def reverse_step(self, eps, t, t_prev, x_t, sampler="ddim", eta=0.0, generator=None):
+        """x_t -> x_{t_prev} by the chosen sampler: Eq. (15)'s ancestral step (t_prev = t - 1) or a DDIM step."""
+        if sampler == "ddpm":
+            return self.step(eps, t, x_t, noise=torch.randn(x_t.shape, device=x_t.device, generator=generator))
+        noise = torch.randn(x_t.shape, device=x_t.device, generator=generator) if eta > 0 else None
+        return self.ddim_step(eps, t, t_prev, x_t, eta=eta, noise=noise)
+
+    def sampling_timesteps(self, sampler="ddim", steps=50):
+        """The (t, t_prev) pairs a sampler visits, from T - 1 down to t_prev = -1 (the clean image).
+        ddpm: every timestep (Eq. 11's chain); ddim: `steps` of them."""
+        if sampler == "ddim":
+            ts = self.ddim_timesteps(steps).tolist()
+        elif sampler == "ddpm":
+            ts = list(range(self.num_steps - 1, -1, -1))
+        else:
+            raise ValueError(f"unknown sampler {sampler!r}; use 'ddim' or 'ddpm'")
+        return list(zip(ts, ts[1:] + [-1]))
+
     def ddim_timesteps(self, num_sample_steps):
         """The descending timesteps DDIM visits: every (T // n)-th, from 0 ("leading" spacing)."""
         if not 0 < num_sample_steps <= self.num_steps:
             raise ValueError(f"num_sample_steps must be in 1..{self.num_steps}, got {num_sample_steps}")
         ratio = self.num_steps // num_sample_steps
         return (torch.arange(num_sample_steps) * ratio).flip(0)  # e.g. [980, 960, ..., 20, 0]
+
+
+def guided_eps(unet, x, t, context, null_context, scale):
+    """Classifier-free guidance (Ho & Salimans 2022): ε = ε(∅) + s (ε(c) − ε(∅)), both branches in one UNet
+    call. The model learnt both because a share of its training conditions was dropped to the null one.
+    s = 1 is the conditional model alone, so the unconditional branch is skipped."""
+    if scale == 1:
+        return unet(x, t, context)
+    eps_cond, eps_null = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, null_context])).chunk(2)
+    return eps_null + scale * (eps_cond - eps_null)

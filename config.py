@@ -1,0 +1,137 @@
+"""The settings of a run: one table, each key defined once with its default, its help and whether a resume
+may change it; two presets that override a few of them. train.py turns the table into `--key value` flags
+(cli.py), prints the resolved dict once and saves it in every checkpoint, so sample.py needs no size flags.
+
+    python train.py --help          # every key, its help and its default
+
+The toy preset (the table's defaults) runs on a CPU in minutes; mvtec is one GPU at 256 px; sd is the rest of
+a run whose sizes come from a Stable Diffusion file (train.py --sd). Depends on nothing.
+"""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Key:
+    default: object
+    help: str
+    fixed: bool = False        # it shapes a network: a resumed run must keep it (a new --out_dir may change it)
+    choices: tuple = None
+
+
+KEYS = dict(
+    preset=Key("toy", "toy (a CPU, minutes), mvtec (one GPU, 256 px) or sd (with --sd FILE)",
+               choices=("toy", "mvtec", "sd")),
+    seed=Key(0, "seeds the weights' initialisation, the batches and the sampler's noise"),
+    device=Key("auto", "auto picks cuda when present, else cpu"),
+    bf16=Key(True, "bf16 autocast on CUDA and on CPUs with AMX (Intel Sapphire Rapids and newer); False: fp32"),
+    image_size=Key(64, "images are resized to this many px square", fixed=True),
+    # the KL autoencoder (vae.py): each level but the last halves the image, 64 px -> 16x16x4 latents
+    vae_channels=Key(32, "VAE base width", fixed=True),
+    vae_channel_mult=Key((1, 2, 2), "VAE width per level; len - 1 halvings of the image", fixed=True),
+    vae_num_res_blocks=Key(1, "VAE ResBlocks per level", fixed=True),
+    # the latent UNet (unet.py)
+    unet_channels=Key(64, "UNet base width (a multiple of 32)", fixed=True),
+    unet_channel_mult=Key((1, 2, 2), "UNet width per level", fixed=True),
+    unet_num_res_blocks=Key(1, "UNet ResBlocks per level", fixed=True),
+    unet_attention_levels=Key((0, 1), "the levels with self- and cross-attention", fixed=True),
+    unet_num_heads=Key(4, "attention heads of the UNet", fixed=True),
+    # the X-embedding (paper §4.2): k tokens per modality, each d wide; the frozen CLIP
+    num_tokens=Key(4, "k, tokens per modality (Eq. 1-3)", fixed=True),
+    context_dim=Key(256, "d, the token width; a --clip file sets it to its embedding width", fixed=True),
+    clip=Key("", "a file of OpenAI CLIP weights; empty: a small random CLIP (the toy world). With --sd it still "
+                 "gives Eq. (1)'s caption feature and Eq. (3)'s image feature", fixed=True),
+    num_diffusion_steps=Key(1000, "T, the steps of the forward process", fixed=True),
+    schedule=Key("scaled_linear", "the betas (ddpm.py): linear (DDPM), scaled_linear (LDM, Stable Diffusion), "
+                                  "cosine (improved DDPM)", fixed=True, choices=("linear", "scaled_linear", "cosine")),
+    mask_channels=Key(32, "mask encoder base width (Eq. 2)", fixed=True),
+    mask_feature_channels=Key(64, "channels of the mask encoder's 8x8 features (Eq. 2)", fixed=True),
+    # the rows of the paper's Table 6
+    use_text=Key(True, "Table 6: the semantic tokens of the caption (Eq. 1)", fixed=True),
+    use_mif=Key(True, "Table 6: the whole MIF: location and texture tokens and the aggregator (Eq. 2-5)", fixed=True),
+    use_ddf=Key(True, "Table 6: DDF, the timestep-dependent context (Eq. 14)", fixed=True),
+    # stage 1 (VAE) and stage 2 (mask autoencoder)
+    vae_steps=Key(1000, "stage 1 steps; fewer and the VAE decodes a cut wire back to a whole one"),
+    vae_batch_size=Key(8, "stage 1 and 2 batch size"),
+    vae_lr=Key(1e-3, "stage 1 learning rate"),
+    vae_defect_weight=Key(10.0, "extra L1 weight of few-shot defect pixels: the VAE must encode defects"),
+    vae_colour_blobs=Key(0.5, "share of the VAE's normal images given a blob of a random colour"),
+    mask_steps=Key(300, "stage 2 steps"),
+    # stage 3 (AnomalyXFusion)
+    steps=Key(900, "stage 3 steps"),
+    batch_size=Key(16, "stage 3 batch size"),
+    lr=Key(5e-4, "stage 3 learning rate of the conditioning (and of a from-scratch UNet)"),
+    warmup_steps=Key(100, "steps of linear learning-rate warm-up; 0: none"),
+    ema_decay=Key(0.999, "decay of the weights' moving average that samples are drawn from"),
+    outside_loss_weight=Key(0.1, "Eq. (17) weight of an anomalous image's latent cells outside its mask"),
+    center_text=Key(True, "subtract the captions' mean CLIP feature before Eq. (1)'s L2 norm"),
+    cond_dropout=Key(0.1, "share of conditions dropped to the null one: classifier-free guidance"),
+    checkpoint_every=Key(250, "steps between resumable checkpoints"),
+    preview_every=Key(450, "steps between preview grids"),
+    # sampling (Eq. 16)
+    sampler=Key("ddim", "ddim, or ddpm (every one of the num_diffusion_steps)", choices=("ddim", "ddpm")),
+    sample_steps=Key(50, "DDIM steps"),
+    guidance_scale=Key(3.0, "classifier-free guidance; 1 is the conditional model alone"),
+    eta=Key(0.0, "DDIM eta: 0 deterministic, 1 like DDPM"),
+    # a pretrained Stable Diffusion 1.x backbone (sd.py)
+    sd=Key("", "a Stable Diffusion 1.x single file (.safetensors or .ckpt): its VAE (stage 1 is skipped), UNet and "
+               "text encoder replace the project's own; empty: everything trained from scratch"),
+    train_unet=Key("none", "with --sd, what of the UNet trains: none (the authors' recipe: only the conditioning), "
+                           "lora (rank-r adapters on its attention) or full (every weight)",
+                   fixed=True, choices=("none", "lora", "full")),
+    lora_rank=Key(32, "r of --train_unet lora", fixed=True),
+    unet_lr=Key(5e-4, "with --sd, the learning rate of the UNet weights that train (LoRA ~1e-4, full ~1e-5)"),
+    sd_context=Key("append", "with --sd, how e_t reaches the UNet: append (e_t's tokens after the prompt's 77 hidden "
+                             "states) or splice (the authors' textual inversion: e_t replaces the * of sd_prompt at "
+                             "the frozen text encoder's input)", fixed=True, choices=("append", "splice")),
+    sd_prompt=Key("{caption} *", "with --sd, the text encoder's prompt; {caption} is the caption, * the place of "
+                                 "e_t's tokens (the authors': 'a photo of a *')", fixed=True),
+    gradient_checkpointing=Key(False, "recompute the UNet's activations in the backward pass: less memory, a "
+                                      "slower step (measured: docs/speed.md)"),
+)
+CONFIG = {name: key.default for name, key in KEYS.items()}
+
+PRESETS = {
+    "toy": {},
+    "mvtec": dict(
+        image_size=256,
+        vae_channels=128, vae_channel_mult=(1, 2, 4, 4), vae_num_res_blocks=2,  # the kl-f8 layout of SD 1.x
+        unet_channels=192, unet_channel_mult=(1, 2, 4), unet_num_res_blocks=2, unet_num_heads=8,
+        unet_attention_levels=(1, 2),  # 16x16 and 8x8 of the 32x32 latent
+        context_dim=768,  # CLIP ViT-L/14's embedding width
+        vae_steps=20000, vae_lr=1e-4, mask_steps=2000, steps=30000, batch_size=8, lr=1e-4, warmup_steps=1000,
+        ema_decay=0.9999, checkpoint_every=1000, preview_every=5000),
+    # with --sd FILE the file's sizes replace the networks' keys; these are the rest
+    "sd": dict(
+        image_size=256,  # the paper's and AnomalyDiffusion's size (SD's own is 512)
+        context_dim=768, mask_steps=2000, steps=5000, batch_size=8, lr=1e-4, unet_lr=1e-5, warmup_steps=500,
+        ema_decay=0.9999, checkpoint_every=500, preview_every=1000),
+}
+
+
+def resolve(preset, overrides=None):
+    """The table's defaults, then the preset's values, then the user's overrides; checked."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    config = dict(CONFIG, **PRESETS[preset], preset=preset)
+    for name, value in (overrides or {}).items():
+        if name not in config:
+            raise ValueError(f"unknown config key {name!r}; see --help for the list")
+        config[name] = value
+    for name, key in KEYS.items():
+        if key.choices and config[name] not in key.choices:
+            raise ValueError(f"{name} must be one of {', '.join(key.choices)}, not {config[name]!r}")
+    if config["warmup_steps"] < 0:
+        raise ValueError(f"warmup_steps must be 0 (none) or more, got {config['warmup_steps']}")
+    if config["sd_prompt"].count("*") != 1:
+        raise ValueError(f"sd_prompt needs exactly one * (where e_t's tokens go), got {config['sd_prompt']!r}")
+    return config
+
+
+def architecture_changes(saved, current):
+    """What a resume may not change, as 'key saved -> current': the fixed keys, and whether the run is on a
+    Stable Diffusion file (--sd) at all (which file it is, sd.check_sd_file checks by size and hash)."""
+    changes = [f"{name} {saved.get(name)!r} -> {current[name]!r}"
+               for name, key in KEYS.items() if key.fixed and saved.get(name) != current[name]]
+    if bool(saved.get("sd")) != bool(current["sd"]):
+        changes.insert(0, f"--sd {saved.get('sd') or '(none)'} -> {current['sd'] or '(none)'}")
+    return changes
