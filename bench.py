@@ -10,7 +10,7 @@ attention; elementwise ops are free), and compared with this machine's matmul pe
 same run on a large square matmul, so "% of peak" says how well the model uses the hardware.
 The models run as train.py runs them (cli.autocast): under bf16 autocast on CUDA and on CPUs with AMX, and
 then the peak is bf16's; elsewhere all is fp32.
-Depends on axf.py (the presets and the whole model), train.py (the SD training step), cli.py, unet.py, vae.py,
+Depends on config.py (the presets), axf.py (the whole model), train.py (the SD training step), cli.py, unet.py, vae.py,
 clip.py, sd.py and evaluate.py.
 """
 import argparse
@@ -25,8 +25,10 @@ from torch.utils.flop_counter import FlopCounterMode
 import axf
 import cli
 import clip
+import config as settings
 import metrics
 import train
+import sd
 from sd import SD_SCALE_FACTOR
 from unet import UNet
 from vae import VAE
@@ -108,7 +110,7 @@ def bench_unet(cfg, device, quick):
     """The latent UNet: one training step (forward, backward, AdamW) and one inference forward."""
     B, repeats, note = batch_and_repeats(cfg, device, quick)
     f = 2 ** (len(cfg["vae_channel_mult"]) - 1)
-    size, C = cfg["image_size"] // f, cfg["vae_latent_channels"]
+    size, C = cfg["image_size"] // f, axf.LATENT_CHANNELS
     model = UNet(C + 1, C, cfg["unet_channels"], cfg["unet_channel_mult"], cfg["unet_num_res_blocks"],
                  cfg["unet_attention_levels"], cfg["unet_num_heads"], cfg["context_dim"]).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -144,7 +146,7 @@ def bench_unet(cfg, device, quick):
 def bench_vae(cfg, device, quick):
     """The KL autoencoder: encoding a batch of images to latents, decoding latents to images."""
     B, repeats, note = batch_and_repeats(cfg, device, quick)
-    vae = VAE(3, cfg["vae_channels"], cfg["vae_channel_mult"], cfg["vae_num_res_blocks"], cfg["vae_latent_channels"]).to(device).eval()
+    vae = axf.build_vae(cfg).to(device).eval()
     x = torch.rand(B, 3, cfg["image_size"], cfg["image_size"], device=device) * 2 - 1
     with torch.no_grad():
         z = vae.encode(x).mode()
@@ -169,12 +171,11 @@ def bench_vae(cfg, device, quick):
 
 
 def bench_axf(cfg, device, quick):
-    """The whole method: one AnomalyXFusion training step (MIF, DDF, UNet, Eq. 17) and sampling per image
-    (DDIM, classifier-free guidance, blended as Eq. 16, then decoded). On CPU the MVTec preset times
+    """The whole method: one AnomalyXFusion training step (MIF, DDF, UNet, Eq. (17)) and sampling per image
+    (DDIM, classifier-free guidance, blended as Eq. (16), then decoded). On CPU the MVTec preset times
     2 of its sampler steps and scales them to the full count (said in the row)."""
     B, repeats, note = batch_and_repeats(cfg, device, quick)
     model = axf.AnomalyXFusion(cfg, axf.build_clip(cfg, device), ["crack", "hole"]).to(device)
-    model.vae.requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     S = cfg["image_size"]
     images = torch.rand(B, 3, S, S, device=device)
@@ -320,25 +321,25 @@ def random_weights(module, device):
 def sd_train_model(sizes, clip_model, mode, context, checkpointing, device):
     """(config, model) as train.py --sd builds them (load_backbone's sizes in the config, the sd preset), with
     random SD-1.x networks in place of a file: its frozen VAE and text encoder, its UNet adapted per --train_unet."""
-    config = axf.resolve_config("sd", {"sd": "(random SD-1.5 weights)", "train_unet": mode, "sd_context": context,
-                                       "gradient_checkpointing": checkpointing, "image_size": sizes["image_size"],
-                                       "batch_size": sizes["batch"], "context_dim": sizes["clip"]["embed_dim"]})
-    for prefix, part in (("vae_", sizes["vae"]), ("unet_", sizes["unet"])):  # as axf.load_backbone copies them
-        for key in ("channels", "channel_mult", "num_res_blocks", "latent_channels", "attention_levels", "num_heads"):
-            if key in part:
-                config[prefix + key] = part[key]
+    config = settings.resolve("sd", {"sd": "(random SD-1.5 weights)", "train_unet": mode, "sd_context": context,
+                                     "gradient_checkpointing": checkpointing, "image_size": sizes["image_size"],
+                                     "batch_size": sizes["batch"], "context_dim": sizes["clip"]["embed_dim"]})
     with torch.device("meta"):
         vae, unet, text = VAE(**sizes["vae"]), UNet(**sizes["unet"]), clip.CLIP(**sizes["text"])
     vae, unet, text = (random_weights(m, device).eval() for m in (vae, unet, text))  # eval: as load_sd returns them
     vae.scale_factor.fill_(SD_SCALE_FACTOR)
-    model = axf.AnomalyXFusion(config, clip_model, ["crack", "hole"], (vae, unet, text)).to(device)
-    model.clip.cpu()  # as train.build_model leaves it once its features are cached
+    vae.sd_sizes, unet.sd_sizes = sizes["vae"], sizes["unet"]
+    backbone = dict(vae=vae, unet=sd.adapt_sd_unet(unet, mode, config["lora_rank"]),
+                    sd_context=sd.TextEncoderContext(text, config).to(device))
+    config.update(sd.file_sizes(backbone))  # as train.py sets them from the file
+    model = axf.AnomalyXFusion(config, clip_model, ["crack", "hole"], **backbone).to(device)
+    model.mif.clip.cpu()  # as train.assemble_model leaves it once its features are cached
     return config, model
 
 
 def fake_training_set(config, num_anomalies=6, num_normals=16):
     """What train.axf_step reads: few-shot masks, captions and defect ids, and cached latents (random)."""
-    S, f, C = config["image_size"], axf.latent_factor(config), config["vae_latent_channels"]
+    S, f, C = config["image_size"], axf.latent_factor(config), axf.LATENT_CHANNELS
     masks = torch.zeros(num_anomalies, 1, S, S)
     for i in range(num_anomalies):  # boxes of 1/8 to 1/4 of the side, in different places
         a, b = (i * S) // (2 * num_anomalies) + S // 8, S // 8 + (i % 3) * S // 16
@@ -360,9 +361,9 @@ def time_training_step(model, config, label, device, repeats, say):
     optimizer = cli.adamw(groups, lr=config["lr"], weight_decay=0.0)
     ema = train.EMA(model, config["ema_decay"])
     train_set, latents = fake_training_set(config)
-    generator, steps, losses = torch.Generator().manual_seed(config["seed"] + 2), itertools.count(), []
-    step = lambda: train.axf_step(model, optimizer, ema, train_set, latents, config, generator, device, losses,
-                                  next(steps))
+    generator, steps = torch.Generator().manual_seed(config["seed"] + 2), itertools.count()
+    step = lambda: train.axf_step(model, optimizer, ema, train.make_batch(train_set, latents, config, generator), config,
+                                  next(steps), device)
     n_unet, n_cond = (sum(p.numel() for p in g["params"]) for g in groups)
     mode = config["train_unet"] + (f" (rank {config['lora_rank']})" if config["train_unet"] == "lora" else "")
     name = (f"AXF training step (train.axf_step), --train_unet {mode}, sd_context {config['sd_context']}, gradient "
@@ -393,17 +394,18 @@ def sd_train_rows(rows, sizes, clip_model, mode, context, checkpointing, device,
     # what the splice adds to every step: the frozen text encoder's forward + backward to e_t, next to the UNet's
     batch = fake_training_set(config, num_anomalies=B)[0]
     masks, captions = batch["masks"].to(device), batch["captions"]
-    tokens = model.prompt_tokens(captions, model.num_context).to(device)  # [B, 77]
-    width = model.text_encoder.token_embedding.weight.shape[1]
-    e_t = torch.randn(B, model.num_context, width, device=device, requires_grad=True)
-    f, C = axf.latent_factor(config), config["vae_latent_channels"]
+    adapter = model.sd_context
+    tokens = adapter.prompt_tokens(captions, model.mif.num_context).to(device)  # [B, 77]
+    width = adapter.text_encoder.token_embedding.weight.shape[1]
+    e_t = torch.randn(B, model.mif.num_context, width, device=device, requires_grad=True)
+    f, C = axf.latent_factor(config), axf.LATENT_CHANNELS
     x = torch.randn(B, model.unet.conv_in.in_channels, S // f, S // f, device=device)  # [x_t, mask]
     t = torch.randint(0, 1000, (B,), device=device)
     hidden = torch.randn(B, 77, width, device=device, requires_grad=True)  # the context, as the splice makes it
 
     def text_step():
         with autocast(device):
-            out = model.text_encoder.encode_text_tokens(tokens, replace=(clip.PLACEHOLDER_ID, e_t * model.token_scale))
+            out = adapter.text_encoder.encode_text_tokens(tokens, replace=(clip.PLACEHOLDER_ID, e_t * adapter.token_scale))
         out.float().square().mean().backward()
         e_t.grad = None
 
@@ -452,14 +454,14 @@ def bench_sd_train(device, quick, sizes=None):
     (none; lora at CONFIG's rank 32; full; and full without checkpointing, for comparison) with the sd preset's
     settings: batch 8 at 256 px (32x32x4 latents), bf16 autocast, gradient checkpointing, e_t spliced into the text
     encoder (and appended, mode none). Each step is train.axf_step itself: a batch of cached latents, the loss (CLIP
-    features cached, MIF, DDF, text encoder, UNet, Eq. 17), clipping, AdamW (train.parameter_groups, cli.adamw) and the
+    features cached, MIF, DDF, text encoder, UNet, Eq. (17)), clipping, AdamW (train.parameter_groups, cli.adamw) and the
     EMA. Peak memory is CUDA's max allocated since the mode's model was built: every weight (UNet, VAE, text encoder,
-    and the ViT-L/14 CLIP of Eq. 1 and 3, as --clip ViT-L-14.pt holds it), AdamW's moments, the EMA, activations. Then,
+    and the ViT-L/14 CLIP of Eq. (1) and (3), as --clip ViT-L-14.pt holds it), AdamW's moments, the EMA, activations. Then,
     on mode none's model: the spliced text encoder's forward + backward to e_t next to the UNet's (what the splice
     adds to every step), and sampling per image (model.sample, 50 DDIM steps with guidance, VAE decode included).
     Each mode's model is freed before the next is built. On a CPU the same code runs at TINY_SIZES: a check that it
     runs, not a figure (SD-1.5 sizes need CUDA). Progress and each row go to stderr as they come.
-    Run alone: python bench.py --device cuda --only sd_train (85 s on one H200, build included)."""
+    Run alone: python bench.py --device cuda --only sd_train (its time: docs/speed.md)."""
     sizes = sizes or (SD15_SIZES if device.type == "cuda" else TINY_SIZES)
     started = time.perf_counter()
 
@@ -532,7 +534,7 @@ def main(argv=None):
     peak = matmul_peak_gflops(device, args.quick)
     rows = []
     for preset in presets if selected(BENCHES) else []:
-        cfg = axf.resolve_config(preset)
+        cfg = settings.resolve(preset)
         for bench in selected(BENCHES):
             rows += bench(cfg, device, args.quick)
     for bench in selected(SHARED_BENCHES):

@@ -2,8 +2,9 @@
 
 - the data flags (--category, --toy, --data_root) and the category folder, validated whole before
   anything is written;
-- every CONFIG key of axf.py as a `--key value` flag, typed like its default, its help from axf.HELP;
-- the device, bf16 autocast, the optimiser, and progress bars that also read well in a log file.
+- every key of config.py as a `--key value` flag, typed like its default, with its help;
+- the device, bf16 autocast, the optimiser, progress bars that also read well in a log file, and files
+  (checkpoints, Stable Diffusion files) written atomically.
 """
 import argparse
 import os
@@ -16,7 +17,7 @@ from tqdm import tqdm
 
 import data
 import toy
-from axf import CONFIG, HELP
+from config import CONFIG, KEYS
 
 
 def add_data_args(parser):
@@ -37,14 +38,14 @@ def parse_value(text, default):
 
 
 def add_config_args(parser, keys=None):
-    """A `--key value` flag for each CONFIG key (all but preset, or `keys`), its help from HELP."""
+    """A `--key value` flag for each config key (all but preset, or `keys`), with its help from config.KEYS."""
     group = parser.add_argument_group("config (toy preset defaults shown; a preset or checkpoint may change them)")
-    for key in keys or [k for k in CONFIG if k != "preset"]:
-        default = CONFIG[key]
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        group.add_argument(f"--{key}", type=lambda text, d=default: parse_value(text, d), default=None,
-                           metavar=type(default).__name__.upper(),
-                           help=f"{HELP.get(key, '')} (default: {shown})".replace("%", "%%").lstrip())
+    for name in keys or [k for k in CONFIG if k != "preset"]:
+        key = KEYS[name]
+        shown = ",".join(map(str, key.default)) if isinstance(key.default, tuple) else key.default
+        group.add_argument(f"--{name}", type=lambda text, d=key.default: parse_value(text, d), default=None,
+                           metavar=type(key.default).__name__.upper(),
+                           help=f"{key.help} (default: {shown})".replace("%", "%%"))
 
 
 def config_overrides(args):
@@ -63,17 +64,6 @@ def category_folder(args):
     folder = Path(args.data_root or "data/mvtec") / args.category
     data.load_category(folder)  # raises one clear line on a missing folder or bad data
     return folder
-
-
-def read_mask(anomaly_or_files, size):
-    """data.read_mask (thin masks survive its downsampling), refusing a mask without a single pixel:
-    a sample drawn inside it would change nothing."""
-    mask = data.read_mask(anomaly_or_files, size)
-    if not mask.any():
-        files = anomaly_or_files.mask_files if isinstance(anomaly_or_files, data.Anomaly) else anomaly_or_files
-        first = files if isinstance(files, (str, Path)) else list(files)[0]
-        raise ValueError(f"{first}: empty mask; an anomaly needs at least one mask pixel")
-    return mask
 
 
 @contextmanager

@@ -1,8 +1,8 @@
 """OpenAI-compatible CLIP, written from scratch: BPE tokenizer, ViT image tower, text transformer.
 
 AnomalyXFusion (paper §4.1, MIF) takes two of its three conditions from a frozen CLIP:
-the semantic embedding is CLIP's text embedding of the caption (Eq. 1) and the textural
-embedding is CLIP's image embedding of image·mask (Eq. 3). This file is that CLIP.
+the semantic embedding is CLIP's text embedding of the caption (Eq. (1)) and the textural
+embedding is CLIP's image embedding of image·mask (Eq. (3)). This file is that CLIP.
 
 It follows OpenAI's reference (github.com/openai/CLIP, `model.py` + `simple_tokenizer.py`) so
 that OpenAI's released ViT checkpoints load strictly under their own key names and give the same
@@ -478,7 +478,7 @@ def make_preprocess(resolution):
 
 
 def normalize_images(images, resolution=224):
-    """Tensor twin of `preprocess` for in-memory batches (e.g. image·mask for Eq. 3):
+    """Tensor twin of `preprocess` for in-memory batches (e.g. image·mask for Eq. (3)):
     float [B, 3, H, W] in [0, 1] -> [B, 3, resolution, resolution], resized, cropped, normalised."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"normalize_images: expected a float batch [B, 3, H, W], got shape {tuple(images.shape)}")

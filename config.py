@@ -36,19 +36,19 @@ KEYS = dict(
     unet_attention_levels=Key((0, 1), "the levels with self- and cross-attention", fixed=True),
     unet_num_heads=Key(4, "attention heads of the UNet", fixed=True),
     # the X-embedding (paper §4.2): k tokens per modality, each d wide; the frozen CLIP
-    num_tokens=Key(4, "k, tokens per modality (Eq. 1-3)", fixed=True),
+    num_tokens=Key(4, "k, tokens per modality (Eq. (1)-(3))", fixed=True),
     context_dim=Key(256, "d, the token width; a --clip file sets it to its embedding width", fixed=True),
     clip=Key("", "a file of OpenAI CLIP weights; empty: a small random CLIP (the toy world). With --sd it still "
                  "gives Eq. (1)'s caption feature and Eq. (3)'s image feature", fixed=True),
     num_diffusion_steps=Key(1000, "T, the steps of the forward process", fixed=True),
     schedule=Key("scaled_linear", "the betas (ddpm.py): linear (DDPM), scaled_linear (LDM, Stable Diffusion), "
                                   "cosine (improved DDPM)", fixed=True, choices=("linear", "scaled_linear", "cosine")),
-    mask_channels=Key(32, "mask encoder base width (Eq. 2)", fixed=True),
-    mask_feature_channels=Key(64, "channels of the mask encoder's 8x8 features (Eq. 2)", fixed=True),
+    mask_channels=Key(32, "mask encoder base width (Eq. (2))", fixed=True),
+    mask_feature_channels=Key(64, "channels of the mask encoder's 8x8 features (Eq. (2))", fixed=True),
     # the rows of the paper's Table 6
-    use_text=Key(True, "Table 6: the semantic tokens of the caption (Eq. 1)", fixed=True),
-    use_mif=Key(True, "Table 6: the whole MIF: location and texture tokens and the aggregator (Eq. 2-5)", fixed=True),
-    use_ddf=Key(True, "Table 6: DDF, the timestep-dependent context (Eq. 14)", fixed=True),
+    use_text=Key(True, "Table 6: the semantic tokens of the caption (Eq. (1))", fixed=True),
+    use_mif=Key(True, "Table 6: the whole MIF: location and texture tokens and the aggregator (Eq. (2)-(5))", fixed=True),
+    use_ddf=Key(True, "Table 6: DDF, the timestep-dependent context (Eq. (14))", fixed=True),
     # stage 1 (VAE) and stage 2 (mask autoencoder)
     vae_steps=Key(1000, "stage 1 steps; fewer and the VAE decodes a cut wire back to a whole one"),
     vae_batch_size=Key(8, "stage 1 and 2 batch size"),
@@ -67,7 +67,7 @@ KEYS = dict(
     cond_dropout=Key(0.1, "share of conditions dropped to the null one: classifier-free guidance"),
     checkpoint_every=Key(250, "steps between resumable checkpoints"),
     preview_every=Key(450, "steps between preview grids"),
-    # sampling (Eq. 16)
+    # sampling (Eq. (16))
     sampler=Key("ddim", "ddim, or ddpm (every one of the num_diffusion_steps)", choices=("ddim", "ddpm")),
     sample_steps=Key(50, "DDIM steps"),
     guidance_scale=Key(3.0, "classifier-free guidance; 1 is the conditional model alone"),

@@ -7,7 +7,7 @@ What this file holds, in reading order:
   few_shot_split                     the first third of each defect type trains the generator (§5)
   read_image, read_mask              tensors: images [3, S, S] in [0, 1], masks [1, S, S] in {0, 1}
   perlin_mask, JITTER, sample_mask   masks to generate at: DRAEM's Perlin blobs or jittered real masks
-  save_grid, main                    preview grids; `python data.py --toy --category cable --out DIR`
+  save_grid, main                    preview grids; `python data.py --category cable --out DIR`
 Depends on torch, numpy and pillow; main() on toy.py.
 """
 import argparse
@@ -204,7 +204,9 @@ def read_image(path, size):
 
 
 def read_mask(anomaly_or_files, size):
-    """The union of an anomaly's mask files (LOCO regions merge into one), binarised at > 127: [1, size, size]."""
+    """The union of an anomaly's mask files (LOCO regions merge into one), binarised at > 127: [1, size, size].
+    A mask without a single pixel is refused: an anomaly needs a place, and a sample drawn inside an empty
+    mask would change nothing."""
     files = anomaly_or_files.mask_files if isinstance(anomaly_or_files, Anomaly) else anomaly_or_files
     files = [files] if isinstance(files, (str, Path)) else list(files)
     if not files:
@@ -216,6 +218,8 @@ def read_mask(anomaly_or_files, size):
         if union is not None and m.shape != union.shape:
             raise ValueError(f"{f}: mask size {m.shape[::-1]} differs from {files[0]} {union.shape[::-1]}")
         union = m if union is None else union | m
+    if not union.any():
+        raise ValueError(f"{files[0]}: empty mask; an anomaly needs at least one mask pixel")
     # area resampling, then > 0: an output pixel is anomalous if any pixel it covers is, so a 1-px scratch
     # survives downsampling (nearest would drop it and turn the anomaly into a "good" image)
     m = torch.from_numpy(union).float()[None, None]
@@ -329,7 +333,7 @@ def save_grid(rows, path, cell=128):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Write a toy category (MVTec + MVTec Caption layout) and a preview grid.")
-    p.add_argument("--toy", action="store_true", required=True, help="generate the built-in toy category into --out")
+    p.add_argument("--toy", action="store_true", help=argparse.SUPPRESS)  # accepted from old command lines; no effect
     p.add_argument("--category", default="cable", help=f"one of {', '.join(toy.TOY_CATEGORIES)} (default: cable)")
     p.add_argument("--out", default="out", help="output folder (default: out)")
     p.add_argument("--size", type=int, default=128, help="image size in pixels (default: 128)")

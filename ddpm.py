@@ -1,6 +1,6 @@
-"""The DDPM noise process of paper §4.3: the schedule of betas and the samplers (Eq. 6-12, 15).
+"""The DDPM noise process of paper §4.3: the schedule of betas and the samplers (Eq. (6)-(12), (15)).
 
-The forward process (Eq. 6-10) is fixed by a schedule of betas; the reverse process (Eq. 11, 12, 15)
+The forward process (Eq. (6)-(10)) is fixed by a schedule of betas; the reverse process (Eq. (11), (12), (15))
 is the network's ε turned into a step from x_t to x_{t-1}: the ancestral DDPM step, or the DDIM step
 that skips timesteps. The schedule is buffers of one nn.Module so it follows the model to the GPU;
 every method takes one timestep per sample. Used by axf.py (the model's loss and sampler); the
@@ -11,12 +11,20 @@ import math
 import torch
 
 
-def make_betas(schedule, num_steps, beta_start, beta_end):
+# the β range each schedule was published with (DDPM; LDM and Stable Diffusion); cosine needs none
+BETA_RANGES = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012), "cosine": (None, None)}
+
+
+def make_betas(schedule, num_steps, beta_start=None, beta_end=None):
     """β_1..β_T as float64, the way the reference schedulers (DDPM, LDM, improved DDPM) define them.
 
-    Eq. (6), (7): the forward process is a Markov chain whose step t adds noise of variance β_t,
-    q(x_t | x_{t-1}) = N(sqrt(1 - β_t) x_{t-1}, β_t I); the betas are all that defines it.
+    Eq. (6): the forward process is a Markov chain; Eq. (7): its step t adds noise of variance β_t,
+    q(x_t | x_{t-1}) = N(sqrt(1 - β_t) x_{t-1}, β_t I). The betas are all that defines it.
     """
+    if schedule not in BETA_RANGES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose 'linear', 'scaled_linear' or 'cosine'")
+    if beta_start is None:
+        beta_start, beta_end = BETA_RANGES[schedule]
     if schedule == "linear":  # DDPM (Ho et al. 2020): β from 1e-4 to 0.02 in a straight line
         return torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
     if schedule == "scaled_linear":  # LDM / Stable Diffusion: straight line in sqrt(β), then squared
@@ -27,17 +35,16 @@ def make_betas(schedule, num_steps, beta_start, beta_end):
         betas = [1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps) for i in range(num_steps)]
         # clipped at 0.999 so the last steps do not divide by ~0 (diffusers' "squaredcos_cap_v2")
         return torch.tensor(betas, dtype=torch.float64).clamp(max=0.999)
-    raise ValueError(f"unknown schedule {schedule!r}; choose 'linear', 'scaled_linear' or 'cosine'")
 
 
 class DDPM(torch.nn.Module):
-    """The noise schedule with q_sample (Eq. 10), the ancestral DDPM step (Eq. 12, 15) and the DDIM step.
+    """The noise schedule with q_sample (Eq. (10)), the ancestral DDPM step (Eq. (12), (15)) and the DDIM step.
 
     Timesteps are 0-based: t = 0 is the first noising step, t = num_steps - 1 the last. All the math
     is done in float32 whatever the dtype of the inputs, and the result is cast back to x_t's dtype.
     """
 
-    def __init__(self, num_steps=1000, schedule="linear", beta_start=0.0001, beta_end=0.02):
+    def __init__(self, num_steps=1000, schedule="linear", beta_start=None, beta_end=None):
         super().__init__()
         self.num_steps = num_steps
         betas = make_betas(schedule, num_steps, beta_start, beta_end)
@@ -57,7 +64,7 @@ class DDPM(torch.nn.Module):
     def q_sample(self, x0, t, noise):
         """Noise clean x0 to step t in one jump, with the noise given so the training target exists."""
         alpha_bar_t = self._at(self.alphas_cumprod, t, x0)
-        # Eq. (10): x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε   (Eq. 8 as a reparameterised sample)
+        # Eq. (10): x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε   (Eq. (8) as a reparameterised sample)
         return (alpha_bar_t.sqrt() * x0.float() + (1 - alpha_bar_t).sqrt() * noise.float()).to(x0.dtype)
 
     def step(self, eps, t, x_t, noise=None):
@@ -67,9 +74,10 @@ class DDPM(torch.nn.Module):
         alpha_bar_prev = self._at(self.alphas_cumprod, t - 1, x_t)  # ᾱ_{-1} = 1: the step into x_0
         # Eq. (12): μ(x_t) = (x_t - β_t / sqrt(1 - ᾱ_t) ε) / sqrt(α_t). This is the mean of the posterior
         # q(x_{t-1} | x_t, x̂_0) with x̂_0 from Eq. (10) unclipped, but written without x̂_0: dividing by
-        # sqrt(ᾱ_t) ~ 0 at large t would amplify float32 rounding (DDPM, Ho et al. 2020, Eq. 11 there)
+        # sqrt(ᾱ_t) ~ 0 at large t would amplify float32 rounding (equation 11 of Ho et al. 2020)
         mean = (x_t.float() - beta_t / (1 - alpha_bar_t).sqrt() * eps.float()) / (1 - beta_t).sqrt()
-        # Σ = β̃_t = (1 - ᾱ_{t-1}) / (1 - ᾱ_t) β_t, DDPM's "fixed_small" variance
+        # Deviation: Eq. (12) lets the network predict Σ too; here Σ = β̃_t = (1 - ᾱ_{t-1}) / (1 - ᾱ_t) β_t,
+        # DDPM's fixed "fixed_small" variance, as LDM and Stable Diffusion sample
         variance = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t
         if noise is None:
             noise = torch.randn_like(mean)
@@ -78,7 +86,7 @@ class DDPM(torch.nn.Module):
         return (mean + nonzero * variance.sqrt() * noise.float()).to(x_t.dtype)
 
     def ddim_step(self, eps, t, t_prev, x_t, eta=0.0, noise=None):
-        """One DDIM step x_t -> x_{t_prev} (Song et al. 2021, Eq. 12 there); eta = 1 is ancestral-like."""
+        """One DDIM step x_t -> x_{t_prev} (equation 12 of Song et al. 2021); eta = 1 is ancestral-like."""
         alpha_bar_t = self._at(self.alphas_cumprod, t, x_t)
         alpha_bar_prev = self._at(self.alphas_cumprod, t_prev, x_t)  # t_prev = -1: ᾱ = 1, the clean image
         x_t32, eps = x_t.float(), eps.float()
@@ -101,7 +109,7 @@ class DDPM(torch.nn.Module):
 
     def sampling_timesteps(self, sampler="ddim", steps=50):
         """The (t, t_prev) pairs a sampler visits, from T - 1 down to t_prev = -1 (the clean image).
-        ddpm: every timestep (Eq. 11's chain); ddim: `steps` of them."""
+        ddpm: every timestep (Eq. (11)'s chain); ddim: `steps` of them."""
         if sampler == "ddim":
             ts = self.ddim_timesteps(steps).tolist()
         elif sampler == "ddpm":

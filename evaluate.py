@@ -4,12 +4,12 @@ protocol stamp that makes a table citable. In reading order:
   read_anomalies                      a method's images (data.load_generated reads --generated)
   draem_anomalies, crop_paste_anomalies, combine, METHODS   baselines: Perlin noise, crop-paste, `real`
                                       (the few-shot real anomalies alone), `real+<method>` (both)
-  EVAL_CONFIG, EVAL_PRESETS           sizes and budgets: toy (CPU, minutes), mvtec (one GPU)
+  EVAL_CONFIG, EVAL_PRESETS, evaluation_settings   sizes and budgets: toy (CPU, minutes), mvtec (one GPU)
   train_segmenter, classification_accuracy   downstream models: fixed epochs, the last one is reported
   estimate_seconds, evaluate_method, markdown_table, toy_checks, main
 The metrics (auroc, ..., kid, fid, au_pro, ic_lpips, generation_metrics), the protocol stamp and the leak
-check live in metrics.py and are re-exported here. Protocol (DESIGN.md): train on a method's anomalies + the normal training images; test
-on the held-out two thirds of the real anomalies (data.few_shot_split) plus all good test images.
+check live in metrics.py and are re-exported here. Protocol: train on a method's anomalies + the normal training
+images; test on the held-out two thirds of the real anomalies (data.few_shot_split) plus all good test images.
 """
 import argparse
 import json
@@ -334,7 +334,8 @@ def recalibrate_batchnorm(model, images, batch_size, device):
     """BatchNorm's running statistics recomputed as the plain average over the un-augmented images ("precise BN").
     The judge trains on batches turned and mirrored as a whole, so the running statistics it keeps are those of
     turned objects; an elongated one (the toy pill) upright then meets statistics it was never normalised with,
-    and in eval mode the judge called every real pill anomaly one type (50% on 2 types; 100% in train mode)."""
+    and in eval mode the judge called every real pill anomaly one type, while in train mode (batch statistics) it
+    told them apart (measured: docs/results.md)."""
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     for m in norms:
         m.reset_running_stats()
@@ -372,8 +373,9 @@ def parse_args(argv):
     return args, {k: getattr(args, k) for k in EVAL_CONFIG if getattr(args, k) is not None}
 
 
-def resolve_config(args, overrides, category, device):
-    """The preset (the paper's 256 px recipe only on a GPU for images of 256 px or more), then the overrides."""
+def evaluation_settings(args, overrides, category, device):
+    """The evaluation's sizes and budgets (EVAL_CONFIG keys): the preset (the paper's 256 px recipe only on a GPU
+    for images of 256 px or more), then the command line's overrides."""
     with Image.open(category.train_good[0]) as im:
         side = min(im.size)
     preset = args.preset or ("mvtec" if device.type == "cuda" and side >= 256 and not args.toy else "toy")
@@ -425,7 +427,7 @@ def main(argv=None):
     start = time.time()
 
     category = data.load_category(toy.ensure_toy(args.category) if args.toy else Path(args.data_root) / args.category)
-    cfg = resolve_config(args, overrides, category, device)
+    cfg = evaluation_settings(args, overrides, category, device)
     ctx = real_data(category, cfg)
     gen_anomalies = data.load_generated(args.generated)   # only its anomalies, never one of the test images
     if unknown := sorted({a.defect for a in gen_anomalies} - set(ctx["defects"])):

@@ -1,6 +1,6 @@
-"""The spatial mask encoder and the location tokens of AnomalyXFusion (paper §4.2, Eq. 2).
+"""The spatial mask encoder and the location tokens of AnomalyXFusion (paper §4.2, Eq. (2)).
 
-    e_loc = E_CNN(E_ISTR(Y_loc))                                   (Eq. 2)
+    e_loc = E_CNN(E_ISTR(Y_loc))                                   Eq. (2)
 
 E_ISTR is a mask encoder pre-trained to compress masks (the paper borrows ISTR's mask encoder,
 refs [38, 39]); here it is a small conv stack, pre-trained as a mask autoencoder on dataset masks

@@ -9,7 +9,7 @@ For each defect type (or --defect), --n anomalies are drawn on normal training i
 masks (a few-shot real mask of that defect under a small random affine --jitter, or Perlin-noise
 blobs with --masks perlin), steered by a caption (the few-shot caption that goes with the mask, or
 --prompt) and the defect's learned texture tokens (or the CLIP features of --reference and
---reference_mask, Eq. 3). Blended sampling (Eq. 16, axf.py) keeps the image outside the mask: every
+--reference_mask, Eq. (3)). Blended sampling (Eq. (16), axf.py) keeps the image outside the mask: every
 pixel that differs from the normal image lies inside the saved mask (checked on every sample).
 
 --out_dir (default samples/<category>) becomes one MVTec AD category and nothing else, readable by
@@ -78,7 +78,7 @@ def plan(category, few_shot, args, size, generator):
             if args.masks == "perlin":
                 mask = data.perlin_mask(size, generator)
             else:  # the source's own mask, jittered: the caption describes what lies under it
-                mask = data.sample_mask(size, generator, real_masks=cli.read_mask(source, size)[None], p_real=1.0,
+                mask = data.sample_mask(size, generator, real_masks=data.read_mask(source, size)[None], p_real=1.0,
                                         jitter=args.jitter)
             jobs.append((defect, normal, mask, args.prompt or source.caption))
     return jobs
@@ -189,7 +189,7 @@ def parse_args(argv):
                         help="draw each anomaly on one of the K normal training images most like its few-shot "
                              "source outside the mask, so the mask lands on the part it marks (default: 10); "
                              "0: on any normal image")
-    parser.add_argument("--reference", help="an anomalous image whose masked pixels set the texture (Eq. 3)")
+    parser.add_argument("--reference", help="an anomalous image whose masked pixels set the texture (Eq. (3))")
     parser.add_argument("--reference_mask", help="the mask of --reference")
     parser.add_argument("--out_dir", help="output category folder (default: samples/<category>)")
     parser.add_argument("--batch_size", type=int, default=16, help="samples per sampler call (default: 16)")
@@ -208,27 +208,27 @@ def load_model(args):
     """The checkpoint (EMA weights), its config with the sampling flags applied, and the category to draw on."""
     path = Path(args.ckpt or Path("runs") / args.category)
     path = path / "axf.pt" if path.is_dir() else path  # a train.py --out_dir means its checkpoint
-    model, checkpoint = axf.load_checkpoint(path, device="cpu", sd=args.sd)
+    model, checkpoint = axf.load_checkpoint(path, device="cpu", sd_path=args.sd)
     config = dict(model.config, **cli.config_overrides(args))
     folder = cli.category_folder(args) if args.toy or args.data_root else Path(checkpoint["data_folder"])
     category = data.load_category(folder)
     if category.defects != model.defects[1:]:
         raise ValueError(f"{path} was trained on defects {model.defects[1:]}, but {folder} has {category.defects}")
-    if args.prompt and not model.use_text:
+    if args.prompt and not model.config["use_text"]:
         print("note: this checkpoint has use_text False (Table 6): --prompt is only written to prompt/, it steers nothing")
-    if args.reference and not model.use_mif:
-        raise ValueError("--reference sets the texture tokens (Eq. 3), but this checkpoint has use_mif False (Table 6)")
+    if args.reference and not model.config["use_mif"]:
+        raise ValueError("--reference sets the texture tokens (Eq. (3)), but this checkpoint has use_mif False (Table 6)")
     device = cli.pick_device(config["device"])
     return model.to(device), config, device, path, category
 
 
 def reference_textures(model, args, config, device):
-    """Texture tokens from --reference and its mask (Eq. 3), or None: each defect's learned ones."""
+    """Texture tokens from --reference and its mask (Eq. (3)), or None: each defect's learned ones."""
     if not args.reference:
         return None
     size = config["image_size"]
-    features = model.encode_texture(data.read_image(args.reference, size)[None].to(device),
-                                    cli.read_mask(Path(args.reference_mask), size)[None].to(device))
+    features = model.mif.encode_texture(data.read_image(args.reference, size)[None].to(device),
+                                    data.read_mask(Path(args.reference_mask), size)[None].to(device))
     return axf.unit_tokens(features, config["num_tokens"])
 
 

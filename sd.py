@@ -5,9 +5,10 @@ file has the rule that renames its part (unet.from_sd, vae.from_sd, clip.from_hf
 read, every size is read off the tensor shapes (as clip.build_model does), and each module is filled
 strictly, one shape check per tensor.
 
-Then what train.py --sd needs to use such a file (issue #13): load_backbone (the file's sizes into the config),
-sd_file / check_sd_file (the file's identity in a checkpoint) and adapt_sd_unet (the mask channel, what trains).
-axf.py re-exports them with load_sd and save_sd (DESIGN's axf.load_sd).
+Then what train.py --sd needs to use such a file: load_backbone (the networks AnomalyXFusion takes from it)
+and file_sizes (its sizes, for the config), adapt_sd_unet (the mask channel, what trains), sd_file /
+check_sd_file (the file's identity in a checkpoint), and TextEncoderContext: how e_t reaches the pretrained
+UNet, the one hook axf.AnomalyXFusion calls (its `sd_context`).
 """
 import hashlib
 import json
@@ -19,8 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 import clip
+from cli import atomic_write, save_atomic
 import unet as unet_module
 import vae as vae_module
 from unet import UNet
@@ -197,13 +200,11 @@ def write_safetensors(tensors, path, metadata=None):
         header["__metadata__"] = metadata
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
-    path = os.fspath(path)
-    with open(path + ".tmp", "wb") as f:
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
         f.write(len(text).to_bytes(8, "little") + text)
         for t in tensors.values():
             f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    os.replace(path + ".tmp", path)
-    return path
+    return os.fspath(path)
 
 
 def save_sd(path, vae, unet, text_encoder, dtype=None):
@@ -217,33 +218,41 @@ def save_sd(path, vae, unet, text_encoder, dtype=None):
                          f"encoder); this UNet has {sorted(heads)}: the file would load as a different model")
     parts = {"UNet": unet_module.to_sd(unet.state_dict()), "VAE": vae_module.to_sd(vae.state_dict()),
              "text encoder": clip.to_hf_text(text_encoder.state_dict())}
-    tensors = {SD_PREFIXES[part] + k: v.detach().cpu() for part, sd in parts.items() for k, v in sd.items()}
+    tensors = {SD_PREFIXES[part] + k: v.detach().cpu() for part, state in parts.items() for k, v in state.items()}
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     path = os.fspath(path)
     if path.endswith(".safetensors"):
         return write_safetensors(tensors, path, metadata={"format": "pt"})
-    torch.save({"state_dict": tensors}, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    save_atomic({"state_dict": tensors}, path)
     return path
 
 
 # ----------------------------------------------------------------------------------------------
-# A Stable Diffusion 1.x backbone (issue #13): the file, its identity, and how its UNet is adapted
+# A Stable Diffusion 1.x backbone for AnomalyXFusion (train.py --sd): the networks it takes from the file,
+# how its UNet is adapted, the file's identity, and how e_t reaches the UNet (TextEncoderContext)
 
 
 def load_backbone(config, device="cpu"):
-    """(vae, unet, text_encoder) of config["sd"] (sd.load_sd), its sizes copied into the config: the latent
-    factor, the latent channels and the context width are the file's, whatever the preset says."""
+    """The networks AnomalyXFusion takes from config["sd"]: {vae, unet (adapted), sd_context}, the keyword
+    arguments of axf.AnomalyXFusion. The file's own sizes are file_sizes(); the config is not changed here."""
     vae, unet, text = load_sd(config["sd"], device)
-    for prefix, sizes in (("vae_", vae.sd_sizes), ("unet_", unet.sd_sizes)):
-        for key in ("channels", "channel_mult", "num_res_blocks", "latent_channels", "attention_levels", "num_heads"):
-            if key in sizes:
-                config[prefix + key] = tuple(sizes[key]) if isinstance(sizes[key], (list, tuple)) else sizes[key]
     f = 2 ** (len(vae.sd_sizes["channel_mult"]) - 1) * 2 ** (len(unet.sd_sizes["channel_mult"]) - 1)
     if config["image_size"] % f:
         raise ValueError(f"image_size {config['image_size']} must be a multiple of {f} for {config['sd']}")
-    return vae, unet, text
+    return dict(vae=vae, unet=adapt_sd_unet(unet, config["train_unet"], config["lora_rank"]),
+                sd_context=TextEncoderContext(text, config).to(device))
+
+
+def file_sizes(backbone):
+    """The config keys an SD file decides, whatever the preset says: its VAE's and UNet's sizes."""
+    sizes = {}
+    for prefix, model in (("vae_", backbone["vae"]), ("unet_", backbone["unet"])):
+        for key in ("channels", "channel_mult", "num_res_blocks", "attention_levels", "num_heads"):
+            if key in model.sd_sizes:
+                value = model.sd_sizes[key]
+                sizes[prefix + key] = tuple(value) if isinstance(value, (list, tuple)) else value
+    return sizes
 
 
 def sd_file(path, chunk=1 << 24):
@@ -287,6 +296,65 @@ def adapt_sd_unet(unet, train_unet, lora_rank):
     if train_unet == "lora":
         unet_module.add_lora(unet, lora_rank)
     return unet
+
+
+class TextEncoderContext(nn.Module):
+    """e_t [B, n, d] -> the pretrained UNet's context [B, 77 (+ n), width]: Eq. (13)'s condition for SD's UNet.
+
+    append (the default): the frozen text encoder's 77 hidden states of the caption's prompt (computed once
+    per caption), then e_t's n tokens. splice (the authors' textual inversion, as AnomalyDiffusion): the n
+    placeholders * of the prompt are replaced by e_t's tokens at the encoder's input, and its 77 hidden
+    states are the context; DDF makes e_t depend on t, so the encoder then runs at every step. Which one
+    drew the caption's colour and defect type more often: docs/stable-diffusion.md.
+    """
+
+    def __init__(self, text_encoder, config):
+        super().__init__()
+        self.text_encoder = text_encoder.eval().requires_grad_(False)
+        self.mode, self.prompt, self.use_text = config["sd_context"], config["sd_prompt"], config["use_text"]
+        width = text_encoder.token_embedding.weight.shape[1]
+        # e_t's tokens -> the text encoder's width (768 = d for SD-1.5 with CLIP ViT-L/14: no layer then)
+        self.to_text = nn.Linear(config["context_dim"], width) if width != config["context_dim"] else nn.Identity()
+        # spliced at the encoder's input, e_t's tokens take the size of its word embeddings; at e_t's own
+        # unit scale they would drown the prompt's words in the residual stream
+        self.token_scale = text_encoder.token_embedding.weight.float().std().item()
+        self._prompt_cache, self._hidden_cache = {}, {}
+
+    def forward(self, e_t, captions=None, drop=None):
+        """captions: the conditions' captions (none: ""); a dropped condition (drop, bool [B]) has ""."""
+        captions = list(captions) if captions is not None and self.use_text else [""] * len(e_t)
+        if drop is not None:
+            captions = ["" if dropped else c for c, dropped in zip(captions, drop.tolist())]
+        vectors = self.to_text(e_t)  # [B, n, width]
+        if self.mode == "splice":
+            tokens = self.prompt_tokens(captions, e_t.shape[1]).to(e_t.device)
+            return self.text_encoder.encode_text_tokens(tokens, replace=(clip.PLACEHOLDER_ID, vectors * self.token_scale))
+        hidden = self.prompt_hidden_states(captions)
+        return torch.cat([hidden.to(vectors.dtype), vectors], dim=1)
+
+    def prompt_tokens(self, captions, n):
+        """sd_prompt with {caption} filled in and its * made n placeholders -> [B, 77] token ids (SD's end-token
+        padding). A long caption is cut; the placeholders never are."""
+        rows = []
+        for caption in captions:
+            if (caption, n) not in self._prompt_cache:
+                before, after = self.prompt.replace("{caption}", caption.replace("*", " ")).split("*")
+                tail = clip.bpe_tokens(after)[:75 - n]
+                head = clip.bpe_tokens(before)[:75 - n - len(tail)]
+                ids = [clip.START_ID] + head + [clip.PLACEHOLDER_ID] * n + tail + [clip.END_ID]
+                self._prompt_cache[caption, n] = torch.tensor(ids + [clip.END_ID] * (77 - len(ids)))
+            rows.append(self._prompt_cache[caption, n])
+        return torch.stack(rows)
+
+    @torch.no_grad()
+    def prompt_hidden_states(self, captions):
+        """The frozen encoder's 77 hidden states of the prompt without its * (append), cached per caption."""
+        missing = sorted({c for c in captions if c not in self._hidden_cache})
+        if missing:
+            tokens = self.prompt_tokens(missing, 0).to(self.text_encoder.token_embedding.weight.device)
+            for caption, hidden in zip(missing, self.text_encoder.encode_text_tokens(tokens)):
+                self._hidden_cache[caption] = hidden
+        return torch.stack([self._hidden_cache[c] for c in captions])
 
 
 if __name__ == "__main__":  # python sd.py --sd FILE: load a Stable Diffusion 1.x file, print the sizes found

@@ -31,7 +31,8 @@ TOY_DEFECTS = {"bottle": ("broken_large", "broken_small", "contamination"),
                "cable": ("cable_swap", "cut_inner_insulation", "missing_cable"),
                "pill": ("color", "crack")}
 TOY_COUNTS = dict(train=200, test_good=20, per_defect=24)  # 24 -> 8 few-shot anomalies per defect type
-# pill: fewer anomalies, 18 -> 6 few-shot ones per type, two of each spot colour: the hard case of issue #13
+# pill: fewer anomalies, 18 -> 6 few-shot ones per type, two of each spot colour: the hard case for adapting a
+# pretrained backbone (train.py --sd), a category it never saw with only two examples of each colour
 PER_DEFECT = {"pill": 18}
 CABLE_WIRES = ("green", "blue", "gray")                       # top left, top right, bottom, as in MVTec cable
 CONTAMINANTS = ("red", "green", "blue", "yellow", "purple")

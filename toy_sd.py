@@ -9,7 +9,7 @@ their captions ("a photo of a normal bottle", "A large red contamination lies in
 
     python toy_sd.py --out runs/toy_sd.safetensors        # then: python sd.py --sd runs/toy_sd.safetensors
 
-  1. data     toy.make_toy for seeds 1..--seeds (seed 0 is the toy set train.py uses: never seen here),
+  1. data     toy.ensure_toy for seeds 1..--seeds (seed 0 is the toy set train.py uses: never seen here),
               read at --size px; cached in data/toy_sd/
   2. VAE      vae.py at the toy preset's size, L1 + KL as LDM (vae.vae_loss), on the images of every toy
               category (no captions) and half its batches made generic (random disks on random backgrounds):
@@ -17,19 +17,20 @@ their captions ("a photo of a normal bottle", "A large red contamination lies in
               latents have SD's std 1 / 0.18215: load_sd sets scale_factor = 0.18215 for every SD file
   3. LDM      unet.py in SD-1.x's layout at toy widths (8 heads, as load_sd assumes) and a small CLIP text
               tower (clip.py, text only), ε-prediction on the scaled latents with SD's scaled_linear
-              schedule (axf.DDPM), 10% of captions dropped to "" (classifier-free guidance), EMA weights
-  4. file     the EMA weights written by sd.save_sd as an SD-1.x single file (original key layout)
+              schedule (ddpm.DDPM), 10% of captions dropped to "" (classifier-free guidance), EMA weights
+  4. file     the EMA weights (train.EMA over both) written by sd.save_sd as an SD-1.x single file (original
+              key layout), checked by reading it back with sd.load_sd
 
 The text tower is trained together with the UNet, as LDM trained its BERT text encoder: SD's is a frozen
 CLIP that was pretrained contrastively on 400M pairs, and a random tiny tower has learned nothing to freeze.
 The UNet and the text tower see one category only, so that train.py --sd can learn AnomalyXFusion on a
-category they have never seen (cable, with --category bottle). Resumable: re-running the same command continues from
-<out>.train.pt (written atomically). Writes <out>.png: samples for a few captions, two per caption.
-Depends on axf.py (DDPM, save_sd, load_sd), clip.py, unet.py, vae.py and data.py (the toy world).
+category they have never seen (cable, with --category bottle). Resumable: re-running the same command
+continues from <out>.train.pt (written atomically). Writes <out>.png: samples for a few captions, two per caption.
+Depends on ddpm.py (DDPM, guided_eps: the schedule and the DDIM sampler), train.py (EMA), cli.py (save_atomic),
+sd.py (save_sd, load_sd, SD's constants), clip.py, unet.py, vae.py, and toy.py and data.py (the toy world).
 """
 import argparse
 import math
-import os
 import time
 from pathlib import Path
 
@@ -37,11 +38,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import axf
-import sd
+import cli
 import clip
 import data
+import sd
 import toy
+from ddpm import DDPM, guided_eps
+from train import EMA
 from unet import UNet
 from vae import VAE, vae_loss
 
@@ -64,7 +67,7 @@ def preview_captions(category):
             "One gray cable is missing, replaced by a black hole"]
 
 
-def build_models(args):
+def build_networks(args):
     """VAE, UNet and text tower with SD-1.x's key structure at toy widths (load_sd reads every size back)."""
     vae = VAE(**VAE_SIZES)
     text = clip.CLIP(None, None, 0, None, None, 77, 49408, args.text_width, args.text_width // 64, args.text_layers)
@@ -92,7 +95,7 @@ def load_world(category, seeds, size):
             captions.append(caption)
             anomalous.append(bad)
     world = dict(images=torch.stack(images), captions=captions, anomalous=torch.tensor(anomalous))
-    save_atomic(world, cache)
+    cli.save_atomic(world, cache)
     return world
 
 
@@ -117,7 +120,8 @@ def disks(x, generator, n, colours):
 def generic_images(x, generator):
     """The VAE's stand-in for SD's generic training images (OpenImages): a quarter of the batch becomes random
     disks on a random background, another quarter gets one disk painted on. So the autoencoder carries colours,
-    backgrounds and shapes the category lacks (without it, the unseen cable decodes with ~7x the L1 error)."""
+    backgrounds and shapes the category lacks, and decodes a category it never saw far better (measured:
+    docs/stable-diffusion.md)."""
     palette = torch.cat([torch.tensor(list(toy.TOY_COLOURS.values()), dtype=torch.float32) / 127.5 - 1,
                          torch.rand(8, 3, generator=generator) * 2 - 1])  # the toy colours and any others
     for i in range(len(x)):
@@ -128,13 +132,6 @@ def generic_images(x, generator):
         elif u < 0.5:
             disks(x[i], generator, 1, palette)
     return x
-
-
-def save_atomic(obj, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(obj, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)  # a kill never leaves half a file
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,13 +167,11 @@ def sample(unet, text, vae, ddpm, captions, generator, steps=50, guidance=3.0, l
     """DDIM with classifier-free guidance: ε = ε(∅) + g (ε(caption) - ε(∅)). -> images [B, 3, S, S] in [0, 1]."""
     B = len(captions)
     context = text.encode_text_tokens(clip.tokenize(captions + [""], pad_id=SD_PAD))  # [B + 1, 77, width]
-    context = torch.cat([context[:B], context[B:].expand(B, -1, -1)])
+    context, null = context[:B], context[B:].expand(B, -1, -1)
     z = torch.randn(B, 4, latent_size, latent_size, generator=generator)
-    ts = ddpm.ddim_timesteps(steps).tolist()
-    for i, t in enumerate(ts):
-        t_now, t_prev = torch.full((B,), t), torch.full((B,), ts[i + 1] if i + 1 < len(ts) else -1)
-        eps_text, eps_null = unet(torch.cat([z, z]), torch.cat([t_now, t_now]), context).chunk(2)
-        z = ddpm.ddim_step(eps_null + guidance * (eps_text - eps_null), t_now, t_prev, z)
+    for t, t_prev in ddpm.sampling_timesteps("ddim", steps):
+        t, t_prev = torch.full((B,), t), torch.full((B,), t_prev)
+        z = ddpm.reverse_step(guided_eps(unet, z, t, context, null, guidance), t, t_prev, z)
     return ((vae.decode_latents(z) + 1) / 2).clamp(0, 1)
 
 
@@ -189,31 +184,23 @@ def named_colour(image):
     return toy.CONTAMINANTS[int(counts.argmax())] if counts.max() >= 4 else None
 
 
-def preview(unet, text, vae, ddpm, category, path, per_caption=2, seed=0):
+def preview(unet, text, vae, ddpm, category, path, latent_size, per_caption=2, seed=0):
     """Samples for preview_captions in a grid (caption | samples); returns how many contamination samples
     show the colour their caption names (most pixels near a contaminant colour)."""
     captions = preview_captions(category)
     images = sample(unet, text, vae, ddpm, [c for c in captions for _ in range(per_caption)],
-                    torch.Generator().manual_seed(seed)).split(per_caption)
+                    torch.Generator().manual_seed(seed), latent_size=latent_size).split(per_caption)
     data.save_grid([[c, *imgs] for c, imgs in zip(captions, images)], path, cell=96)
     checks = [(c.split()[2], img) for c, imgs in zip(captions, images) if "contamination" in c for img in imgs]
     return sum(named_colour(img) == colour for colour, img in checks), len(checks)
 
 
 # ----------------------------------------------------------------------------------------------
-# training: stage 2 (VAE) and stage 3 (UNet + text tower), one resumable loop each
+# the run: the command line, then stage 2 (VAE) and stage 3 (UNet + text tower), one resumable loop each,
+# then the file. A checkpoint holds one stage's state: an "ldm" one holds the finished, rescaled VAE too.
 
 
-def ema_update(ema, model, decay, step):
-    """ema <- d ema + (1 - d) model, with LDM's warm-up d = min(decay, (1 + step) / (10 + step)): without it the
-    random initial weights would still weigh 0.999 ** steps (45% after 800 steps) in the written model."""
-    decay = min(decay, (1 + step) / (10 + step))
-    with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters()):
-            e.lerp_(p, 1 - decay)
-
-
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default="runs/toy_sd.safetensors", help="the SD-1.x single file to write (.safetensors or .ckpt)")
     parser.add_argument("--category", default="bottle", choices=toy.TOY_CATEGORIES,
@@ -235,128 +222,158 @@ def main(argv=None):
     parser.add_argument("--ema_decay", type=float, default=0.999, help="EMA of the weights written to --out")
     parser.add_argument("--checkpoint_every", type=int, default=250, help="steps between resumable checkpoints")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 on a shared machine")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    ckpt_path, preview_path = Path(f"{out}.train.pt"), out.with_suffix(".png")
-    # what a checkpoint must agree on to be resumed; --steps may grow (a longer run continues a shorter one)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "threads", "checkpoint_every", "steps")}
-    print("toy_sd:", settings)
-    torch.manual_seed(0)
-    vae, unet, text = build_models(args)
-    ddpm = axf.DDPM(1000, "scaled_linear", 0.00085, 0.012)  # SD's schedule
-    state = torch.load(ckpt_path, weights_only=True) if ckpt_path.is_file() else None
-    if state is not None:
-        if state["settings"] != settings:
-            raise SystemExit(f"error: {ckpt_path} was trained with {state['settings']}; rerun with those flags or delete it")
-        print(f"resuming from {ckpt_path} at {state['stage']} step {state['step']}")
-    world = load_world(args.category, args.seeds, args.size)
-    print(f"{len(world['captions'])} images, {int(world['anomalous'].sum())} anomalous, {len(set(world['captions']))} captions")
-    generator = torch.Generator().manual_seed(1)
-    timing = {}
+    return parser.parse_args(argv)
 
-    # stage 2: the autoencoder
-    vae_opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+
+def run_settings(args):
+    """What a checkpoint must agree on to be resumed; --steps may grow (a longer run continues a shorter one)."""
+    return {k: v for k, v in vars(args).items() if k not in ("out", "threads", "checkpoint_every", "steps")}
+
+
+def load_checkpoint(path, settings):
+    """<out>.train.pt, or None when there is none; refused when it was trained with other settings."""
+    if not path.is_file():
+        return None
+    state = torch.load(path, weights_only=True)
+    if state["settings"] != settings:
+        raise SystemExit(f"error: {path} was trained with {state['settings']}; rerun with those flags or delete it")
+    print(f"resuming from {path} at {state['stage']} step {state['step']}")
+    return state
+
+
+def save_checkpoint(path, settings, stage, step, generator, **parts):
+    """Everything a resume needs: the state_dict of every part, the step and the batch generator's state."""
+    cli.save_atomic(dict(settings=settings, stage=stage, step=step, rng=generator.get_state(),
+                         **{name: part.state_dict() for name, part in parts.items()}), path)
+
+
+def train_vae(vae, world, args, state, generator, ckpt_path, settings):
+    """Stage 2: the autoencoder, then its latents rescaled to SD's std. Returns it frozen, in eval mode."""
+    if state is not None and state["stage"] == "ldm":  # finished and rescaled in an earlier run
+        vae.load_state_dict(state["vae"])
+        return vae.eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
     step = 0
     if state is not None:
-        vae.load_state_dict(state["vae"])
-    if state is None or state["stage"] == "vae":  # an "ldm" checkpoint holds the finished, rescaled VAE
-        if state is not None:
-            vae_opt.load_state_dict(state["optimizer"]), generator.set_state(state["rng"])
-            step = state["step"]
-        # the first stage is a generic image codec (SD's saw OpenImages): it may see every toy category, unlabelled
-        vae_images = torch.cat([load_world(c, args.seeds, args.size)["images"] for c in args.vae_categories.split(",")])
-        vae.train()
-        bar, start, first_step = tqdm(total=args.vae_steps, initial=step, desc="2/4 VAE"), time.time(), step
-        while step < args.vae_steps:
-            x = generic_images(to_unit(vae_images[torch.randint(len(vae_images), (args.vae_batch_size,), generator=generator)]), generator)
-            loss, logs = vae_loss(vae, x)
-            vae_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            vae_opt.step()
-            step += 1
-            bar.update(1)
-            bar.set_postfix(l1=f"{logs['rec']:.4f}")
-            if step % args.checkpoint_every == 0 or step == args.vae_steps:
-                save_atomic(dict(settings=settings, stage="vae", step=step, vae=vae.state_dict(),
-                                 optimizer=vae_opt.state_dict(), rng=generator.get_state()), ckpt_path)
-        bar.close()
-        if step > first_step:
-            timing["vae"] = (time.time() - start) / (step - first_step)
-            print(f"VAE: L1 {logs['rec']:.4f} at the last step")
-        vae.eval()
-        with torch.no_grad():
-            print(f"VAE: latents rescaled by {match_sd_scale(vae, to_unit(world['images'])):.3f} "
-                  f"to SD's std 1 / {sd.SD_SCALE_FACTOR}")
-    vae.eval().requires_grad_(False)
+        vae.load_state_dict(state["vae"]), optimizer.load_state_dict(state["optimizer"]), generator.set_state(state["rng"])
+        step = state["step"]
+    # the first stage is a generic image codec (SD's saw OpenImages): it may see every toy category, unlabelled
+    images = torch.cat([load_world(c, args.seeds, args.size)["images"] for c in args.vae_categories.split(",")])
+    vae.train()
+    bar, start, first_step = tqdm(total=args.vae_steps, initial=step, desc="2/4 VAE"), time.time(), step
+    while step < args.vae_steps:
+        x = generic_images(to_unit(images[torch.randint(len(images), (args.vae_batch_size,), generator=generator)]), generator)
+        loss, logs = vae_loss(vae, x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(l1=f"{logs['rec']:.4f}")
+        if step % args.checkpoint_every == 0 or step == args.vae_steps:
+            save_checkpoint(ckpt_path, settings, "vae", step, generator, vae=vae, optimizer=optimizer)
+    bar.close()
+    if step > first_step:
+        print(f"VAE: L1 {logs['rec']:.4f} at the last step, {(time.time() - start) / (step - first_step):.3f} s a step")
+    vae.eval()
+    print(f"VAE: latents rescaled by {match_sd_scale(vae, to_unit(world['images'])):.3f} to SD's std 1 / {sd.SD_SCALE_FACTOR}")
+    return vae.requires_grad_(False)
 
-    # the latents, cached as the posterior's scaled mean and std: a batch draws fresh samples
-    with torch.no_grad():
-        posteriors = [vae.encode(x) for x in to_unit(world["images"]).split(64)]
-    mean = torch.cat([p.mean for p in posteriors]) * sd.SD_SCALE_FACTOR  # [N, 4, size / 4, size / 4]
+
+@torch.no_grad()
+def encode_world(vae, world):
+    """The latents as the posterior's scaled mean and std [N, 4, size / 4, size / 4], so that a batch draws
+    fresh samples, and the captions as tokens [N, 77]."""
+    posteriors = [vae.encode(x) for x in to_unit(world["images"]).split(64)]
+    mean = torch.cat([p.mean for p in posteriors]) * sd.SD_SCALE_FACTOR
     std = torch.cat([p.std for p in posteriors]) * sd.SD_SCALE_FACTOR
     print(f"scaled latents: std {(mean + std * torch.randn_like(std)).std().item():.3f} (SD's convention: about 1)")
-    tokens = clip.tokenize(world["captions"], pad_id=SD_PAD)  # [N, 77]
-    null = clip.tokenize([""], pad_id=SD_PAD)[0]
+    return mean, std, clip.tokenize(world["captions"], pad_id=SD_PAD)
 
-    # stage 3: UNet and text tower together, ε-prediction (Eq. 17 without the mask weights)
-    ema_unet, ema_text = build_models(args)[1:]
-    ema_unet.load_state_dict(unet.state_dict()), ema_text.load_state_dict(text.state_dict())
-    params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr)
+
+def train_ldm(networks, vae, ddpm, world, args, state, generator, ckpt_path, settings):
+    """Stage 3: UNet and text tower (networks = [unet, text]) together, ε-prediction (Eq. (17) without the mask
+    weights), with classifier-free guidance's caption dropout. Returns the EMA of both."""
+    unet, text = networks
+    mean, std, tokens = encode_world(vae, world)
+    null = clip.tokenize([""], pad_id=SD_PAD)[0]
+    ema = EMA(networks, args.ema_decay)
+    optimizer = torch.optim.AdamW(networks.parameters(), lr=args.lr)
     step = 0
     if state is not None and state["stage"] == "ldm":
-        for module, key in ((unet, "unet"), (text, "text"), (ema_unet, "ema_unet"), (ema_text, "ema_text"), (opt, "optimizer")):
-            module.load_state_dict(state[key])
-        generator.set_state(state["rng"])
+        networks.load_state_dict(state["networks"]), ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"]), generator.set_state(state["rng"])
         step = state["step"]
-    unet.train(), text.train()
+    networks.train()
     losses, start, first_step = [], time.time(), step
     bar = tqdm(total=args.steps, initial=step, desc="3/4 UNet + text")
     while step < args.steps:
         idx = pick(world, args.batch_size, generator)
         z0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=generator)
         tok = tokens[idx].clone()
-        tok[torch.rand(len(idx), generator=generator) < args.caption_dropout] = null  # 10%: the unconditional model
+        tok[torch.rand(len(idx), generator=generator) < args.caption_dropout] = null  # the unconditional model
         t = torch.randint(0, ddpm.num_steps, (len(idx),), generator=generator)
         noise = torch.randn(z0.shape, generator=generator)
         loss = F.mse_loss(unet(ddpm.q_sample(z0, t, noise), t, text.encode_text_tokens(tok)), noise)
-        for group in opt.param_groups:
+        for group in optimizer.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / 100)  # 100 warm-up steps
-        opt.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema_update(ema_unet, unet, args.ema_decay, step)
-        ema_update(ema_text, text, args.ema_decay, step)
+        torch.nn.utils.clip_grad_norm_(networks.parameters(), 1.0)
+        optimizer.step()
+        ema.update(networks, step)
         step += 1
         losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
         if step % args.checkpoint_every == 0 or step == args.steps:
-            save_atomic(dict(settings=settings, stage="ldm", step=step, vae=vae.state_dict(), unet=unet.state_dict(),
-                             text=text.state_dict(), ema_unet=ema_unet.state_dict(), ema_text=ema_text.state_dict(),
-                             optimizer=opt.state_dict(), rng=generator.get_state()), ckpt_path)
+            save_checkpoint(ckpt_path, settings, "ldm", step, generator, vae=vae, networks=networks, ema=ema,
+                            optimizer=optimizer)
     bar.close()
     if losses:
-        timing["ldm"] = (time.time() - start) / (step - first_step)
         n = min(100, len(losses) // 2) or 1
-        print(f"loss: first {n} steps {sum(losses[:n]) / n:.4f}, last {n} {sum(losses[-n:]) / n:.4f}")
-    for name, seconds in timing.items():
-        print(f"{name}: {seconds:.3f} s a step")
+        print(f"loss: first {n} steps {sum(losses[:n]) / n:.4f}, last {n} {sum(losses[-n:]) / n:.4f}; "
+              f"{(time.time() - start) / (step - first_step):.3f} s a step")
+    else:
+        print(f"UNet + text tower: already trained for {step} steps")
+    return ema
 
-    # 4. the SD-1.x file (EMA weights, like SD's emaonly files), checked by loading it back
-    ema_unet.eval(), ema_text.eval()
-    sd.save_sd(out, vae, ema_unet, ema_text)
+
+def write_file(out, vae, networks, ema, ddpm, args):
+    """4. The SD-1.x file with the EMA weights (like SD's emaonly files), checked by loading it back, and the
+    preview <out>.png drawn by the file's model. Leaves the averages swapped into networks."""
+    ema.swap(networks)
+    unet, text = networks.eval()
+    sd.save_sd(out, vae, unet, text)
     vae2, unet2, text2 = sd.load_sd(out)
     with torch.no_grad():
-        x, tt = torch.randn(2, 4, args.size // 4, args.size // 4), torch.tensor([10, 900])
-        c = text2.encode_text_tokens(clip.tokenize(["a photo of a normal bottle"] * 2, pad_id=SD_PAD))
-        assert torch.equal(unet2(x, tt, c), ema_unet(x, tt, c)), "the written file does not load back equal"
-    right, total = preview(unet2, text2, vae2, ddpm, args.category, preview_path)
+        x, t = torch.randn(2, 4, args.size // 4, args.size // 4), torch.tensor([10, 900])
+        c = text2.encode_text_tokens(clip.tokenize([normal_caption(args.category)] * 2, pad_id=SD_PAD))
+        assert torch.equal(unet2(x, t, c), unet(x, t, c)), "the written file does not load back equal"
+    preview_path = out.with_suffix(".png")
+    right, total = preview(unet2, text2, vae2, ddpm, args.category, preview_path, latent_size=args.size // 4)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) and {preview_path}: "
           f"{right}/{total} contamination samples show their caption's colour")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out, settings = Path(args.out), run_settings(args)
+    ckpt_path = Path(f"{out}.train.pt")
+    print("toy_sd:", settings)
+    torch.manual_seed(0)
+    vae, unet, text = build_networks(args)
+    networks = torch.nn.ModuleList([unet, text])  # one optimiser and one EMA over both
+    ddpm = DDPM(1000, "scaled_linear", 0.00085, 0.012)  # SD's schedule
+    state = load_checkpoint(ckpt_path, settings)
+    world = load_world(args.category, args.seeds, args.size)
+    print(f"{len(world['captions'])} images, {int(world['anomalous'].sum())} anomalous, {len(set(world['captions']))} captions")
+    generator = torch.Generator().manual_seed(1)  # every batch: a checkpoint holds its state
+    vae = train_vae(vae, world, args, state, generator, ckpt_path, settings)
+    ema = train_ldm(networks, vae, ddpm, world, args, state, generator, ckpt_path, settings)
+    write_file(out, vae, networks, ema, ddpm, args)
 
 
 if __name__ == "__main__":

@@ -2,64 +2,93 @@
 
     python train.py --category bottle --toy                 # the built-in toy world, on a CPU
     python train.py --category bottle --data_root DIR       # MVTec AD + MVTec Caption, one GPU
-
     python train.py --category bottle --data_root DIR --sd v1-5-pruned-emaonly.safetensors --clip ViT-L-14.pt
 
-Stages, in order, each a checkpoint in --out_dir (default runs/<category>):
+Stages, in order, each a checkpoint in --out_dir (default runs/<category>), each one explicit loop:
   1. vae.pt       the KL autoencoder on normal and few-shot anomalous images (vae.py), defect pixels
                   weighted up and random-colour blobs painted on normal images so that it can draw
                   any defect; its latent scale factor is measured at the end (unit-std latents)
-  2. mask_ae.pt   the mask encoder pre-trained as a mask autoencoder (mask_encoder.py, Eq. 2)
+  2. mask_ae.pt   the mask encoder pre-trained as a mask autoencoder (mask_encoder.py, Eq. (2))
   3. axf.pt       AnomalyXFusion: MIF + DDF + UNet with the loss of Eq. (17) (axf.py)
 
-With --sd FILE (a Stable Diffusion 1.x single file; preset sd: 256 px) the file supplies the VAE
-(stage 1 is skipped; SD's latent scale), the UNet (frozen, LoRA or fully trained: --train_unet)
-and the text encoder (frozen): e_t's tokens follow its 77 hidden states of --sd_prompt
-(--sd_context splice: e_t replaces the prompt's * inside it, as the authors' code does).
---clip FILE (OpenAI CLIP) still gives Eq. (1)'s caption feature and Eq. (3)'s image feature;
-without it a small random CLIP does (the toy world's default). axf.pt then holds only what
-trained and the SD file's size and sha256: it refuses any other file.
+With --sd FILE (a Stable Diffusion 1.x file; sd.py) the file supplies the VAE (stage 1 is skipped), the
+UNet (frozen, LoRA or fully trained: --train_unet) and the frozen text encoder through which e_t reaches
+it; --clip FILE still gives Eq. (1)'s caption feature and Eq. (3)'s image feature. axf.pt then holds only
+what trained and the SD file's size and sha256: it refuses any other file.
 
-Re-running the same command resumes: a finished stage is skipped, an unfinished one continues
-from its last checkpoint (model, optimiser, EMA, step, RNG), and reaches the weights an
-uninterrupted run would. A resume may change budgets (more --steps) but not the architecture
-(axf.ARCHITECTURE_KEYS): use a new --out_dir for that. Checkpoints are written atomically.
-Only the few-shot third of each defect type's anomalies is ever read for training (data.py).
+Re-running the same command resumes: a finished stage is skipped, an unfinished one continues from its
+last checkpoint (model, optimiser, EMA, step, RNG) and reaches the weights an uninterrupted run would. A
+resume may change budgets (more --steps) but not the networks (config.py's fixed keys). Checkpoints are
+written atomically. Only the few-shot third of each defect type's anomalies is ever read (data.py).
 """
 import argparse
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
 
 import axf
 import cli
+import config as settings
 import data
+import sd
 from vae import vae_loss
+
+# The recipe's constants: no user and no row of the paper needs to change them
+KL_WEIGHT = 1e-6         # LDM kl-f8's: the latent stays close to a plain autoencoder's
+MASK_LR = 1e-3           # stage 2: a small conv autoencoder on binary masks
+ANOMALY_FRACTION = 0.75  # of each stage-3 batch: the few-shot anomalies are what the model must learn
+GRAD_CLIP = 1.0
 
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints, RNG and the EMA
 
 
-def save_atomic(obj, path):
-    """torch.save to a temp file, then rename: a kill mid-write never leaves a broken checkpoint."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
 def rng_state():
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def set_rng_state(state):
-    torch.set_rng_state(state["cpu"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def save_checkpoint(path, step, config, model, optimizer, ema=None, generator=None, **extra):
+    """Everything a resume needs, written atomically: the trained weights, optimiser, EMA, step, config, RNGs."""
+    cli.save_atomic({"model": axf.model_state_dict(model), "optimizer": optimizer.state_dict(),
+                     "ema": ema.state_dict() if ema else None, "step": step, "config": config,
+                     "rng": generator.get_state() if generator is not None else None, "torch_rng": rng_state(),
+                     **extra}, path)
+
+
+def load_stage(path, total, config):
+    """The stage's last checkpoint, if any; says in one line whether it resumes or is complete. One of other
+    networks is refused: loading it would drop or mismatch weights."""
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: a full UNet is not read twice
+    changed = settings.architecture_changes(state["config"], config)
+    if changed:
+        raise ValueError(f"{path} was trained with another architecture ({'; '.join(changed)}); "
+                         f"resume with the same settings or pass a new --out_dir")
+    print(f"resuming from {path} at step {state['step']}" if state["step"] < total
+          else f"{path}: complete at step {state['step']}")
+    return state
+
+
+def restore(state, total, model, optimizer, ema=None, generator=None, where="checkpoint"):
+    """Put a checkpoint (or None: a new stage) back and return its step: the weights, and for an unfinished
+    stage the optimiser and EMA (on the device of the weights they belong to) and both RNGs."""
+    if state is None:
+        return 0
+    axf.load_weights(model, state["model"], where)
+    if state["step"] < total:
+        optimizer.load_state_dict(state["optimizer"])  # it casts its state to its parameters' device
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        if generator is not None:
+            generator.set_state(state["rng"])
+        torch.set_rng_state(state["torch_rng"]["cpu"])
+        if state["torch_rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["torch_rng"]["cuda"])
+    return state["step"]
 
 
 class EMA:
@@ -71,7 +100,7 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model, step):
-        # warm-up: early on the average would mostly remember the random initialisation
+        # warm-up (LDM's): early on the average would mostly remember the random initialisation
         decay = min(self.decay, (1 + step) / (10 + step))
         params = dict(model.named_parameters())
         # shadow += (1 - decay) * (weight - shadow) for every tensor at once: one call, not a Python loop
@@ -95,84 +124,9 @@ class EMA:
         self.shadow = {n: v.to(self.shadow[n].device, self.shadow[n].dtype) for n, v in shadow.items()}
 
 
-# ----------------------------------------------------------------------------------------------
-# The loop every stage shares: resume, step, show the loss, checkpoint
-
-
-def refuse_sd_switch(out_dir, config):
-    """Before stage 1: a run made with --sd is not continued without it, nor one made without it with it
-    (its stage 1 would be trained, or skipped, before stage 2's checkpoint said so)."""
-    path = out_dir / "mask_ae.pt"  # every run has one
-    if path.exists():
-        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["config"].get("sd", "")
-        if bool(saved) != bool(config["sd"]):
-            raise ValueError(f"{path} was trained {'with --sd ' + saved if saved else 'without --sd'}; "
-                             f"resume it the same way or pass a new --out_dir")
-
-
-def load_stage(path, total, config):
-    """The stage's last checkpoint, if any; says in one line whether it resumes or is complete.
-
-    A checkpoint of another architecture is refused: loading it would drop or mismatch weights.
-    """
-    if not path.exists():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # mmap: a full UNet is not read twice
-    changed = axf.architecture_changes(state["config"], config)
-    if changed:
-        raise ValueError(f"{path} was trained with another architecture ({'; '.join(changed)}); "
-                         f"resume with the same settings or pass a new --out_dir")
-    print(f"resuming from {path} at step {state['step']}" if state["step"] < total
-          else f"{path}: complete at step {state['step']}")
-    return state
-
-
-def restore(state, parts, generator, device, path):
-    """Put a checkpoint back: weights, optimiser and EMA state on `device`, and both RNGs."""
-    for name, part in parts.items():
-        if name == "model":
-            axf.load_weights(part, state["model"], path)
-        else:  # the optimiser casts its state to its parameters' device; the EMA moves to its own
-            part.load_state_dict(state[name])
-    if generator is not None:
-        generator.set_state(state["rng"])
-    set_rng_state(state["torch_rng"])
-
-
-def run_stage(desc, path, total, state, config, device, parts, step, generator=None, extra=None,
-              after_step=None, before_save=None):
-    """Train parts["model"] for `total` steps of step(i) -> logs, resuming from `state`.
-
-    parts: the objects a checkpoint holds ("model", "optimizer", and "ema" in stage 3); extra:
-    more entries for the checkpoint; after_step(i) runs after each step (previews); before_save()
-    once at the end, before the last checkpoint.
-    """
-    def save(i):
-        save_atomic({**{name: axf.model_state_dict(p) if name == "model" else p.state_dict()
-                        for name, p in parts.items()}, "step": i, "config": config, **(extra or {}),
-                     "rng": generator.get_state() if generator is not None else None,
-                     "torch_rng": rng_state()}, path)
-
-    i = 0
-    if state:
-        restore(state, parts if state["step"] < total else {"model": parts["model"]}, generator, device, path)
-        i = state["step"]
-        if i >= total:
-            return
-    bar = cli.progress(total, desc, initial=i)
-    while i < total:
-        logs = step(i)
-        i += 1
-        bar.update(1)
-        bar.set_postfix(logs, refresh=False)  # the bar prints on its own clock (cli.progress)
-        if i % config["checkpoint_every"] == 0 and i < total:
-            save(i)
-        if after_step is not None:
-            after_step(i)
-    bar.close()
-    if before_save is not None:
-        before_save()
-    save(i)
+def log_step(bar, **logs):
+    bar.update(1)
+    bar.set_postfix(logs, refresh=False)  # the bar prints on its own clock (cli.progress)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,12 +138,11 @@ def load_training_set(folder, config):
     category = data.load_category(folder)
     few_shot, _ = data.few_shot_split(category.anomalies)
     size = config["image_size"]
-    normals = torch.stack([data.read_image(p, size) for p in category.train_good])
     return {
         "category": category,
-        "normals": normals,  # [N, 3, S, S]
+        "normals": torch.stack([data.read_image(p, size) for p in category.train_good]),  # [N, 3, S, S]
         "images": torch.stack([data.read_image(a.image, size) for a in few_shot]),  # [M, 3, S, S]
-        "masks": torch.stack([cli.read_mask(a, size) for a in few_shot]),  # [M, 1, S, S]
+        "masks": torch.stack([data.read_mask(a, size) for a in few_shot]),  # [M, 1, S, S]
         "captions": [a.caption for a in few_shot],
         "defect_ids": axf.defect_ids([a.defect for a in few_shot], category.defects),
     }
@@ -205,8 +158,8 @@ def paint_colour_blobs(images, masks, probability):
 
     A defect can bring a colour the category never shows (a red stain in a green bottle). A VAE that
     has only seen the category's palette and a handful of stains decodes it into the nearest colour
-    it knows (the red stains of the toy bottle came back black). Blobs of every colour, anywhere,
-    teach it to carry any colour at any place, as a general-purpose autoencoder would.
+    it knows. Blobs of every colour, anywhere, teach it to carry any colour at any place, as a
+    general-purpose autoencoder would.
     """
     for i in range(len(images)):
         if torch.rand(()) < probability:
@@ -215,42 +168,43 @@ def paint_colour_blobs(images, masks, probability):
             masks[i] = blob
 
 
-def vae_step(vae, optimizer, train, config, device, i):
-    # half of each batch is anomalies: they are few, and a VAE that never learnt to encode a
-    # defect would decode every latent the diffusion model makes back into a normal object
+def vae_batch(train, config, device):
+    """Half normal images (half of those with a colour blob), half few-shot anomalies, randomly mirrored; and
+    each pixel's L1 weight: a defect is a few percent of an image's pixels, and weighted like the rest the
+    autoencoder would learn to draw the normal object over it (a cut wire decoded back to a whole one)."""
     half = config["vae_batch_size"] // 2
     anomaly_idx = torch.randint(len(train["images"]), (config["vae_batch_size"] - half,))
-    batch = torch.cat([train["normals"][torch.randint(len(train["normals"]), (half,))], train["images"][anomaly_idx]])
+    images = torch.cat([train["normals"][torch.randint(len(train["normals"]), (half,))], train["images"][anomaly_idx]])
     masks = torch.cat([torch.zeros(half, *train["masks"].shape[1:]), train["masks"][anomaly_idx]])
-    flip = torch.rand(len(batch), 1, 1, 1) < 0.5
-    batch, masks = torch.where(flip, batch.flip(3), batch).to(device), torch.where(flip, masks.flip(3), masks).to(device)
-    paint_colour_blobs(batch[:half], masks[:half], config["vae_colour_blobs"])
-    # a defect is a few percent of an image's pixels: weighted like the rest, the autoencoder
-    # would learn to draw the normal object over it (a cut wire decoded back to a whole one)
-    with cli.autocast(device, config["bf16"]):
-        loss, _ = vae_loss(vae, batch * 2 - 1, config["vae_kl_weight"], 1 + config["vae_defect_weight"] * masks)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return {"loss": f"{loss.item():.4f}"}
-
-
-@torch.no_grad()
-def measure_scale_factor(vae, images, device):
-    """The latent scale factor (LDM's 0.18215 was found the same way): scaled latents get unit std."""
-    vae.measure_scale_factor(torch.cat([vae.encode(b.to(device) * 2 - 1).mode() for b in images.split(64)]))
-    print(f"vae: latent scale factor {vae.scale_factor.item():.4f}")
+    flip = torch.rand(len(images), 1, 1, 1) < 0.5
+    images, masks = torch.where(flip, images.flip(3), images).to(device), torch.where(flip, masks.flip(3), masks).to(device)
+    paint_colour_blobs(images[:half], masks[:half], config["vae_colour_blobs"])
+    return images * 2 - 1, 1 + config["vae_defect_weight"] * masks
 
 
 def train_vae(train, config, out_dir, device):
     path, total = out_dir / "vae.pt", config["vae_steps"]
-    state = load_stage(path, total, config)
     vae = axf.build_vae(config).to(device)
     optimizer = cli.adamw(vae.parameters(), lr=config["vae_lr"])
-    images = torch.cat([train["normals"], train["images"]])
-    run_stage("1/3 vae", path, total, state, config, device, dict(model=vae, optimizer=optimizer),
-              partial(vae_step, vae, optimizer, train, config, device),
-              before_save=partial(measure_scale_factor, vae, images, device))
+    step = restore(load_stage(path, total, config), total, vae, optimizer, where=path)
+    bar = cli.progress(total, "1/3 vae", initial=step)
+    while step < total:
+        images, weights = vae_batch(train, config, device)
+        with cli.autocast(device, config["bf16"]):
+            loss, _ = vae_loss(vae, images, KL_WEIGHT, weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        log_step(bar, loss=f"{loss.item():.4f}")
+        if step == total:  # LDM's 0.18215 was found the same way: scaled latents get unit std
+            with torch.no_grad():
+                all_images = torch.cat([train["normals"], train["images"]]).split(64)
+                vae.measure_scale_factor(torch.cat([vae.encode(x.to(device) * 2 - 1).mode() for x in all_images]))
+            print(f"vae: latent scale factor {vae.scale_factor.item():.4f}")
+        if step % config["checkpoint_every"] == 0 or step == total:
+            save_checkpoint(path, step, config, vae, optimizer)
+    bar.close()
     return vae
 
 
@@ -258,25 +212,26 @@ def train_vae(train, config, out_dir, device):
 # Stage 2: the mask encoder, pre-trained as a mask autoencoder
 
 
-def mask_step(autoencoder, optimizer, train, config, generator, device, i):
-    # jittered real masks and Perlin blobs (data.py)
-    masks = torch.stack([data.sample_mask(config["image_size"], generator, real_masks=train["masks"])
-                         for _ in range(config["vae_batch_size"])]).to(device)
-    loss, logs = autoencoder.loss(masks)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return {"bce": f"{logs['mask_bce']:.4f}", "iou": f"{logs['mask_iou']:.3f}"}
-
-
 def pretrain_mask_encoder(train, config, out_dir, device):
     path, total = out_dir / "mask_ae.pt", config["mask_steps"]
-    state = load_stage(path, total, config)
     autoencoder = axf.build_mask_autoencoder(config).to(device)
-    optimizer = cli.adamw(autoencoder.parameters(), lr=config["mask_lr"])
+    optimizer = cli.adamw(autoencoder.parameters(), lr=MASK_LR)
     generator = torch.Generator().manual_seed(config["seed"] + 1)
-    run_stage("2/3 mask encoder", path, total, state, config, device, dict(model=autoencoder, optimizer=optimizer),
-              partial(mask_step, autoencoder, optimizer, train, config, generator, device), generator)
+    step = restore(load_stage(path, total, config), total, autoencoder, optimizer, generator=generator, where=path)
+    bar = cli.progress(total, "2/3 mask encoder", initial=step)
+    while step < total:
+        # jittered real masks and Perlin blobs (data.py)
+        masks = torch.stack([data.sample_mask(config["image_size"], generator, real_masks=train["masks"])
+                             for _ in range(config["vae_batch_size"])]).to(device)
+        loss, logs = autoencoder.loss(masks)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        log_step(bar, bce=f"{logs['mask_bce']:.4f}", iou=f"{logs['mask_iou']:.3f}")
+        if step % config["checkpoint_every"] == 0 or step == total:
+            save_checkpoint(path, step, config, autoencoder, optimizer, generator=generator)
+    bar.close()
     return autoencoder.encoder
 
 
@@ -284,90 +239,66 @@ def pretrain_mask_encoder(train, config, out_dir, device):
 # Stage 3: AnomalyXFusion
 
 
+def assemble_model(train, vae, mask_encoder, clip_model, config, device, backbone=None):
+    """AnomalyXFusion on the trained VAE and mask encoder (or an SD file's networks), with its texture tokens
+    (Eq. (3)) and caption mean set from the few-shot anomalies."""
+    networks = backbone or dict(vae=vae)
+    model = axf.AnomalyXFusion(config, clip_model, train["category"].defects, mask_encoder=mask_encoder,
+                               **networks).to(device)
+    if model.mif.use_mif:
+        model.mif.init_textures(train["defect_ids"].to(device), train["images"].to(device), train["masks"].to(device))
+    if model.mif.use_text and config["center_text"]:
+        model.mif.center_captions(train["captions"])
+    if model.mif.use_text:
+        model.mif.encode_captions(train["captions"])  # cached once: CLIP is not needed again for these
+    # Frozen CLIP has given its features: on the CPU it leaves its memory (ViT-L/14's is 1.7 GB) to training;
+    # a caption it has not seen (none in training) is then encoded on the CPU, in fp32
+    model.mif.clip.cpu().float()
+    return model
+
+
+@torch.no_grad()
+def encode_training_set(model, train, device):
+    """Every training image's latent, once (the VAE is frozen; SD's encoder costs more than a UNet step),
+    and for an inpainting UNet the latents of the few-shot anomalies with their masks grey."""
+    def encode(images, masks=None):
+        if masks is None:
+            return torch.cat([model.encode_images(x.to(device)) for x in images.split(32)]).cpu()
+        return torch.cat([model.encode_masked_images(x.to(device), m.to(device))
+                          for x, m in zip(images.split(32), masks.split(32))]).cpu()
+    latents = {"normals": encode(train["normals"]), "anomalies": encode(train["images"])}
+    if model.reads_masked_image:
+        latents["masked_anomalies"] = encode(train["images"], train["masks"])
+    return latents
+
+
 def make_batch(train, latents, config, generator):
-    """A batch of cached latents: `anomaly_fraction` few-shot anomalies, the rest normal images.
+    """A batch of cached latents: ANOMALY_FRACTION few-shot anomalies, the rest normal images.
     -> latents, masks, captions, defect ids, is_anomaly, and the masked images' latents (an inpainting
     UNet's input; a normal image's mask is empty: its masked latent is its latent) or None.
 
-    Image and mask are rolled together by whole latent cells, so the few anomalies are seen at
-    many positions without resampling anything.
+    Image and mask are rolled together by whole latent cells (up to an eighth of the latent's side), so
+    the few anomalies are seen at many positions without resampling anything.
     """
-    B = config["batch_size"]
-    num_anomalies = round(B * config["anomaly_fraction"])
+    B, S = config["batch_size"], config["image_size"]
+    num_anomalies = round(B * ANOMALY_FRACTION)
     anomaly_idx = torch.randint(len(train["captions"]), (num_anomalies,), generator=generator)
     normal_idx = torch.randint(len(train["normals"]), (B - num_anomalies,), generator=generator)
     z = torch.cat([latents["anomalies"][anomaly_idx], latents["normals"][normal_idx]])
     masked = None
     if "masked_anomalies" in latents:
         masked = torch.cat([latents["masked_anomalies"][anomaly_idx], latents["normals"][normal_idx]])
-    S = config["image_size"]
     masks = torch.cat([train["masks"][anomaly_idx], torch.zeros(B - num_anomalies, 1, S, S)])
     factor = axf.latent_factor(config)
-    shifts = torch.randint(-config["shift_cells"], config["shift_cells"] + 1, (B, 2), generator=generator)
-    z = torch.stack([zi.roll(tuple(s.tolist()), (1, 2)) for zi, s in zip(z, shifts)])
-    if masked is not None:
-        masked = torch.stack([mi.roll(tuple(s.tolist()), (1, 2)) for mi, s in zip(masked, shifts)])
-    masks = torch.stack([m.roll(tuple((s * factor).tolist()), (1, 2)) for m, s in zip(masks, shifts)])
+    most = S // factor // 8
+    shifts = torch.randint(-most, most + 1, (B, 2), generator=generator)
+    roll = lambda x, scale: torch.stack([xi.roll(tuple((s * scale).tolist()), (1, 2)) for xi, s in zip(x, shifts)])
+    z, masks = roll(z, 1), roll(masks, factor)
+    masked = roll(masked, 1) if masked is not None else None
     captions = [train["captions"][i] for i in anomaly_idx] + [""] * (B - num_anomalies)
     defect_ids = torch.cat([train["defect_ids"][anomaly_idx], torch.zeros(B - num_anomalies, dtype=torch.long)])
     is_anomaly = torch.arange(B) < num_anomalies
     return z, masks, captions, defect_ids, is_anomaly, masked
-
-
-def build_model(train, vae, mask_encoder, clip_model, config, device, backbone=None):
-    """AnomalyXFusion with the trained VAE (frozen) and mask encoder, texture tokens and caption mean set;
-    on an SD backbone (vae, unet, text encoder), with the file's networks."""
-    model = axf.AnomalyXFusion(config, clip_model, train["category"].defects, backbone).to(device)
-    if backbone is None:
-        model.vae.load_state_dict(vae.state_dict())
-    model.vae.requires_grad_(False)  # stage 1 (or SD) trained it; the diffusion runs in its latent space
-    if model.use_mif:
-        model.mask_encoder.load_state_dict(mask_encoder.state_dict())  # pre-trained, now fine-tuned
-        model.init_textures(train["defect_ids"].to(device), train["images"].to(device), train["masks"].to(device))
-    if model.use_text and config["center_text"]:
-        model.center_captions(train["captions"])
-    if model.use_text:
-        model.encode_captions(train["captions"])  # cached once: CLIP is not needed again for these
-    # Frozen CLIP has given its features: on the CPU it leaves its memory (1.7 GB for ViT-L/14) to training, e.g.
-    # SD-1.5's full fine-tuning; a caption it has not seen (none in training) is then encoded on the CPU
-    model.clip.cpu().float()  # (a CLIP file's fp16 weights: fp32 on the CPU, as clip.load gives them there)
-    return model
-
-
-def axf_step(model, optimizer, ema, train, latents, config, generator, device, losses, i):
-    z, masks, captions, defect_ids, is_anomaly, masked = make_batch(train, latents, config, generator)
-    for group in optimizer.param_groups:  # linear warm-up of the learning rate
-        group["lr"] = group["base_lr"] * min(1.0, (i + 1) / max(1, config["warmup_steps"]))
-    with cli.autocast(device, config["bf16"]):
-        loss = model.loss(z.to(device), masks.to(device), captions, defect_ids.to(device), is_anomaly.to(device),
-                          masked_latents=None if masked is None else masked.to(device))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config["grad_clip"])
-    optimizer.step()
-    ema.update(model, i)
-    losses.append(loss.item())
-    return {"loss": f"{sum(losses[-50:]) / len(losses[-50:]):.4f}"}
-
-
-@torch.no_grad()
-def preview(model, ema, train, config, out_dir, device, i):
-    """Every preview_every steps and at the end, a grid of normal | mask | generated (EMA) | caption."""
-    if i % config["preview_every"] and i != config["steps"]:
-        return
-    n = min(8, len(train["captions"]))
-    pick = torch.linspace(0, len(train["captions"]) - 1, n).long()
-    normals, masks = train["normals"][:n].to(device), train["masks"][pick].to(device)
-    captions = [train["captions"][j] for j in pick]
-    ema.swap(model)
-    with cli.autocast(device, config["bf16"]):
-        generated = model.sample(normals, masks, captions, train["defect_ids"][pick].to(device),
-                                 steps=config["sample_steps"], guidance_scale=config["guidance_scale"],
-                                 generator=torch.Generator(device).manual_seed(0))
-    ema.swap(model)
-    path = data.save_grid([list(row) for row in zip(normals, masks, generated.float(), captions)],
-                          out_dir / f"preview_{i:06d}.png")
-    print(f"preview: {path}")
 
 
 def parameter_groups(model, config):
@@ -383,17 +314,70 @@ def parameter_groups(model, config):
 
 
 @torch.no_grad()
-def encode_training_set(model, train, device):
-    """Every training image's latent, once (the VAE is frozen; SD's encoder costs more than a UNet step),
-    and for an inpainting UNet the latents of the few-shot anomalies with their masks grey."""
-    def encode(images, masks=None):
-        batches = zip(images.split(32), masks.split(32) if masks is not None else [None] * len(images))
-        return torch.cat([model.encode_images(x.to(device)) if m is None else model.encode_masked_images(x.to(device), m.to(device))
-                          for x, m in batches]).cpu()
-    latents = {"normals": encode(train["normals"]), "anomalies": encode(train["images"])}
-    if model.masked_image_input:
-        latents["masked_anomalies"] = encode(train["images"], train["masks"])
-    return latents
+def preview(model, ema, train, config, path, device):
+    """A grid of normal | mask | generated (EMA weights) | caption."""
+    n = min(8, len(train["captions"]))
+    pick = torch.linspace(0, len(train["captions"]) - 1, n).long()
+    normals, masks = train["normals"][:n].to(device), train["masks"][pick].to(device)
+    captions = [train["captions"][j] for j in pick]
+    ema.swap(model)
+    with cli.autocast(device, config["bf16"]):
+        generated = model.sample(normals, masks, captions, train["defect_ids"][pick].to(device),
+                                 steps=config["sample_steps"], guidance_scale=config["guidance_scale"],
+                                 generator=torch.Generator(device).manual_seed(0))
+    ema.swap(model)
+    print(f"preview: {data.save_grid([list(row) for row in zip(normals, masks, generated.float(), captions)], path)}")
+
+
+def axf_step(model, optimizer, ema, batch, config, step, device):
+    """One training step of stage 3 on a make_batch batch: warm-up, the loss of Eq. (17), AdamW, the EMA."""
+    z, masks, captions, defect_ids, is_anomaly, masked = batch
+    for group in optimizer.param_groups:  # linear warm-up of the learning rate
+        group["lr"] = group["base_lr"] * min(1.0, (step + 1) / max(1, config["warmup_steps"]))
+    with cli.autocast(device, config["bf16"]):
+        loss = model.loss(z.to(device), masks.to(device), captions, defect_ids.to(device), is_anomaly.to(device),
+                          masked_latents=None if masked is None else masked.to(device))  # Eq. (17)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], GRAD_CLIP)
+    optimizer.step()
+    ema.update(model, step)
+    return loss
+
+
+def train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, folder, backbone=None):
+    path, total = out_dir / "axf.pt", config["steps"]
+    state = load_stage(path, total, config)
+    if state and config["sd"]:  # the trained weights belong to one SD file
+        sd.check_sd_file(config["sd"], state["sd_file"])
+    if state and state["step"] >= total:
+        return
+    model = assemble_model(train, vae, mask_encoder, clip_model, config, device, backbone)
+    groups = parameter_groups(model, config)
+    print(f"trainable: {sum(p.numel() for p in groups[0]['params']):,} UNet and "
+          f"{sum(p.numel() for p in groups[1]['params']):,} conditioning parameters")
+    optimizer = cli.adamw(groups, lr=config["lr"], weight_decay=0.0)
+    ema = EMA(model, config["ema_decay"])
+    generator = torch.Generator().manual_seed(config["seed"] + 2)
+    step = restore(state, total, model, optimizer, ema, generator, where=path)
+    latents = encode_training_set(model, train, device)
+    extra = {"defects": train["category"].defects, "data_folder": str(folder),
+             "sd_file": sd.sd_file(config["sd"]) if config["sd"] else None,
+             "clip": clip_model.state_dict() if not config["clip"] else None}  # a random CLIP is saved
+    losses, started = [], time.time()
+    bar = cli.progress(total, "3/3 anomalyxfusion", initial=step)
+    while step < total:
+        loss = axf_step(model, optimizer, ema, make_batch(train, latents, config, generator), config, step, device)
+        step += 1
+        losses.append(loss.item())
+        log_step(bar, loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+        if step % config["checkpoint_every"] == 0 or step == total:
+            save_checkpoint(path, step, config, model, optimizer, ema, generator, **extra)
+        if step % config["preview_every"] == 0 or step == total:
+            preview(model, ema, train, config, out_dir / f"preview_{step:06d}.png", device)
+    bar.close()
+    print(f"anomalyxfusion: {total} steps, {time.time() - started:.0f} s this run, saved {path} "
+          f"({path.stat().st_size / 2 ** 20:.1f} MiB); peak memory {peak_memory(device)}")
 
 
 def peak_memory(device):
@@ -404,62 +388,57 @@ def peak_memory(device):
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB (process max resident set)"
 
 
-def train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, folder, backbone=None):
-    path, total = out_dir / "axf.pt", config["steps"]
-    state = load_stage(path, total, config)
-    sd_file = axf.sd_file(config["sd"]) if config["sd"] else None
-    if state and config["sd"]:  # the trained weights belong to one SD file
-        axf.check_sd_file(config["sd"], state["sd_file"])
-    if state and state["step"] >= total:
-        return
-    model = build_model(train, vae, mask_encoder, clip_model, config, device, backbone)
-    groups = parameter_groups(model, config)
-    print(f"trainable: {sum(p.numel() for p in groups[0]['params']):,} UNet and "
-          f"{sum(p.numel() for p in groups[1]['params']):,} conditioning parameters")
-    optimizer = cli.adamw(groups, lr=config["lr"], weight_decay=0.0)
-    ema = EMA(model, config["ema_decay"])
-    generator = torch.Generator().manual_seed(config["seed"] + 2)
-    latents = encode_training_set(model, train, device)
-    started = time.time()
-    run_stage("3/3 anomalyxfusion", path, total, state, config, device, dict(model=model, optimizer=optimizer, ema=ema),
-              partial(axf_step, model, optimizer, ema, train, latents, config, generator, device, []), generator,
-              extra={"defects": train["category"].defects, "data_folder": str(folder), "sd_file": sd_file,
-                     "clip": clip_model.state_dict() if not config["clip"] else None},
-              after_step=partial(preview, model, ema, train, config, out_dir, device))
-    print(f"anomalyxfusion: {total} steps, {time.time() - started:.0f} s this run, saved {path} "
-          f"({path.stat().st_size / 2 ** 20:.1f} MiB); peak memory {peak_memory(device)}")
-
-
 # ----------------------------------------------------------------------------------------------
+
+
+def set_file_sizes(config, sizes, source):
+    """The keys a weights file decides, whatever the preset says, set in the config with one line each."""
+    for key, value in sizes.items():
+        if config[key] != value:
+            print(f"{key} set to {value} by {source}")
+            config[key] = value
+
+
+def refuse_sd_switch(out_dir, config):
+    """Before stage 1: a run made with --sd is not continued without it, nor one made without it with it
+    (its stage 1 would be trained, or skipped, before stage 2's checkpoint said so)."""
+    path = out_dir / "mask_ae.pt"  # every run has one
+    if path.exists():
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"].get("sd", "")
+        if bool(saved) != bool(config["sd"]):
+            raise ValueError(f"{path} was trained {'with --sd ' + saved if saved else 'without --sd'}; "
+                             f"resume it the same way or pass a new --out_dir")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_data_args(parser)
-    parser.add_argument("--preset", choices=sorted(axf.PRESETS),
+    parser.add_argument("--preset", choices=sorted(settings.PRESETS),
                         help="size preset (default: toy with --toy, else sd with --sd, else mvtec)")
     parser.add_argument("--out_dir", help="where checkpoints and previews go (default: runs/<category>)")
     cli.add_config_args(parser)
     args = parser.parse_args(argv)
     folder = cli.category_folder(args)  # checks the whole dataset before anything is written
     overrides = cli.config_overrides(args)
-    config = axf.resolve_config(args.preset or ("toy" if args.toy else "sd" if overrides.get("sd") else "mvtec"), overrides)
+    config = settings.resolve(args.preset or ("toy" if args.toy else "sd" if overrides.get("sd") else "mvtec"), overrides)
     device = cli.pick_device(config["device"])
+    torch.manual_seed(config["seed"])  # before any network is built: a resumed run builds the same ones
     clip_model = axf.build_clip(config, device)  # a bad --clip file stops here, before any writing
+    set_file_sizes(config, {"context_dim": axf.clip_width(clip_model)}, config["clip"] or "the random CLIP")
     backbone = None
-    if config["sd"]:  # a bad --sd file too; its sizes replace the preset's in the config
-        backbone = axf.load_backbone(config, device)
-        print(f"{config['sd']}: VAE, UNet ({sum(p.numel() for p in backbone[1].parameters()):,} parameters, "
-              f"{backbone[1].conv_in.in_channels} input channels) and text encoder; --train_unet {config['train_unet']}")
+    if config["sd"]:  # a bad --sd file too
+        backbone = sd.load_backbone(config, device)
+        set_file_sizes(config, sd.file_sizes(backbone), config["sd"])
+        print(f"{config['sd']}: VAE, UNet ({sum(p.numel() for p in backbone['unet'].parameters()):,} parameters, "
+              f"{backbone['unet'].conv_in.in_channels} input channels) and text encoder; --train_unet {config['train_unet']}")
     out_dir = Path(args.out_dir or Path("runs") / args.category)
     print(f"config: {config}")
-    torch.manual_seed(config["seed"])
     train = load_training_set(folder, config)
     print(f"{args.category}: {len(train['normals'])} normal images, {len(train['captions'])} few-shot anomalies "
           f"of {len(train['category'].defects)} defect types; device {device}")
     out_dir.mkdir(parents=True, exist_ok=True)
     refuse_sd_switch(out_dir, config)
-    vae = backbone[0] if backbone else train_vae(train, config, out_dir, device)  # SD's VAE: no stage 1
+    vae = backbone["vae"] if backbone else train_vae(train, config, out_dir, device)  # SD's VAE: no stage 1
     mask_encoder = pretrain_mask_encoder(train, config, out_dir, device)
     train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, folder, backbone)
 

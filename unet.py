@@ -1,8 +1,8 @@
 """The latent UNet ε_θ(x_t, t, e_t) of latent diffusion: the network of the paper's reverse process (§4.3).
 
-It predicts the noise ε in a noisy latent x_t (the target of the loss, Eq. 17), given the timestep t and
+It predicts the noise ε in a noisy latent x_t (the target of the loss, Eq. (17)), given the timestep t and
 a context of tokens that it reads through cross-attention; in AnomalyXFusion that context is the DDF
-embedding e_t (Eq. 14, 15). The layout is LDM's (Rombach et al. 2022, CompVis/latent-diffusion
+embedding e_t (Eq. (14), (15)). The layout is LDM's (Rombach et al. 2022, CompVis/latent-diffusion
 `openaimodel.py`), cut down to the options this project uses:
 
     x [B, C, H, W] -> conv_in -> input blocks  (ResBlock [+ SpatialTransformer]) x n, Downsample, ...
@@ -60,8 +60,8 @@ def attention(q, k, v, num_heads):
     q, k, v = (x.view(B, -1, num_heads, C // num_heads).transpose(1, 2) for x in (q, k, v))  # [B, h, N, C/h]
     dtype = q.dtype
     if q.is_cpu and dtype == torch.bfloat16:
-        # under CPU bf16 autocast: the CPU's bf16 flash-attention backward is 7x slower than its fp32 one
-        # (measured on the toy UNet), and attention is a small share of the FLOPs, so it runs in fp32
+        # under CPU bf16 autocast: the CPU's bf16 flash-attention backward is much slower than its fp32 one
+        # (measured: docs/speed.md), and attention is a small share of the FLOPs, so it runs in fp32
         q, k, v = q.float(), k.float(), v.float()
     out = F.scaled_dot_product_attention(q, k, v).to(dtype)
     return out.transpose(1, 2).reshape(B, N, C)
@@ -148,7 +148,7 @@ class BasicTransformerBlock(nn.Module):
 
     def forward(self, x, context):
         x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)  # where the condition e_t enters the image (Eq. 15)
+        x = x + self.attn2(self.norm2(x), context)  # where the condition e_t enters the image (Eq. (15))
         return x + self.ff(self.norm3(x))
 
 
@@ -340,7 +340,7 @@ def to_sd(state_dict):
 
 
 # ----------------------------------------------------------------------------------------------
-# Adapting a pretrained UNet (issue #13): LoRA, a mask input channel, gradient checkpointing.
+# Adapting a pretrained UNet to AnomalyXFusion (train.py --sd): LoRA, a mask input channel, gradient checkpointing.
 
 def add_lora(unet, rank=4):
     """Give every attention layer (self- and cross-, in every transformer) rank-r adapters on to_q, to_k, to_v

@@ -1,6 +1,6 @@
 """The KL autoencoder of latent diffusion: images <-> latents (the "latent" of the paper's latent diffusion, §4).
 
-The diffusion process of §4.3 (Eq. 6-17) runs on the latents z = E(x), not on pixels: an image of
+The diffusion process of §4.3 (Eq. (6)-(17)) runs on the latents z = E(x), not on pixels: an image of
 H x W x 3 becomes a latent of H/f x W/f x 4 with f = 2 ** (len(channel_mult) - 1) (f = 8 for Stable
 Diffusion's kl-f8, f = 4 for the toy preset). The encoder outputs a diagonal Gaussian posterior q(z|x);
 a tiny KL term to N(0, I) keeps the latent space smooth without forcing it to be Gaussian.

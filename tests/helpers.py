@@ -21,9 +21,9 @@ def kill_after_two_steps_and_resume(args, out_dir, monkeypatch, capsys):
     monkeypatch.setattr(axf.AnomalyXFusion, "loss", dying_loss)
     with pytest.raises(KeyboardInterrupt):
         train.main(args)
-    assert torch.load(out_dir / "axf.pt", weights_only=False)["step"] == 2
+    assert torch.load(out_dir / "axf.pt", weights_only=True)["step"] == 2
     monkeypatch.setattr(axf.AnomalyXFusion, "loss", real_loss)
     capsys.readouterr()
     train.main(args)
     assert f"resuming from {out_dir / 'axf.pt'} at step 2" in capsys.readouterr().out
-    return torch.load(out_dir / "axf.pt", weights_only=False)
+    return torch.load(out_dir / "axf.pt", weights_only=True)

@@ -1,4 +1,4 @@
-"""Adapting a pretrained SD to AnomalyXFusion (issue #13): the textual-inversion splice into the frozen text
+"""Adapting a pretrained SD to AnomalyXFusion: the textual-inversion splice into the frozen text
 encoder (clip.py), LoRA adapters, a mask input channel and gradient checkpointing on the UNet (unet.py).
 Each adaptation must leave the pretrained model exactly as it was until it trains."""
 import pytest

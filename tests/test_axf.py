@@ -5,16 +5,18 @@ import torch
 import axf
 import cli
 import clip
+import config
+import data
 from mask_encoder import LocationTokens, MaskAutoencoder, MaskEncoder
 
 
 def tiny_config(**overrides):
-    config = axf.resolve_config("toy", dict(
+    resolved = config.resolve("toy", dict(
         image_size=16, vae_channels=32, vae_channel_mult=(1, 2), unet_channels=32, unet_channel_mult=(1, 2),
         unet_num_res_blocks=1, unet_attention_levels=(0, 1), unet_num_heads=2, num_tokens=3, context_dim=32,
-        mask_channels=8, mask_feature_channels=16, aggregator_heads=2, num_diffusion_steps=100))
-    config.update(overrides)
-    return config
+        mask_channels=8, mask_feature_channels=16, num_diffusion_steps=100))
+    resolved.update(overrides)
+    return resolved
 
 
 def tiny_clip(width):
@@ -48,9 +50,9 @@ def test_each_embedding_has_k_tokens_of_width_d(k, d):
     """Eq. (1)-(5): semantic, location and textural embeddings are [B, k, d]; the context is [B, 3k, d]."""
     model = tiny_model(num_tokens=k, context_dim=d)
     b = example_batch()
-    assert axf.unit_tokens(model.encode_captions(b["captions"]), k).shape == (2, k, d)
-    assert model.location(model.mask_encoder(b["masks"])).shape == (2, k, d)
-    assert model.texture_tokens[b["defect_ids"]].shape == (2, k, d)
+    assert axf.unit_tokens(model.mif.encode_captions(b["captions"]), k).shape == (2, k, d)
+    assert model.mif.location(model.mif.mask_encoder(b["masks"])).shape == (2, k, d)
+    assert model.mif.texture_tokens[b["defect_ids"]].shape == (2, k, d)
     t = torch.tensor([5, 50])
     assert model.condition(b["captions"], b["masks"], b["defect_ids"], t).shape == (2, 3 * k, d)
 
@@ -58,7 +60,7 @@ def test_each_embedding_has_k_tokens_of_width_d(k, d):
 def test_semantic_tokens_are_unit_direction_repeats():
     """Eq. (1): e_sem is the CLIP text feature, L2-normalised (then scaled by sqrt(d)), repeated k times."""
     model = tiny_model()
-    features = model.encode_captions(["a red crack"])
+    features = model.mif.encode_captions(["a red crack"])
     tokens = axf.unit_tokens(features, 3)
     expected = features[0] / features[0].norm() * 32**0.5
     assert torch.allclose(tokens[0], expected.expand(3, -1), atol=1e-5)
@@ -68,15 +70,15 @@ def test_centred_captions_have_zero_mean_and_each_caption_counts_once():
     """center_captions subtracts the mean CLIP feature of the distinct captions before Eq. (1)'s norm."""
     model = tiny_model()
     captions = ["a red crack", "a blue hole", "a green hole"]
-    assert not model.text_mean.any()  # untouched: Eq. (1) exactly
-    model.center_captions(captions + ["a red crack"] * 5)  # repeats do not tilt the mean
-    centred = model.encode_captions(captions) - model.text_mean
+    assert not model.mif.text_mean.any()  # untouched: Eq. (1) exactly
+    model.mif.center_captions(captions + ["a red crack"] * 5)  # repeats do not tilt the mean
+    centred = model.mif.encode_captions(captions) - model.mif.text_mean
     torch.testing.assert_close(centred.mean(0), torch.zeros(32), atol=1e-5, rtol=0)
     t, masks, ids = torch.tensor([5, 5, 5]), torch.zeros(3, 1, 16, 16), torch.tensor([1, 1, 1])
     context = model.condition(captions, masks, ids, t)
-    model.text_mean.zero_()
+    model.mif.text_mean.zero_()
     assert not torch.allclose(context, model.condition(captions, masks, ids, t))  # the centring reaches e_t
-    assert "text_mean" in axf.model_state_dict(model)  # saved with the checkpoint
+    assert "mif.text_mean" in axf.model_state_dict(model)  # saved with the checkpoint
 
 
 def test_aggregator_is_permutation_equivariant():
@@ -199,11 +201,11 @@ def test_gradients_reach_every_trainable_part_but_never_clip():
     loss = model.loss(latents, b["masks"], b["captions"], b["defect_ids"], torch.tensor([True, False]),
                       generator=torch.Generator().manual_seed(0))
     loss.backward()
-    for part in (model.mask_encoder, model.location, model.aggregator, model.ddf, model.unet):
+    for part in (model.mif.mask_encoder, model.mif.location, model.mif.aggregator, model.ddf, model.unet):
         grads = [p.grad for p in part.parameters()]
         assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
-    assert model.texture_tokens.grad[1:].abs().sum() > 0
-    assert all(p.grad is None for p in model.clip.parameters())
+    assert model.mif.texture_tokens.grad[1:].abs().sum() > 0
+    assert all(p.grad is None for p in model.mif.clip.parameters())
 
 
 @pytest.mark.parametrize("outside_weight", [0.0, 0.1])
@@ -281,10 +283,10 @@ def test_texture_tokens_start_from_clip_features_of_the_masked_anomaly():
     """Eq. (3): each defect's texture tokens are initialised from CLIP(image * mask) of its examples."""
     model = tiny_model()
     b = example_batch()
-    model.init_textures(b["defect_ids"], b["images"], b["masks"])
-    features = model.encode_texture(b["images"], b["masks"])
-    assert torch.allclose(model.texture_tokens[1], axf.unit_tokens(features[:1], 3)[0], atol=1e-5)
-    assert torch.allclose(model.texture_tokens[2], axf.unit_tokens(features[1:], 3)[0], atol=1e-5)
+    model.mif.init_textures(b["defect_ids"], b["images"], b["masks"])
+    features = model.mif.encode_texture(b["images"], b["masks"])
+    assert torch.allclose(model.mif.texture_tokens[1], axf.unit_tokens(features[:1], 3)[0], atol=1e-5)
+    assert torch.allclose(model.mif.texture_tokens[2], axf.unit_tokens(features[1:], 3)[0], atol=1e-5)
 
 
 def test_mask_autoencoder_learns_to_reconstruct_masks():
@@ -309,11 +311,11 @@ def test_a_thin_mask_survives_and_an_empty_one_is_refused(tmp_path):
     scratch = torch.zeros(64, 64, dtype=torch.uint8)
     scratch[10:50, 33] = 255
     Image.fromarray(scratch.numpy()).save(tmp_path / "scratch.png")
-    mask = cli.read_mask(tmp_path / "scratch.png", 16)
+    mask = data.read_mask(tmp_path / "scratch.png", 16)
     assert mask.shape == (1, 16, 16) and mask[0, :, 8].sum() >= 9 and mask.sum() == mask[0, :, 8].sum()
     Image.fromarray(torch.zeros(64, 64, dtype=torch.uint8).numpy()).save(tmp_path / "empty.png")
     with pytest.raises(ValueError, match="empty.png: empty mask"):
-        cli.read_mask(tmp_path / "empty.png", 16)
+        data.read_mask(tmp_path / "empty.png", 16)
 
 
 def test_defect_ids_put_good_first_then_the_sorted_defect_types():

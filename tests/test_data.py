@@ -14,7 +14,7 @@ from PIL import Image
 import data
 import toy
 
-SIZE = 64  # toy images in tests: small enough to generate a category in about a second
+SIZE = 64  # toy images in tests: small, so a whole category is quick to generate
 
 
 def _png(path, array):
@@ -105,6 +105,17 @@ def test_thin_mask_survives_downsampling(tmp_path):
     mask = data.read_mask(_png(tmp_path / "m.png", thin), 64)[0]
     assert mask[25, 8:50].all() and mask[37:55, 9].all() and mask.sum() == 43 + 18
     assert data.read_mask(tmp_path / "m.png", 256)[0].sum() == 170 + 70   # at full size: exactly the pixels
+
+
+def test_empty_mask_is_refused_in_one_line_naming_the_file(tmp_path):
+    """An anomaly needs a place: a mask without a single pixel is an error naming its (first) file."""
+    empty = _png(tmp_path / "empty.png", np.zeros((16, 16)))
+    for files in (empty, str(empty), [empty, _png(tmp_path / "also_empty.png", np.zeros((16, 16)))]):
+        with pytest.raises(ValueError) as e:
+            data.read_mask(files, 8)
+        assert str(e.value) == f"{empty}: empty mask; an anomaly needs at least one mask pixel"
+    region = _png(tmp_path / "region.png", _square(16, 16, 2, 4, 2, 4))   # one non-empty LOCO region is enough
+    assert data.read_mask([empty, region], 16).sum() == 4
 
 
 def test_ad_tree_is_parsed_with_stripped_captions_and_binarised_masks(tmp_path):
@@ -366,8 +377,8 @@ def test_drawn_colour_is_the_nearest_named_colour_of_the_median():
 
 
 def test_cli_writes_the_toy_category_and_a_preview(tmp_path, capsys):
-    """`python data.py --toy --category cable --out DIR` writes DIR/cable and a preview grid, and says where."""
-    data.main(["--toy", "--category", "cable", "--out", str(tmp_path), "--size", "32", "--rows", "2"])
+    """`python data.py --category cable --out DIR` writes DIR/cable and a preview grid, and says where."""
+    data.main(["--category", "cable", "--out", str(tmp_path), "--size", "32", "--rows", "2"])
     preview = tmp_path / "cable_preview.png"
     assert str(preview) in capsys.readouterr().out
     assert data.load_category(tmp_path / "cable").defects == sorted(toy.TOY_DEFECTS["cable"])
@@ -375,4 +386,5 @@ def test_cli_writes_the_toy_category_and_a_preview(tmp_path, capsys):
         assert im.size[1] == 3 * 2 * (128 + 2)  # 2 rows for each of 3 defect types
     with pytest.raises(SystemExit) as e:
         data.main(["--help"])
-    assert e.value.code == 0
+    assert e.value.code == 0 and "--toy" not in capsys.readouterr().out
+    data.main(["--toy", "--category", "cable", "--out", str(tmp_path), "--size", "32", "--rows", "1"])  # old lines

@@ -29,7 +29,7 @@ def test_rescaled_vae_has_sd_latent_scale_and_decodes_the_same():
 def test_toy_models_round_trip_through_an_sd_file(tmp_path):
     """The miniature's sizes are SD-1.x's structure at toy widths: save_sd -> load_sd rebuilds them exactly."""
     args = argparse.Namespace(text_width=64, text_layers=1, unet_channels=32)
-    vae, unet, text = toy_sd.build_models(args)
+    vae, unet, text = toy_sd.build_networks(args)
     path = sd.save_sd(tmp_path / "toy.safetensors", vae, unet, text)
     vae2, unet2, text2 = sd.load_sd(path)
     for a, b in ((vae, vae2), (unet, unet2), (text, text2)):

@@ -1,4 +1,4 @@
-"""train.py --sd and sample.py on a tiny random Stable Diffusion 1.x file (issue #13): what trains in each
+"""train.py --sd and sample.py on a tiny random Stable Diffusion 1.x file: what trains in each
 --train_unet mode and what axf.pt holds, the one SD file a checkpoint belongs to, resuming, step 0 being the
 pretrained model, and the way e_t reaches the frozen text encoder (splice) or the UNet (append)."""
 import hashlib
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import axf
-import cli
 import clip
+import config
 import data
 import sample
 import sd
@@ -35,7 +35,7 @@ RUNS = {
 }
 NORMALS = 16  # normal training images kept of the toy bottle's 200
 CONV_IN = {"unet.conv_in.weight", "unet.conv_in.bias"}
-FROM_THEIR_FILES = ("vae.", "text_encoder.", "clip.")  # rebuilt from their own files, never in axf.pt
+FROM_THEIR_FILES = ("vae.", "sd_context.text_encoder.", "mif.clip.")  # rebuilt from their own files, never in axf.pt
 
 
 def tiny_sd(path, in_channels=4, seed=0):
@@ -97,16 +97,17 @@ def few_shot_batch(toy_root, n=2):
     few_shot, _ = data.few_shot_split(category.anomalies)
     picks = few_shot[::len(few_shot) // n][:n]
     normals = torch.stack([data.read_image(p, 32) for p in category.train_good[:n]])
-    masks = torch.stack([cli.read_mask(a, 32) for a in picks])
+    masks = torch.stack([data.read_mask(a, 32) for a in picks])
     return normals, masks, [a.caption for a in picks], axf.defect_ids([a.defect for a in picks], category.defects)
 
 
 def sd_model(file, **overrides):
     """AnomalyXFusion on an SD file as train.py builds it, without training (random conditioning)."""
-    config = axf.resolve_config("toy", dict(sd=str(file), image_size=32, num_tokens=2, context_dim=32, mask_channels=8,
-                                            mask_feature_channels=16, **overrides))
-    backbone = axf.load_backbone(config)
-    return axf.AnomalyXFusion(config, axf.build_clip(config), ["crack", "hole"], backbone)
+    settings = config.resolve("toy", dict(sd=str(file), image_size=32, num_tokens=2, context_dim=32, mask_channels=8,
+                                          mask_feature_channels=16, **overrides))
+    backbone = sd.load_backbone(settings)
+    settings.update(sd.file_sizes(backbone))
+    return axf.AnomalyXFusion(settings, axf.build_clip(settings), ["crack", "hole"], **backbone)
 
 
 def changed_copy(file, path):
@@ -128,7 +129,7 @@ def test_checkpoint_holds_only_the_weights_that_trained(name, trained, sd_files)
     nothing of a frozen 9-channel inpainting UNet, which needs no widening."""
     kind, _ = RUNS[name]
     file = sd_files[kind]
-    checkpoint = torch.load(trained(name) / "axf.pt", weights_only=False)
+    checkpoint = torch.load(trained(name) / "axf.pt", weights_only=True)
     assert checkpoint["step"] == 4
     for part in ("model", "ema"):
         assert not [k for k in checkpoint[part] if k.startswith(FROM_THEIR_FILES)], part
@@ -151,7 +152,7 @@ def test_checkpoint_is_small_unless_the_whole_unet_trains(name, trained, sd_file
     small fraction of the file's UNet; full fine-tuning saves at least the whole UNet."""
     kind, _ = RUNS[name]
     file = sd_files[kind]
-    checkpoint = torch.load(trained(name) / "axf.pt", weights_only=False)
+    checkpoint = torch.load(trained(name) / "axf.pt", weights_only=True)
     unet_bytes = tensor_bytes(v for k, v in sd.read_checkpoint(file).items() if k.startswith(sd.SD_PREFIXES["UNet"]))
     saved_bytes = tensor_bytes(checkpoint["model"].values())
     if name == "full":
@@ -164,7 +165,7 @@ def test_checkpoint_is_small_unless_the_whole_unet_trains(name, trained, sd_file
 def test_checkpoint_names_its_sd_file_by_path_size_and_sha256(name, trained, sd_files):
     """The file's identity is its bytes: what check_sd_file compares a later file against."""
     file = sd_files[RUNS[name][0]]
-    checkpoint = torch.load(trained(name) / "axf.pt", weights_only=False)
+    checkpoint = torch.load(trained(name) / "axf.pt", weights_only=True)
     assert checkpoint["sd_file"] == {"path": str(file.resolve()), "size": file.stat().st_size,
                                      "sha256": hashlib.sha256(file.read_bytes()).hexdigest()}
 
@@ -174,7 +175,7 @@ def test_conditioning_trains_through_the_frozen_networks(name, trained):
     """Gradients reach DDF through the UNet and the frozen text encoder (through a frozen, checkpointed
     inpainting UNet too): its weights moved, so their EMA lags behind them. (Weights that never moved
     would equal their EMA bit for bit: lerp(w, w) = w.)"""
-    checkpoint = torch.load(trained(name) / "axf.pt", weights_only=False)
+    checkpoint = torch.load(trained(name) / "axf.pt", weights_only=True)
     ddf = [k for k in checkpoint["ema"] if k.startswith("ddf.")]
     assert ddf and all(not torch.equal(checkpoint["model"][k], checkpoint["ema"][k]) for k in ddf)
 
@@ -188,7 +189,7 @@ def test_sampling_changes_pixels_only_inside_the_mask(name, trained, toy_root):
     outside it is the normal image's, exactly (the saved mask is the whole ground truth)."""
     model, _ = axf.load_checkpoint(trained(name) / "axf.pt")
     assert model.unet.conv_in.in_channels == (9 if name == "inpainting" else 5)
-    assert model.masked_image_input == (name == "inpainting")
+    assert model.reads_masked_image == (name == "inpainting")
     normals, masks, captions, ids = few_shot_batch(toy_root)
     out = model.sample(normals, masks, captions, ids, steps=2, generator=torch.Generator().manual_seed(0))
     outside = masks.expand_as(out) == 0
@@ -219,19 +220,19 @@ def test_another_sd_file_is_refused_and_a_missing_one_named(trained, sd_files, t
     path = trained("lora") / "axf.pt"
     changed = changed_copy(sd_files["txt2img"], tmp_path / "changed.safetensors")
     with pytest.raises(ValueError) as error:
-        axf.load_checkpoint(path, sd=changed)
+        axf.load_checkpoint(path, sd_path=changed)
     message = str(error.value)
     assert message.startswith(f"{changed} is not the Stable Diffusion file this checkpoint was trained on"), message
     assert str(sd_files["txt2img"].resolve()) in message and "\n" not in message
     missing = tmp_path / "nope.safetensors"
     with pytest.raises(FileNotFoundError, match=re.escape(f"{missing}: missing")):
-        axf.load_checkpoint(path, sd=missing)
+        axf.load_checkpoint(path, sd_path=missing)
 
 
 def test_a_moved_sd_file_loads_from_where_it_is_now(trained, sd_files, tmp_path):
     """The checkpoint's SD file is gone from where it was trained: loading says so and asks for --sd; the
-    identical file at its new place (sd=) gives the very model loaded from the original."""
-    checkpoint = torch.load(trained("lora") / "axf.pt", weights_only=False)
+    identical file at its new place (sd_path=) gives the very model loaded from the original."""
+    checkpoint = torch.load(trained("lora") / "axf.pt", weights_only=True)
     gone = str(tmp_path / "gone" / "tiny.safetensors")
     checkpoint["config"]["sd"], checkpoint["sd_file"]["path"] = gone, gone
     torch.save(checkpoint, tmp_path / "axf.pt")
@@ -239,7 +240,7 @@ def test_a_moved_sd_file_loads_from_where_it_is_now(trained, sd_files, tmp_path)
         axf.load_checkpoint(tmp_path / "axf.pt")
     moved = tmp_path / "moved.safetensors"
     shutil.copy(sd_files["txt2img"], moved)
-    model, _ = axf.load_checkpoint(tmp_path / "axf.pt", sd=moved)
+    model, _ = axf.load_checkpoint(tmp_path / "axf.pt", sd_path=moved)
     original, _ = axf.load_checkpoint(trained("lora") / "axf.pt")
     assert model.config["sd"] == str(moved)
     for (name, a), b in zip(model.state_dict().items(), original.state_dict().values()):
@@ -267,7 +268,7 @@ def test_interrupted_lora_run_resumes_to_the_weights_of_an_uninterrupted_run(tra
     resumed run ends with the very weights and EMA of the run that was never stopped."""
     args = sd_args(toy_root, tmp_path, sd_files["txt2img"], RUNS["lora"][1])
     resumed = kill_after_two_steps_and_resume(args, tmp_path, monkeypatch, capsys)
-    uninterrupted = torch.load(trained("lora") / "axf.pt", weights_only=False)
+    uninterrupted = torch.load(trained("lora") / "axf.pt", weights_only=True)
     assert resumed["step"] == 4
     for key in ("model", "ema"):
         assert resumed[key].keys() == uninterrupted[key].keys()
@@ -290,7 +291,7 @@ def test_adapted_unet_at_step_0_is_the_pretrained_unet(mode, sd_files):
     """The mask channel's conv_in weights are zero and a fresh LoRA's up is zero: until they train, the adapted
     UNet given [x_t, mask] predicts exactly what the file's UNet predicts from x_t."""
     original = sd.load_sd(sd_files["txt2img"])[1]
-    adapted = axf.adapt_sd_unet(sd.load_sd(sd_files["txt2img"])[1], mode, 4)
+    adapted = sd.adapt_sd_unet(sd.load_sd(sd_files["txt2img"])[1], mode, 4)
     x, mask, t, context = unet_inputs()
     with torch.no_grad():
         assert torch.equal(adapted(torch.cat([x, mask], dim=1), t, context), original(x, t, context))
@@ -299,7 +300,7 @@ def test_adapted_unet_at_step_0_is_the_pretrained_unet(mode, sd_files):
 @pytest.mark.parametrize("mode", ["none", "lora", "full"])
 def test_train_unet_decides_which_unet_weights_train(mode, sd_files):
     """none: only the widened conv_in (the mask channel must learn); lora: conv_in and the adapters; full: all."""
-    adapted = axf.adapt_sd_unet(sd.load_sd(sd_files["txt2img"])[1], mode, 4)
+    adapted = sd.adapt_sd_unet(sd.load_sd(sd_files["txt2img"])[1], mode, 4)
     trainable = {n for n, p in adapted.named_parameters() if p.requires_grad}
     everything = {n for n, _ in adapted.named_parameters()}
     adapters = {n for n in everything if ".lora." in n}
@@ -312,7 +313,7 @@ def test_inpainting_unet_keeps_its_nine_channels_and_its_outputs(sd_files):
     """SD-inpainting already reads [x_t, mask, masked-image latent]: adapted with none it is the file's UNet,
     untouched and entirely frozen."""
     original = sd.load_sd(sd_files["inpainting"])[1]
-    adapted = axf.adapt_sd_unet(sd.load_sd(sd_files["inpainting"])[1], "none", 4)
+    adapted = sd.adapt_sd_unet(sd.load_sd(sd_files["inpainting"])[1], "none", 4)
     assert adapted.conv_in.in_channels == 9 and not any(p.requires_grad for p in adapted.parameters())
     x, _, t, context = unet_inputs(9)
     with torch.no_grad():
@@ -323,7 +324,7 @@ def test_a_unet_of_neither_layout_is_refused():
     """5 input channels of a 4-channel latent is neither text-to-image nor SD-inpainting: say so, adapt nothing."""
     unet = UNet(5, 4, 32, (1, 2), 1, (0, 1), sd.SD_HEADS, 64)
     with pytest.raises(ValueError, match=r"5 input channels is neither text-to-image \(4\) nor inpainting \(9\)"):
-        axf.adapt_sd_unet(unet, "none", 4)
+        sd.adapt_sd_unet(unet, "none", 4)
 
 
 # ----------------------------------------------------------------------------- e_t into the text encoder
@@ -334,19 +335,19 @@ def test_prompt_tokens_hold_every_placeholder_and_cut_a_long_caption(sd_files):
     a token of e_t), end-token padding. A 100-word caption is cut, never a placeholder; a * in a caption is
     not one."""
     model = sd_model(sd_files["txt2img"])
-    n = model.num_context
+    n = model.mif.num_context
     assert n == 6  # k = 2 tokens of each of the three modalities
-    row = model.prompt_tokens(["a red stain"], n)[0]
+    row = model.sd_context.prompt_tokens(["a red stain"], n)[0]
     words = clip.bpe_tokens("a red stain")
     assert row.shape == (77,) and row[0] == clip.START_ID
     assert row[1:1 + len(words)].tolist() == words
     assert row[1 + len(words):1 + len(words) + n].tolist() == [clip.PLACEHOLDER_ID] * n
     assert (row[1 + len(words) + n:] == clip.END_ID).all()
-    long = model.prompt_tokens([" ".join(["stain"] * 100)], n)[0]
+    long = model.sd_context.prompt_tokens([" ".join(["stain"] * 100)], n)[0]
     assert long.shape == (77,) and long[0] == clip.START_ID and long[-1] == clip.END_ID
     assert (long == clip.PLACEHOLDER_ID).sum() == n and (long[-1 - n:-1] == clip.PLACEHOLDER_ID).all()
-    assert ((model.prompt_tokens(["a * stain"], n)[0]) == clip.PLACEHOLDER_ID).sum() == n
-    assert not (model.prompt_tokens(["a red stain"], 0) == clip.PLACEHOLDER_ID).any()
+    assert ((model.sd_context.prompt_tokens(["a * stain"], n)[0]) == clip.PLACEHOLDER_ID).sum() == n
+    assert not (model.sd_context.prompt_tokens(["a red stain"], 0) == clip.PLACEHOLDER_ID).any()
 
 
 @pytest.mark.parametrize("mode", ["splice", "append"])
@@ -357,21 +358,21 @@ def test_context_gradients_reach_e_t_and_never_the_frozen_networks(mode, sd_file
     or CLIP."""
     torch.manual_seed(0)
     model = sd_model(sd_files["txt2img"], sd_context=mode)
-    n, width = model.num_context, model.text_encoder.token_embedding.weight.shape[1]
+    n, width = model.mif.num_context, model.sd_context.text_encoder.token_embedding.weight.shape[1]
     _, masks, captions, ids = few_shot_batch(toy_root)
     t = torch.tensor([10, 900])
     context = model.condition(captions, masks, ids, t, drop=torch.tensor([True, False]))
     assert context.shape == (2, 77 + (n if mode == "append" else 0), width)
     if mode == "append":  # the dropped condition's prompt is the empty caption's
-        plain = model.text_encoder.encode_text_tokens(model.prompt_tokens(["", captions[1]], 0))
+        plain = model.sd_context.text_encoder.encode_text_tokens(model.sd_context.prompt_tokens(["", captions[1]], 0))
         assert torch.allclose(context[:, :77], plain, atol=1e-6)
     region = axf.latent_mask(masks, model.latent_factor)
     x = torch.randn(2, 4, 16, 16)
     model.unet(model.unet_input(x, region), t, context).square().sum().backward()
-    for part in (model.ddf, model.to_text):
+    for part in (model.ddf, model.sd_context.to_text):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
     assert model.null_context.grad.abs().sum() > 0
-    frozen = [*model.text_encoder.parameters(), *model.vae.parameters(), *model.clip.parameters()]
+    frozen = [*model.sd_context.text_encoder.parameters(), *model.vae.parameters(), *model.mif.clip.parameters()]
     assert all(p.grad is None and not p.requires_grad for p in frozen)
 
 

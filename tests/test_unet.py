@@ -107,7 +107,7 @@ def test_runs_under_bf16_autocast():
 
 
 def test_overfits_one_batch():
-    """The ε-loss (Eq. 17) on one fixed batch, t and noise must fall 10x in 40 steps (it falls ~500x)."""
+    """The ε-loss (Eq. (17)) on one fixed batch, t and noise must fall 10x in 40 steps (a loose bound)."""
     torch.manual_seed(0)
     model = UNet(**TINY)
     x, t, ctx = inputs(4)

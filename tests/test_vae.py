@@ -130,7 +130,7 @@ def test_training_reduces_reconstruction_error():
     """A few dozen steps of vae_loss on a tiny image set must clearly lower the L1 error: encoder and decoder learn."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    # smooth images (a few colours, blurred blocks): learnable in seconds, unlike white noise
+    # smooth images (a few colours, blurred blocks): learnable in a few steps, unlike white noise
     x = torch.nn.functional.interpolate(torch.rand(8, 3, 4, 4, generator=g) * 2 - 1, size=16, mode="bilinear")
     vae = VAE(**TINY)
     opt = torch.optim.Adam(vae.parameters(), lr=2e-3)
@@ -141,7 +141,7 @@ def test_training_reduces_reconstruction_error():
         loss.backward()
         opt.step()
         recs.append(logs["rec"].item())
-    assert recs[-1] < recs[0] / 2, (recs[0], recs[-1])  # measured: 0.45 -> 0.13
+    assert recs[-1] < recs[0] / 2, (recs[0], recs[-1])  # a loose bound: the error falls much further
 
 
 def test_sd_rule_accepts_mid_attention_stored_as_linear():
