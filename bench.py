@@ -6,10 +6,11 @@
 Each `bench_<thing>(cfg, device, quick)` function returns rows (dicts with the columns below); add a
 new figure by writing such a function and listing it in BENCHES. Times are the median of a few runs
 after one warm-up run (one run for the MVTec preset on CPU). FLOPs are counted by torch.utils.flop_counter (matmuls, convolutions and
-attention; elementwise ops are free), and compared with this machine's matmul peak, measured in the
-same run on a large square matmul, so "% of peak" says how well the model uses the hardware.
-The models run as train.py runs them (cli.autocast): under bf16 autocast on CUDA and on CPUs with AMX, and
-then the peak is bf16's; elsewhere all is fp32.
+attention; elementwise ops are free), and compared with this machine's dense matmul peaks in bf16 and fp32,
+measured in the same run on a large square matmul, so "% of bf16 peak" and "% of fp32 peak" say how well the
+model uses the hardware (a GPU's yardstick is bf16's). "images/s" counts the images a timed run handled.
+The models run as train.py runs them (cli.autocast): under bf16 autocast on CUDA and on CPUs with AMX,
+elsewhere in fp32.
 Depends on config.py (the presets), axf.py (the whole model), train.py (the SD training step), cli.py, unet.py, vae.py,
 clip.py, sd.py and evaluate.py.
 """
@@ -33,7 +34,8 @@ from sd import SD_SCALE_FACTOR
 from unet import UNet
 from vae import VAE
 
-COLUMNS = ["preset", "benchmark", "batch", "ms", "GFLOP", "GFLOP/s", "% of peak", "peak memory (MB)"]
+COLUMNS = ["preset", "benchmark", "batch", "ms", "images/s", "GFLOP", "TFLOP/s", "% of bf16 peak", "% of fp32 peak",
+           "peak memory (MB)"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,19 +82,24 @@ def autocast(device):
     return cli.autocast(device)
 
 
-def matmul_peak_gflops(device, quick):
-    """This machine's dense matmul throughput: the yardstick for the "% of peak" column."""
+def matmul_peaks(device, quick):
+    """This machine's dense matmul throughput in TFLOP/s, {"bf16": ..., "fp32": ...}: the yardsticks of the
+    "% of peak" columns, measured on a large square matmul (fp32 on CUDA may use TF32 if torch allows it)."""
     n = (1024 if quick else 2048) if device.type == "cpu" else 8192
-    dtype = torch.bfloat16 if cli.uses_bf16(device) else torch.float32
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    seconds, flops = measure(lambda: a @ b, device, 5)
-    return flops / seconds / 1e9
+    peaks = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        seconds, flops = measure(lambda: a @ b, device, 5)
+        peaks[name] = flops / seconds / 1e12
+    return peaks
 
 
-def row(cfg, name, batch, seconds_and_flops, device, note=""):
+def row(cfg, name, batch, seconds_and_flops, device, note="", images=None):
+    """One table row; `images`: how many images the timed run handled (default: the batch)."""
     seconds, flops = seconds_and_flops
     return {"preset": cfg["preset"] + note, "benchmark": name, "batch": batch, "ms": seconds * 1e3,
-            "GFLOP": flops / 1e9, "GFLOP/s": flops / seconds / 1e9, "peak memory (MB)": peak_memory_mb(device)}
+            "images/s": (batch if images is None else images) / seconds, "GFLOP": flops / 1e9,
+            "TFLOP/s": flops / seconds / 1e12, "peak memory (MB)": peak_memory_mb(device)}
 
 
 def batch_and_repeats(cfg, device, quick):
@@ -445,7 +452,7 @@ def sd_train_rows(rows, sizes, clip_model, mode, context, checkpointing, device,
     seconds, flops = measure(sample, device, 1)
     rows.append(row({"preset": label}, f"sampling (model.sample), {config['sample_steps']} DDIM steps + guidance "
                     f"{config['guidance_scale']:g}, sd_context {context}, VAE included: per image", B,
-                    (seconds / B, flops / B), device))
+                    (seconds / B, flops / B), device, images=1))
     say(markdown_row(rows[-1]))
 
 
@@ -531,7 +538,7 @@ def main(argv=None):
     device = torch.device(args.device)
     torch.manual_seed(0)
     presets = ["toy", "mvtec"] if args.preset == "all" else [args.preset]
-    peak = matmul_peak_gflops(device, args.quick)
+    peaks = matmul_peaks(device, args.quick)
     rows = []
     for preset in presets if selected(BENCHES) else []:
         cfg = settings.resolve(preset)
@@ -542,11 +549,12 @@ def main(argv=None):
     if args.generation_metrics:
         rows += metrics.bench_rows(device, n=args.generation_metrics)
     for r in rows:
-        if "GFLOP/s" in r:
-            r["% of peak"] = 100 * r["GFLOP/s"] / peak
+        if "TFLOP/s" in r:
+            r.update({f"% of {dtype} peak": 100 * r["TFLOP/s"] / peak for dtype, peak in peaks.items()})
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     dtype = "bf16 autocast" if cli.uses_bf16(device) else "fp32"
-    print(f"{name}, torch {torch.__version__}, {dtype}; matmul peak {peak:.0f} GFLOP/s "
+    print(f"{name}, torch {torch.__version__}, {dtype}; matmul peaks {peaks['bf16']:.3g} TFLOP/s bf16, "
+          f"{peaks['fp32']:.3g} TFLOP/s fp32 "
           f"({'CUDA max allocated' if device.type == 'cuda' else 'process max RSS so far'} as peak memory)\n")
     print(markdown_table(rows))
     return rows
