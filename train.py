@@ -251,7 +251,7 @@ def assemble_model(train, vae, mask_encoder, clip_model, config, device, backbon
         model.mif.center_captions(train["captions"])
     if model.mif.use_text:
         model.mif.encode_captions(train["captions"])  # cached once: CLIP is not needed again for these
-    # Frozen CLIP has given its features: on the CPU it leaves its memory (ViT-L/14's is 1.7 GB) to training;
+    # Frozen CLIP has given its features: on the CPU it leaves its memory (ViT-L/14 is large) to training;
     # a caption it has not seen (none in training) is then encoded on the CPU, in fp32
     model.mif.clip.cpu().float()
     return model
