@@ -92,27 +92,30 @@ def _alias(function, module, name):
     """`function` under another name for the weights-only allow-list (named aliases arrived in torch 2.6 only)."""
     def alias(*args):
         return function(*args)
-    alias.__module__, alias.__qualname__ = module, name
+    alias.__module__, alias.__name__, alias.__qualname__ = module, name, name  # torch 2.4 keys by __name__
     return alias
 
 
 class _ModelCheckpoint:
     """Stands in for pytorch_lightning's ModelCheckpoint, which Lightning-era .ckpt files pickle beside the weights
     (as the key of their callback state, or an instance): an inert class, so the load stays weights-only."""
-_ModelCheckpoint.__module__, _ModelCheckpoint.__qualname__ = "pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint"
+_ModelCheckpoint.__module__ = "pytorch_lightning.callbacks.model_checkpoint"
+_ModelCheckpoint.__name__ = _ModelCheckpoint.__qualname__ = "ModelCheckpoint"
 
 
 def lightning_globals():
     """What Lightning-era SD .ckpt files (sd-v1-4.ckpt, v1-5-pruned.ckpt) pickle besides tensors, as A1111 and
     ComfyUI allow it: ModelCheckpoint, and numpy scalars in its state, pickled as numpy.core.multiarray.scalar(
-    dtype, bytes). numpy 2 renamed numpy.core to numpy._core (files written with numpy 1 name the old one), and
-    unpickling a dtype sets its state, so its classes (numpy.dtypes.Float64DType, ...) are allowed too."""
+    dtype, bytes) with the bytes as _codecs.encode(str) (torch allows that itself from 2.5). numpy 2 renamed
+    numpy.core to numpy._core (files written with numpy 1 name the old one), and unpickling a dtype sets its
+    state, so its classes (numpy.dtypes.Float64DType, ...) are allowed too."""
+    from _codecs import encode
     try:
         from numpy._core.multiarray import scalar
     except ImportError:  # numpy 1
         from numpy.core.multiarray import scalar
     dtypes = {type(np.dtype(code)) for code in np.typecodes["All"]}
-    return [_ModelCheckpoint, np.dtype, *dtypes, _alias(scalar, "numpy.core.multiarray", "scalar"),
+    return [_ModelCheckpoint, encode, np.dtype, *dtypes, _alias(scalar, "numpy.core.multiarray", "scalar"),
             _alias(scalar, "numpy._core.multiarray", "scalar")]
 
 

@@ -151,8 +151,10 @@ def test_v1_5_pruned_ckpt_loads_weights_only_with_its_ema_unet(ref, tmp_path, mo
     with monkeypatch.context() as m:
         ModelCheckpoint = type("ModelCheckpoint", (), {})
         importable_as(m, ModelCheckpoint, "pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint")
-        scalar = lambda dtype, data: np.frombuffer(data, dtype)[0]
-        importable_as(m, scalar, "numpy.core.multiarray", "scalar")
+        scalar = np.float64(0).__reduce__()[0]  # numpy's: numpy 1 names it numpy.core..., numpy 2 numpy._core...
+        if scalar.__module__ != "numpy.core.multiarray":  # numpy 2: write one as numpy 1 did
+            scalar = lambda dtype, data: np.frombuffer(data, dtype)[0]
+            importable_as(m, scalar, "numpy.core.multiarray", "scalar")
         numpy1 = type("Numpy1Scalar", (), {"__reduce__": lambda self: (scalar, (np.dtype("f8"), np.float64(np.inf).tobytes()))})
         callbacks = {ModelCheckpoint: {"best_model_score": np.float64(0.25), "kth_value": numpy1(), "dirpath": "logs"}}
         torch.save({"state_dict": state, "callbacks": callbacks, "global_step": 840000}, tmp_path / "v1-5-pruned.ckpt")
