@@ -88,41 +88,37 @@ def read_safetensors(path):
     return tensors
 
 
-def _alias(function, module, name):
-    """`function` under another name for the weights-only allow-list (named aliases arrived in torch 2.6 only)."""
-    def alias(*args):
-        return function(*args)
-    alias.__module__, alias.__name__, alias.__qualname__ = module, name, name  # torch 2.4 keys by __name__
-    return alias
+def _named(obj, module, name):
+    """obj under the name a file pickles, for the weights-only allow-list (torch 2.4 keys it by __module__ and
+    __name__, later ones by __qualname__; aliases as (obj, name) arrived in torch 2.6)."""
+    obj.__module__, obj.__name__, obj.__qualname__ = module, name, name
+    return obj
 
 
 class _ModelCheckpoint:
     """Stands in for pytorch_lightning's ModelCheckpoint, which Lightning-era .ckpt files pickle beside the weights
     (as the key of their callback state, or an instance): an inert class, so the load stays weights-only."""
-_ModelCheckpoint.__module__ = "pytorch_lightning.callbacks.model_checkpoint"
-_ModelCheckpoint.__name__ = _ModelCheckpoint.__qualname__ = "ModelCheckpoint"
 
 
 def lightning_globals():
-    """What Lightning-era SD .ckpt files (sd-v1-4.ckpt, v1-5-pruned.ckpt) pickle besides tensors, as A1111 and
-    ComfyUI allow it: ModelCheckpoint, and numpy scalars in its state, pickled as numpy.core.multiarray.scalar(
-    dtype, bytes) with the bytes as _codecs.encode(str) (torch allows that itself from 2.5). numpy 2 renamed
-    numpy.core to numpy._core (files written with numpy 1 name the old one), and unpickling a dtype sets its
-    state, so its classes (numpy.dtypes.Float64DType, ...) are allowed too."""
+    """What Lightning-era .ckpt files (sd-v1-4.ckpt, v1-5-pruned.ckpt) pickle besides tensors, allowed as A1111 and
+    ComfyUI do: ModelCheckpoint and the numpy scalars of its state: numpy.core.multiarray.scalar(dtype, bytes),
+    numpy._core since numpy 2; unpickling a dtype sets its state, so its classes (numpy.dtypes.Float64DType, ...)
+    are allowed too, and _codecs.encode for the bytes (torch >= 2.5 allows it itself)."""
     from _codecs import encode
     try:
         from numpy._core.multiarray import scalar
     except ImportError:  # numpy 1
         from numpy.core.multiarray import scalar
     dtypes = {type(np.dtype(code)) for code in np.typecodes["All"]}
-    return [_ModelCheckpoint, encode, np.dtype, *dtypes, _alias(scalar, "numpy.core.multiarray", "scalar"),
-            _alias(scalar, "numpy._core.multiarray", "scalar")]
+    return [_named(_ModelCheckpoint, "pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint"), encode,
+            np.dtype, *dtypes, *(_named(lambda *a: scalar(*a), module, "scalar")
+                                 for module in ("numpy.core.multiarray", "numpy._core.multiarray"))]
 
 
 def read_torch(path):
-    """A torch.save file (a zip archive, or the legacy pickle format before torch 1.6) -> its object, unpickled
-    weights-only: tensors and plain containers, plus lightning_globals(). A file that pickles anything else (which
-    could run code) is refused, naming what it pickles."""
+    """A torch.save file (a zip archive, or before torch 1.6 a bare pickle) -> its object, unpickled weights-only:
+    tensors, plain containers and lightning_globals(); anything else (it could run code) is refused by name."""
     with open(path, "rb") as f:
         zipped = f.read(4) == b"PK\x03\x04"
     if zipped and not zipfile.is_zipfile(path):  # the zip's central directory, at the very end, is missing
@@ -164,8 +160,8 @@ def read_file(path):
         raise ValueError(f"{path}: an empty file (0 bytes; an interrupted download?)")
     if head.startswith(b"version https://git-lfs"):
         pointed = re.search(rb"size (\d+)", head)
-        raise ValueError(f"{path}: a Git LFS pointer ({size} bytes, standing for {int(pointed[1]) if pointed else '?'} "
-                         f"bytes of weights), not the file itself: run `git lfs pull` where it was cloned")
+        raise ValueError(f"{path}: a Git LFS pointer to {int(pointed[1]) if pointed else '?'} bytes of weights, not "
+                         f"the file itself: run `git lfs pull` where it was cloned")
     if head[8:9] == b"{":  # safetensors: its JSON header starts after the 8 bytes of its length
         return read_safetensors(path)
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save: a zip archive, or a bare pickle (legacy)
@@ -233,8 +229,8 @@ def check_sd1(state_dict, name, parts=tuple(SD_PREFIXES)):
         raise ValueError(f"{name}: a textual-inversion embedding (string_to_param / emb_params), not a model; {EXPECTED}")
     wrapped = next((m[1] for k in keys if (m := re.match(r"(.+?\.)(model\.diffusion_model|first_stage_model)\.", k))), None)
     if wrapped:
-        raise ValueError(f"{name}: a state dict wrapped twice (its weights are under '{wrapped}', e.g. "
-                         f"{wrapped}model.diffusion_model.*): save the dict inside, as SD files keep it")
+        raise ValueError(f"{name}: a state dict wrapped one level too deep (its weights are {wrapped}model.diffusion_"
+                         f"model.* ...): save the dict under '{wrapped[:-1]}' on its own, as SD files keep it")
     if not has(r"model\.diffusion_model\.|(unet\.)?down_blocks\.") and has(r"(first_stage_model\.)?(en|de)coder\."):
         raise ValueError(f"{name}: a VAE on its own (encoder.* / decoder.* tensors): give it as --sd_vae, with an "
                          f"SD-1.x file as --sd")
@@ -242,18 +238,16 @@ def check_sd1(state_dict, name, parts=tuple(SD_PREFIXES)):
         raise ValueError(f"{name}: a diffusers-layout file (keys like down_blocks.0.resnets.0...): give the diffusers "
                          f"folder it belongs to (unet/, vae/, text_encoder/); {EXPECTED}")
     if unet_in is not None and unet_out is not None and unet_in.shape[1] == 2 * unet_out.shape[0]:
-        raise ValueError(f"{name}: an InstructPix2Pix checkpoint ({unet_in.shape[1]}-channel UNet: noisy latent and "
-                         f"image latent); {EXPECTED}")
+        raise ValueError(f"{name}: an InstructPix2Pix checkpoint (8-channel UNet: noisy and image latents); {EXPECTED}")
     for part in parts:
         if not has(re.escape(SD_PREFIXES[part])):
             raise ValueError(f"{name}: holds no Stable Diffusion {part} (no {SD_PREFIXES[part]}* tensors); {EXPECTED}")
 
 
 def choose_weights(state_dict, name, weights, prefixes):
-    """The raw weights, or LitEma's average of them where a file holds both (v1-5-pruned.ckpt, the -full-ema
-    files): LDM saves the average under model_ema.* with the dots of the names removed (model.diffusion_model.
-    input_blocks.0.0.weight -> model_ema.diffusion_modelinput_blocks00weight). SD's emaonly files ship the
-    average: the weights its samples were drawn with. weights: "ema" (the average where there is one) or "raw"."""
+    """weights="ema": where a file holds both (v1-5-pruned.ckpt), LitEma's average of the weights replaces the raw
+    ones; LDM saves it under model_ema.* with the dots removed (model.diffusion_model.input_blocks.0.0.weight ->
+    model_ema.diffusion_modelinput_blocks00weight). SD's emaonly files ship it: the weights it sampled with."""
     ema = {"model_ema." + k.removeprefix("model.").replace(".", ""): k for k in state_dict if k.startswith(prefixes)}
     found = sum(e in state_dict for e in ema)
     if weights == "raw" or not found:
@@ -348,9 +342,8 @@ def build(part, tensors, name, device):
 
 
 def read_vae(path, weights="ema"):
-    """A separate VAE -> its tensors in LDM's names: vae-ft-mse-840000-ema-pruned.safetensors / .ckpt (encoder.*,
-    decoder.*, quant_conv.*, maybe under first_stage_model.), a diffusers AutoencoderKL file or folder (or a
-    pipeline folder's vae/), or a whole SD file's VAE."""
+    """A separate VAE -> its tensors in LDM's names: vae-ft-mse-840000-ema-pruned.safetensors / .ckpt (encoder.*, ...
+    maybe under first_stage_model.), a diffusers AutoencoderKL file or folder (or a pipeline's vae/)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such VAE file or folder (e.g. vae-ft-mse-840000-ema-pruned.safetensors)")

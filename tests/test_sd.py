@@ -371,8 +371,9 @@ def test_files_that_are_no_weights_say_what_they_are(tmp_path, content, what):
 @pytest.mark.parametrize("checkpoint, what", [
     ({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.zeros(2, 768)}, "name": "rust", "step": 500},
      "a textual-inversion embedding"),
-    ({"state_dict": {"state_dict": {"model.diffusion_model.out.2.bias": torch.zeros(4)}}}, "a state dict wrapped twice .*'state_dict.'"),
-    ({"model": {"model.diffusion_model.out.2.bias": torch.zeros(4)}}, "a state dict wrapped twice .*'model.'"),
+    ({"state_dict": {"state_dict": {"model.diffusion_model.out.2.bias": torch.zeros(4)}}},
+     "a state dict wrapped one level too deep .*under 'state_dict' on its own"),
+    ({"model": {"model.diffusion_model.out.2.bias": torch.zeros(4)}}, "a state dict wrapped one level too deep .*under 'model'"),
 ])
 def test_torch_files_that_are_not_sd1_say_what_they_are(tmp_path, checkpoint, what):
     torch.save(checkpoint, tmp_path / "other.pt")
