@@ -401,6 +401,7 @@ def load_checkpoint(path, device="cpu", use_ema=True, sd_path=None):
     if sd_path and not config["sd"]:
         raise ValueError(f"{path} was trained without a Stable Diffusion file: --sd {sd_path} has nothing to do")
     if config["sd"]:  # the path as given at training, else as resolved then, unless the user says where it is now
+        config.setdefault("sd_vae", ""), config.setdefault("sd_weights", "raw")  # a checkpoint older than these keys
         saved = checkpoint["sd_file"]
         config["sd"] = str(sd_path or (config["sd"] if Path(config["sd"]).exists() else saved["path"]))
         sd.check_sd_file(config["sd"], saved)

@@ -334,7 +334,8 @@ def build(part, tensors, name, device):
     except (KeyError, IndexError) as e:
         raise ValueError(f"{name}: not a complete Stable Diffusion 1.x {part} (no tensor {e} after renaming)") from None
     with torch.device("meta"):  # no memory and no random init: every tensor comes from the file
-        model = fill(Module(**sizes), tensors, name, part, device)
+        model = Module(**sizes)
+    model = fill(model, tensors, name, part, device)
     model.sd_sizes = sizes  # what was read off the shapes; `python sd.py --sd FILE` prints it
     if part == "VAE":
         model.scale_factor.fill_(SD_SCALE_FACTOR)

@@ -279,6 +279,8 @@ def test_a_separate_vae_is_used_recorded_and_checked(trained, sd_files, tmp_path
     with pytest.raises(ValueError, match=f"{changed} is not the VAE file this checkpoint was trained on"):
         axf.load_checkpoint(tmp_path / "axf.pt")
     assert "--sd_vae" in config.architecture_changes(checkpoint["config"], dict(checkpoint["config"], sd_vae=""))[0]
+    with pytest.raises(ValueError, match="sd_vae replaces the VAE of an --sd file"):
+        config.resolve("toy", dict(sd_vae=str(file)))
 
 
 # ----------------------------------------------------------------------------- resuming
