@@ -401,9 +401,14 @@ def load_checkpoint(path, device="cpu", use_ema=True, sd_path=None):
     if sd_path and not config["sd"]:
         raise ValueError(f"{path} was trained without a Stable Diffusion file: --sd {sd_path} has nothing to do")
     if config["sd"]:  # the path as given at training, else as resolved then, unless the user says where it is now
+        config.setdefault("sd_vae", ""), config.setdefault("sd_weights", "raw")  # a checkpoint older than these keys
         saved = checkpoint["sd_file"]
-        config["sd"] = str(sd_path or (config["sd"] if Path(config["sd"]).is_file() else saved["path"]))
+        config["sd"] = str(sd_path or (config["sd"] if Path(config["sd"]).exists() else saved["path"]))
         sd.check_sd_file(config["sd"], saved)
+        if config["sd_vae"]:  # a separate VAE, likewise
+            saved = checkpoint["sd_vae_file"]
+            config["sd_vae"] = config["sd_vae"] if Path(config["sd_vae"]).exists() else saved["path"]
+            sd.check_sd_file(config["sd_vae"], saved, ("VAE",))
         networks = sd.load_backbone(config)
     model = AnomalyXFusion(config, clip_model, defects, **networks)
     load_weights(model, checkpoint["model"], path)

@@ -73,8 +73,12 @@ KEYS = dict(
     guidance_scale=Key(3.0, "classifier-free guidance; 1 is the conditional model alone"),
     eta=Key(0.0, "DDIM eta: 0 deterministic, 1 like DDPM"),
     # a pretrained Stable Diffusion 1.x backbone (sd.py)
-    sd=Key("", "a Stable Diffusion 1.x single file (.safetensors or .ckpt): its VAE (stage 1 is skipped), UNet and "
-               "text encoder replace the project's own; empty: everything trained from scratch"),
+    sd=Key("", "a Stable Diffusion 1.x single file (.safetensors or .ckpt) or diffusers folder: its VAE (stage 1 is "
+               "skipped), UNet and text encoder replace the project's own; empty: everything trained from scratch"),
+    sd_weights=Key("ema", "with --sd, the UNet of a file that holds two (v1-5-pruned.ckpt): ema (the weights' moving "
+                          "average, what SD's emaonly files ship) or raw", fixed=True, choices=("ema", "raw")),
+    sd_vae=Key("", "with --sd, a separate VAE file or folder (e.g. vae-ft-mse-840000-ema-pruned.safetensors) that "
+                   "replaces the SD file's own"),
     train_unet=Key("none", "with --sd, what of the UNet trains: none (the authors' recipe: only the conditioning), "
                            "lora (rank-r adapters on its attention) or full (every weight)",
                    fixed=True, choices=("none", "lora", "full")),
@@ -122,6 +126,8 @@ def resolve(preset, overrides=None):
             raise ValueError(f"{name} must be one of {', '.join(key.choices)}, not {config[name]!r}")
     if config["warmup_steps"] < 0:
         raise ValueError(f"warmup_steps must be 0 (none) or more, got {config['warmup_steps']}")
+    if config["sd_vae"] and not config["sd"]:
+        raise ValueError("sd_vae replaces the VAE of an --sd file; without --sd the VAE is trained (stage 1)")
     if config["sd_prompt"].count("*") != 1:
         raise ValueError(f"sd_prompt needs exactly one * (where e_t's tokens go), got {config['sd_prompt']!r}")
     return config
@@ -129,9 +135,11 @@ def resolve(preset, overrides=None):
 
 def architecture_changes(saved, current):
     """What a resume may not change, as 'key saved -> current': the fixed keys, and whether the run is on a
-    Stable Diffusion file (--sd) at all (which file it is, sd.check_sd_file checks by size and hash)."""
+    Stable Diffusion file (--sd) and a separate VAE (--sd_vae) at all (which files they are, sd.check_sd_file
+    checks by hash)."""
     changes = [f"{name} {saved.get(name)!r} -> {current[name]!r}"
                for name, key in KEYS.items() if key.fixed and saved.get(name) != current[name]]
-    if bool(saved.get("sd")) != bool(current["sd"]):
-        changes.insert(0, f"--sd {saved.get('sd') or '(none)'} -> {current['sd'] or '(none)'}")
+    for name in ("sd_vae", "sd"):
+        if bool(saved.get(name)) != bool(current[name]):
+            changes.insert(0, f"--{name} {saved.get(name) or '(none)'} -> {current[name] or '(none)'}")
     return changes

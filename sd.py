@@ -1,21 +1,25 @@
-"""Stable Diffusion 1.x single files: a safetensors reader and writer, load_sd and its inverse save_sd.
+"""Stable Diffusion 1.x weights: a safetensors reader and writer, load_sd and its inverse save_sd.
 
-One SD-1.x single file (CompVis / RunwayML layout) holds three networks under three prefixes. Each module
-file has the rule that renames its part (unet.from_sd, vae.from_sd, clip.from_hf_text); here the file is
-read, every size is read off the tensor shapes (as clip.build_model does), and each module is filled
-strictly, one shape check per tensor.
+An SD-1.x single file (CompVis / RunwayML layout: .safetensors, or a Lightning .ckpt) holds three networks under
+three prefixes; a diffusers folder (unet/, vae/, text_encoder/) holds them in three files, renamed onto the single
+file's names first. Each module file has the rules that rename its part (unet.from_sd, unet.from_diffusers,
+vae.from_sd, vae.from_diffusers, clip.from_hf_text); here the files are read, every size is read off the tensor
+shapes (as clip.build_model does), and each module is filled strictly, one shape check per tensor. A separate VAE
+file may replace the file's own. Anything else is refused in one line that says what it is.
 
 Then what train.py --sd needs to use such a file: load_backbone (the networks AnomalyXFusion takes from it)
 and file_sizes (its sizes, for the config), adapt_sd_unet (the mask channel, what trains), sd_file /
 check_sd_file (the file's identity in a checkpoint), and TextEncoderContext: how e_t reaches the pretrained
 UNet, the one hook axf.AnomalyXFusion calls (its `sd_context`).
 """
+import contextlib
 import hashlib
 import json
 import math
 import os
 import re
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +39,16 @@ SD_HEADS = 8  # SD-1.x's UNet has 8 heads at every width (SD-2 has 64-wide heads
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
+# diffusers folders: part -> (subfolder, weights file, its pickle twin); fp16 variants are name.fp16.suffix
+DIFFUSERS_FILES = {"UNet": ("unet", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+                   "VAE": ("vae", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+                   "text encoder": ("text_encoder", "model.safetensors", "pytorch_model.bin")}  # transformers' names
+# what SD files carry besides the three networks' weights, skipped with a count: LitEma's copy (model_ema.*, when
+# not used) and its decay, the VAE's training loss (LPIPS, discriminator, logvar), the noise schedule's buffers at
+# the top level (betas, alphas_cumprod, ...), and the text tower's index buffer, projection and temperature
+EXTRAS = re.compile(r"[^.]+$|model_ema\.|(first_stage_model\.)?loss\.|cond_stage_model\.transformer\.(text_model\.)?"
+                    r"(embeddings\.position_ids|text_projection|logit_scale)")
+EXPECTED = "Stable Diffusion 1.x file expected (e.g. v1-5-pruned-emaonly.safetensors or a diffusers folder)"
 
 
 def read_safetensors(path):
@@ -74,56 +88,193 @@ def read_safetensors(path):
     return tensors
 
 
-class _LightningCallback:
-    """Stands in for pytorch_lightning's ModelCheckpoint, which Lightning-era .ckpt files pickle beside the
-    weights; allow-listing it keeps torch.load weights-only (a checkpoint is data, never code to run)."""
+def _named(obj, module, name):
+    """obj under the name a file pickles, for the weights-only allow-list (torch 2.4 keys it by __module__ and
+    __name__, later ones by __qualname__; aliases as (obj, name) arrived in torch 2.6)."""
+    obj.__module__, obj.__name__, obj.__qualname__ = module, name, name
+    return obj
+
+
+class _ModelCheckpoint:
+    """Stands in for pytorch_lightning's ModelCheckpoint, which Lightning-era .ckpt files pickle beside the weights
+    (as the key of their callback state, or an instance): an inert class, so the load stays weights-only."""
+
+
+def lightning_globals():
+    """What Lightning-era .ckpt files (sd-v1-4.ckpt, v1-5-pruned.ckpt) pickle besides tensors, allowed as A1111 and
+    ComfyUI do: ModelCheckpoint and the numpy scalars of its state: numpy.core.multiarray.scalar(dtype, bytes),
+    numpy._core since numpy 2; unpickling a dtype sets its state, so its classes (numpy.dtypes.Float64DType, ...)
+    are allowed too, and _codecs.encode for the bytes (torch >= 2.5 allows it itself)."""
+    from _codecs import encode
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import scalar
+    dtypes = {type(np.dtype(code)) for code in np.typecodes["All"]}
+    return [_named(_ModelCheckpoint, "pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint"), encode,
+            np.dtype, *dtypes, *(_named(lambda *a: scalar(*a), module, "scalar")
+                                 for module in ("numpy.core.multiarray", "numpy._core.multiarray"))]
+
+
+def read_torch(path):
+    """A torch.save file (a zip archive, or before torch 1.6 a bare pickle) -> its object, unpickled weights-only:
+    tensors, plain containers and lightning_globals(); anything else (it could run code) is refused by name."""
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"
+    if zipped and not zipfile.is_zipfile(path):  # the zip's central directory, at the very end, is missing
+        raise ValueError(f"{path}: truncated PyTorch checkpoint (incomplete download?)")
+    allowed = lightning_globals()  # for this load only (torch >= 2.5), else for the process (2.4): they are inert
+    try:
+        with (torch.serialization.safe_globals(allowed) if hasattr(torch.serialization, "safe_globals") else
+              torch.serialization.add_safe_globals(allowed) or contextlib.nullcontext()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)  # mmap: no second copy
+    except Exception as e:  # one plain line, not torch's paragraph (with terminal colour codes) on weights_only
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split("WeightsUnpickler error:")[-1]
+        refused = re.search(r"GLOBAL ([\w.]+)|Unsupported class ([\w.]+)|but got <class '([\w.]+)'>", text)
+        if refused:
+            raise ValueError(f"{path}: pickles {next(filter(None, refused.groups()))}, which a weights-only load does "
+                             f"not run; use the .safetensors release of this model") from None
+        reason = next((line.strip() for line in text.splitlines() if line.strip()), "")[:200]
+        what = "PyTorch checkpoint" if zipped else "PyTorch file in the legacy (non-zip) format"
+        raise ValueError(f"{path}: unreadable {what} ({type(e).__name__}: {reason})") from None
+
+
+def flat(tree, prefix=""):
+    """Nested dicts -> one dict of dotted names, tensors only: what a state dict is."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        elif isinstance(value, torch.Tensor):
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def read_file(path):
+    """One weights file -> its flat state dict: .safetensors by read_safetensors, a torch.save file (.ckpt, .bin,
+    .pt) by read_torch, unwrapped from Lightning's {"state_dict": ...}; anything else is named in one line."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(100)
+    if size == 0:
+        raise ValueError(f"{path}: an empty file (0 bytes; an interrupted download?)")
+    if head.startswith(b"version https://git-lfs"):
+        pointed = re.search(rb"size (\d+)", head)
+        raise ValueError(f"{path}: a Git LFS pointer to {int(pointed[1]) if pointed else '?'} bytes of weights, not "
+                         f"the file itself: run `git lfs pull` where it was cloned")
+    if head[8:9] == b"{":  # safetensors: its JSON header starts after the 8 bytes of its length
+        return read_safetensors(path)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save: a zip archive, or a bare pickle (legacy)
+        checkpoint = read_torch(path)
+        if not isinstance(checkpoint, dict):
+            raise ValueError(f"{path}: holds a {type(checkpoint).__name__}, not a state dict of a Stable Diffusion model")
+        if isinstance(checkpoint.get("state_dict"), dict):
+            checkpoint = checkpoint["state_dict"]  # Lightning wraps the weights
+        return flat(checkpoint)
+    if head.lstrip()[:1] == b"{":
+        raise ValueError(f"{path}: a JSON file, not weights (a diffusers folder's {Path(path).name}? give the folder: "
+                         f"{Path(path).parent})")
+    raise ValueError(f"{path}: neither a safetensors file nor a PyTorch checkpoint")
+
+
+def diffusers_files(folder, parts=tuple(DIFFUSERS_FILES)):
+    """{part: its weights file} of a diffusers folder: full precision before fp16, safetensors before a pickle.
+    A VAE alone may be its own folder (an AutoencoderKL's) or a pipeline's vae/."""
+    folder = Path(folder)
+    if (folder / "text_encoder_2").is_dir():
+        raise ValueError(f"{folder}: a diffusers SDXL pipeline (it has text_encoder_2/); {EXPECTED}")
+    files = {}
+    for part in parts:
+        sub, *names = DIFFUSERS_FILES[part]
+        where = folder if parts == ("VAE",) and not (folder / sub).is_dir() else folder / sub
+        names += [Path(n).with_suffix(".fp16" + Path(n).suffix).name for n in names]
+        files[part] = next((where / n for n in names if (where / n).is_file()), None)
+        if files[part] is None:
+            raise FileNotFoundError(f"{folder}: a folder without {where.relative_to(folder) / names[0]} (nor "
+                                    f"{', '.join(names[1:])}); {EXPECTED}")
+    return files
 
 
 def read_checkpoint(path):
-    """An SD file -> its flat state dict: .safetensors by read_safetensors, a torch file (.ckpt) by torch.load."""
+    """An SD file or a diffusers folder -> one flat state dict in the single file's (original) layout."""
     path = os.fspath(path)
-    if os.path.isdir(path):
-        raise ValueError(f"{path}: a folder (a diffusers pipeline?); a Stable Diffusion 1.x single file is expected, "
-                         "e.g. v1-5-pruned-emaonly.safetensors")
+    if os.path.isdir(path):  # each part renamed by its module's rule; transformers' text names are the file's own
+        rules = {"UNet": unet_module.from_diffusers, "VAE": vae_module.from_diffusers, "text encoder": dict}
+        return {SD_PREFIXES[part] + k: v for part, file in diffusers_files(path).items()
+                for k, v in rules[part](read_file(file)).items()}
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file (expected a Stable Diffusion 1.x checkpoint, "
-                                "e.g. v1-5-pruned-emaonly.safetensors or sd-v1-5-inpainting.ckpt)")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"PK\x03\x04":  # torch.save writes a zip archive; anything else should be safetensors
-        return read_safetensors(path)
-    if not zipfile.is_zipfile(path):  # the zip's central directory, at the very end, is missing
-        raise ValueError(f"{path}: truncated PyTorch checkpoint (incomplete download?)")
-    lightning = (_LightningCallback, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint")
-    try:
-        with torch.serialization.safe_globals([lightning]):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: no second copy
-    except Exception as e:
-        raise ValueError(f"{path}: unreadable PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
-        checkpoint = checkpoint["state_dict"]  # Lightning wraps the weights
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path}: holds a {type(checkpoint).__name__}, not a state dict of a Stable Diffusion model")
-    return {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+                                "e.g. v1-5-pruned-emaonly.safetensors or sd-v1-5-inpainting.ckpt, or a diffusers folder)")
+    return read_file(path)
 
 
-def check_sd1(state_dict, name):
-    """Say what a file is when it is not an SD-1.x single file, in one line."""
-    expected = "Stable Diffusion 1.x single file expected (e.g. v1-5-pruned-emaonly.safetensors)"
+def check_sd1(state_dict, name, parts=tuple(SD_PREFIXES)):
+    """Say what a file is when it is not an SD-1.x one, in one line."""
     keys = list(state_dict)
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise ValueError(f"{name}: an SDXL checkpoint; {expected}")
-    if any(k.startswith("cond_stage_model.model.") for k in keys) or any(
+    has = lambda pattern: any(re.match(pattern, k) for k in keys)
+    unet_in, unet_out = (state_dict.get(SD_PREFIXES["UNet"] + k) for k in ("input_blocks.0.0.weight", "out.2.weight"))
+    if has(r"conditioner\.embedders\."):
+        raise ValueError(f"{name}: an SDXL checkpoint; {EXPECTED}")
+    if has(r"cond_stage_model\.model\.") or any(
             k.startswith(SD_PREFIXES["UNet"]) and k.endswith("proj_in.weight") and v.ndim == 2 for k, v in state_dict.items()):
-        raise ValueError(f"{name}: a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder, linear proj_in); {expected}")
+        raise ValueError(f"{name}: a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder, linear proj_in); {EXPECTED}")
     if "cond_stage_model.transformer.token_emb.weight" in state_dict:
-        raise ValueError(f"{name}: an LDM txt2img checkpoint (BERT text encoder, not CLIP): not supported (README, "
-                         f"'Pretrained Stable Diffusion'); {expected}")
-    if any(re.match(r"(unet\.|vae\.|text_encoder\.)?(down_blocks|time_embedding|text_model|encoder\.down_blocks)\.", k) for k in keys):
-        raise ValueError(f"{name}: a diffusers-layout file (keys like down_blocks.0.resnets.0...); {expected}")
-    for part, prefix in SD_PREFIXES.items():
-        if not any(k.startswith(prefix) for k in keys):
-            raise ValueError(f"{name}: holds no Stable Diffusion {part} (no {prefix}* tensors); {expected}")
+        raise ValueError(f"{name}: an LDM txt2img checkpoint (BERT text encoder, not CLIP): not supported "
+                         f"(docs/stable-diffusion.md); {EXPECTED}")
+    if has(r"(.*[._])?lora[._]"):
+        raise ValueError(f"{name}: a LoRA (adapter weights, lora_* tensors), not a model; {EXPECTED}")
+    if has(r"control_model\.|controlnet_"):
+        raise ValueError(f"{name}: a ControlNet (control_model.* / controlnet_* tensors), not a base model; {EXPECTED}")
+    if has(r"string_to_param\.|emb_params$"):
+        raise ValueError(f"{name}: a textual-inversion embedding (string_to_param / emb_params), not a model; {EXPECTED}")
+    wrapped = next((m[1] for k in keys if (m := re.match(r"(.+?\.)(model\.diffusion_model|first_stage_model)\.", k))), None)
+    if wrapped:
+        raise ValueError(f"{name}: a state dict wrapped one level too deep (its weights are {wrapped}model.diffusion_"
+                         f"model.* ...): save the dict under '{wrapped[:-1]}' on its own, as SD files keep it")
+    if not has(r"model\.diffusion_model\.|(unet\.)?down_blocks\.") and has(r"(first_stage_model\.)?(en|de)coder\."):
+        raise ValueError(f"{name}: a VAE on its own (encoder.* / decoder.* tensors): give it as --sd_vae, with an "
+                         f"SD-1.x file as --sd")
+    if has(r"(unet\.|vae\.|text_encoder\.)?(down_blocks|time_embedding|text_model)\."):
+        raise ValueError(f"{name}: a diffusers-layout file (keys like down_blocks.0.resnets.0...): give the diffusers "
+                         f"folder it belongs to (unet/, vae/, text_encoder/); {EXPECTED}")
+    if unet_in is not None and unet_out is not None and unet_in.shape[1] == 2 * unet_out.shape[0]:
+        raise ValueError(f"{name}: an InstructPix2Pix checkpoint (8-channel UNet: noisy and image latents); {EXPECTED}")
+    for part in parts:
+        if not has(re.escape(SD_PREFIXES[part])):
+            raise ValueError(f"{name}: holds no Stable Diffusion {part} (no {SD_PREFIXES[part]}* tensors); {EXPECTED}")
+
+
+def choose_weights(state_dict, name, weights, prefixes):
+    """weights="ema": where a file holds both (v1-5-pruned.ckpt), LitEma's average of the weights replaces the raw
+    ones; LDM saves it under model_ema.* with the dots removed (model.diffusion_model.input_blocks.0.0.weight ->
+    model_ema.diffusion_modelinput_blocks00weight). SD's emaonly files ship it: the weights it sampled with."""
+    ema = {"model_ema." + k.removeprefix("model.").replace(".", ""): k for k in state_dict if k.startswith(prefixes)}
+    found = sum(e in state_dict for e in ema)
+    if weights == "raw" or not found:
+        return state_dict
+    if found < len(ema):
+        missing = next(raw for e, raw in ema.items() if e not in state_dict)
+        raise ValueError(f"{name}: its EMA weights (model_ema.*) lack {missing}; --sd_weights raw loads the raw ones")
+    print(f"{name}: holds raw and EMA weights; using the EMA ones (--sd_weights raw for the others)")
+    return {**{k: v for k, v in state_dict.items() if k not in ema}, **{raw: state_dict[e] for e, raw in ema.items()}}
+
+
+def split(state_dict, prefixes, name):
+    """{part: its tensors, prefix removed}; what lies under no prefix, or is a known extra (EXTRAS), is skipped
+    with one summary line (a network's missing or misshapen tensor is fill's error, not this)."""
+    parts, skipped = {part: {} for part in prefixes}, Counter()
+    for key, value in state_dict.items():
+        part = next((p for p, prefix in prefixes.items() if key.startswith(prefix)), None)
+        extra = EXTRAS.match(key)
+        if part is None or extra:
+            label = "top-level buffers" if "." not in key else extra[0] if extra else key.split(".")[0] + "."
+            skipped[label + "*" * label.endswith(".")] += 1
+        else:
+            parts[part][key[len(prefixes[part]):]] = value
+    if skipped:
+        print(f"{name}: skipped {sum(skipped.values())} tensors no network uses ("
+              f"{', '.join(f'{n} {label}' for label, n in skipped.most_common())})")
+    return parts
 
 
 def fill(module, tensors, name, part, device):
@@ -142,49 +293,91 @@ def fill(module, tensors, name, part, device):
     return module.eval()
 
 
-def build_sd(state_dict, name="state dict", device="cpu"):
-    """An SD-1.x state dict (original layout) -> (vae, unet, text_encoder), every size read off the shapes.
-    device="meta" checks a layout without any memory."""
-    check_sd1(state_dict, name)
-    part = {p: {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)} for p, prefix in SD_PREFIXES.items()}
-    u, v, t = unet_module.from_sd(part["UNet"]), vae_module.from_sd(part["VAE"]), clip.from_hf_text(part["text encoder"])
+def unet_sizes(u):
+    ch, in_ch = u["conv_in.weight"].shape[:2]
+    downs = sorted(int(k.split(".")[1]) for k in u if re.fullmatch(r"input_blocks\.\d+\.0\.conv\.weight", k))
+    firsts = [level * (downs[0] + 1) for level in range(len(downs) + 1)]  # each level's first input block
+    return dict(in_channels=in_ch, out_channels=u["conv_out.weight"].shape[0], channels=ch,
+                channel_mult=tuple(u[f"input_blocks.{i}.0.conv1.weight"].shape[0] // ch for i in firsts),
+                num_res_blocks=downs[0], attention_levels=tuple(
+                    level for level, i in enumerate(firsts) if f"input_blocks.{i}.1.norm.weight" in u),
+                num_heads=SD_HEADS, context_dim=u["middle_block.1.block.attn2.to_k.weight"].shape[1])
+
+
+def vae_sizes(v):
+    ch = v["encoder.conv_in.weight"].shape[0]
+    levels = sum(1 for k in v if re.fullmatch(r"encoder\.down\.\d+\.block\.0\.conv1\.weight", k))
+    return dict(in_channels=v["encoder.conv_in.weight"].shape[1], channels=ch,
+                channel_mult=tuple(v[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in range(max(levels, 1))),
+                num_res_blocks=sum(1 for k in v if re.fullmatch(r"encoder\.down\.0\.block\.\d+\.conv1\.weight", k)),
+                latent_channels=v["post_quant_conv.weight"].shape[0])
+
+
+def text_sizes(t):
+    width = t["ln_final.weight"].shape[0]
+    return dict(embed_dim=None, image_resolution=None, vision_layers=0, vision_width=None, vision_patch_size=None,
+                context_length=t["positional_embedding"].shape[0], vocab_size=t["token_embedding.weight"].shape[0],
+                transformer_width=width, transformer_heads=width // 64,  # CLIP's 64-wide heads
+                transformer_layers=sum(1 for k in t if k.endswith(".attn.in_proj_weight")))
+
+
+BUILDERS = {"UNet": (unet_module.from_sd, unet_sizes, UNet), "VAE": (vae_module.from_sd, vae_sizes, VAE),
+            "text encoder": (clip.from_hf_text, text_sizes, clip.CLIP)}  # part -> (rename rule, sizes, module)
+
+
+def build(part, tensors, name, device):
+    """One network from its tensors (in the file's names, prefix removed): renamed, sized, filled."""
+    rename, sizes_of, Module = BUILDERS[part]
+    tensors = rename(tensors)
     try:
-        ch, in_ch = u["conv_in.weight"].shape[:2]
-        downs = sorted(int(k.split(".")[1]) for k in u if re.fullmatch(r"input_blocks\.\d+\.0\.conv\.weight", k))
-        firsts = [level * (downs[0] + 1) for level in range(len(downs) + 1)]  # each level's first input block
-        unet_sizes = dict(in_channels=in_ch, out_channels=u["conv_out.weight"].shape[0], channels=ch,
-                          channel_mult=tuple(u[f"input_blocks.{i}.0.conv1.weight"].shape[0] // ch for i in firsts),
-                          num_res_blocks=downs[0], attention_levels=tuple(
-                              level for level, i in enumerate(firsts) if f"input_blocks.{i}.1.norm.weight" in u),
-                          num_heads=SD_HEADS, context_dim=u["middle_block.1.block.attn2.to_k.weight"].shape[1])
-        vch = v["encoder.conv_in.weight"].shape[0]
-        levels = sum(1 for k in v if re.fullmatch(r"encoder\.down\.\d+\.block\.0\.conv1\.weight", k))
-        vae_sizes = dict(in_channels=v["encoder.conv_in.weight"].shape[1], channels=vch,
-                         channel_mult=tuple(v[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // vch for i in range(levels)),
-                         num_res_blocks=sum(1 for k in v if re.fullmatch(r"encoder\.down\.0\.block\.\d+\.conv1\.weight", k)),
-                         latent_channels=v["post_quant_conv.weight"].shape[0])
-        width = t["ln_final.weight"].shape[0]
-        text_sizes = dict(embed_dim=None, image_resolution=None, vision_layers=0, vision_width=None, vision_patch_size=None,
-                          context_length=t["positional_embedding"].shape[0], vocab_size=t["token_embedding.weight"].shape[0],
-                          transformer_width=width, transformer_heads=width // 64,  # CLIP's 64-wide heads
-                          transformer_layers=sum(1 for k in t if k.endswith(".attn.in_proj_weight")))
+        sizes = sizes_of(tensors)
     except (KeyError, IndexError) as e:
-        raise ValueError(f"{name}: not a complete Stable Diffusion 1.x file (no tensor {e} after renaming)") from None
+        raise ValueError(f"{name}: not a complete Stable Diffusion 1.x {part} (no tensor {e} after renaming)") from None
     with torch.device("meta"):  # no memory and no random init: every tensor comes from the file
-        models = UNet(**unet_sizes), VAE(**vae_sizes), clip.CLIP(**text_sizes)
-    unet, vae, text = (fill(m, tensors, name, p, device) for m, tensors, p in zip(models, (u, v, t), SD_PREFIXES))
-    vae.scale_factor.fill_(SD_SCALE_FACTOR)
-    for model, sizes in ((unet, unet_sizes), (vae, vae_sizes), (text, text_sizes)):
-        model.sd_sizes = sizes  # what was read off the shapes; `python sd.py --sd FILE` prints it
+        model = Module(**sizes)
+    model = fill(model, tensors, name, part, device)
+    model.sd_sizes = sizes  # what was read off the shapes; `python sd.py --sd FILE` prints it
+    if part == "VAE":
+        model.scale_factor.fill_(SD_SCALE_FACTOR)
+    return model
+
+
+def read_vae(path, weights="ema"):
+    """A separate VAE -> its tensors in LDM's names: vae-ft-mse-840000-ema-pruned.safetensors / .ckpt (encoder.*, ...
+    maybe under first_stage_model.), a diffusers AutoencoderKL file or folder (or a pipeline's vae/)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such VAE file or folder (e.g. vae-ft-mse-840000-ema-pruned.safetensors)")
+    state = read_file(diffusers_files(path, ("VAE",))["VAE"] if path.is_dir() else path)
+    if any(re.match(r"(en|de)coder\.(down|up|mid)_block", k) for k in state):
+        state = vae_module.from_diffusers(state)
+    prefix = "first_stage_model." if any(k.startswith("first_stage_model.") for k in state) else ""
+    networks = tuple(prefix + p for p in ("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))
+    return split(choose_weights(state, str(path), weights, networks), {"VAE": prefix}, str(path))["VAE"]
+
+
+def build_sd(state_dict, name="state dict", device="cpu", weights="ema", vae=None):
+    """An SD-1.x state dict (original layout) -> (vae, unet, text_encoder), every size read off the shapes.
+    weights: "ema" or "raw", the UNet of a file that holds both; vae: a separate VAE's tensors (read_vae) that
+    replace the file's own. device="meta" checks a layout without any memory."""
+    prefixes = {p: prefix for p, prefix in SD_PREFIXES.items() if p != "VAE" or vae is None}
+    check_sd1(state_dict, name, tuple(prefixes))
+    parts = split(choose_weights(state_dict, name, weights, SD_PREFIXES["UNet"]), prefixes, name)
+    if vae is not None:
+        parts["VAE"] = vae
+    unet, vae, text = (build(part, parts[part], name, device) for part in ("UNet", "VAE", "text encoder"))
     return vae, unet, text
 
 
-def load_sd(path, device="cpu"):
-    """A Stable Diffusion 1.x single file (.safetensors or .ckpt) -> (vae, unet, text_encoder), fp32, eval mode.
-    unet(x, t, context) takes 4 channels (9 for SD-1.5-inpainting: x_t, mask, masked-image latent);
-    vae.encode(x).mode() / vae.decode(z) with vae.scale_factor = 0.18215; text_encoder.encode_text_tokens(
-    clip.tokenize(texts, pad_id=49407)) is the [B, 77, width] context SD's UNet attends to."""
-    return build_sd(read_checkpoint(path), os.fspath(path), device)
+def load_sd(path, device="cpu", weights="ema", vae=None):
+    """A Stable Diffusion 1.x single file (.safetensors or .ckpt) or diffusers folder -> (vae, unet, text_encoder),
+    fp32, eval mode. weights: "ema" (default) or "raw", for a file that holds both UNets; vae: a separate VAE
+    file or folder replacing the file's own. unet(x, t, context) takes 4 channels (9 for SD-1.5-inpainting:
+    x_t, mask, masked-image latent); vae.encode(x).mode() / vae.decode(z) with vae.scale_factor = 0.18215;
+    text_encoder.encode_text_tokens(clip.tokenize(texts, pad_id=49407)) is the [B, 77, width] context SD's UNet
+    attends to."""
+    separate = read_vae(vae, weights) if vae else None
+    return build_sd(read_checkpoint(path), os.fspath(path), device, weights, separate)
 
 
 def write_safetensors(tensors, path, metadata=None):
@@ -234,9 +427,10 @@ def save_sd(path, vae, unet, text_encoder, dtype=None):
 
 
 def load_backbone(config, device="cpu"):
-    """The networks AnomalyXFusion takes from config["sd"]: {vae, unet (adapted), sd_context}, the keyword
-    arguments of axf.AnomalyXFusion. The file's own sizes are file_sizes(); the config is not changed here."""
-    vae, unet, text = load_sd(config["sd"], device)
+    """The networks AnomalyXFusion takes from config["sd"] (and config["sd_vae"]): {vae, unet (adapted),
+    sd_context}, the keyword arguments of axf.AnomalyXFusion. The file's own sizes are file_sizes(); the config
+    is not changed here."""
+    vae, unet, text = load_sd(config["sd"], device, config["sd_weights"], config["sd_vae"] or None)
     f = 2 ** (len(vae.sd_sizes["channel_mult"]) - 1) * 2 ** (len(unet.sd_sizes["channel_mult"]) - 1)
     if config["image_size"] % f:
         raise ValueError(f"image_size {config['image_size']} must be a multiple of {f} for {config['sd']}")
@@ -255,25 +449,28 @@ def file_sizes(backbone):
     return sizes
 
 
-def sd_file(path, chunk=1 << 24):
-    """What names an SD file in a checkpoint: its path, size in bytes and sha256 (~3 s for SD-1.5's 4 GB)."""
+def sd_file(path, parts=tuple(SD_PREFIXES), chunk=1 << 24):
+    """What names an SD file (or folder: the part files it reads) in a checkpoint: its path, size in bytes and
+    sha256 (~3 s for SD-1.5's 4 GB). parts=("VAE",) for a separate VAE."""
     path = Path(path)
+    files = list(diffusers_files(path, parts).values()) if path.is_dir() else [path]
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return {"path": str(path.resolve()), "size": path.stat().st_size, "sha256": digest.hexdigest()}
+    for file in files:
+        with open(file, "rb") as f:
+            while block := f.read(chunk):
+                digest.update(block)
+    return {"path": str(path.resolve()), "size": sum(f.stat().st_size for f in files), "sha256": digest.hexdigest()}
 
 
-def check_sd_file(path, saved):
+def check_sd_file(path, saved, parts=tuple(SD_PREFIXES)):
     """Raise one clear line unless `path` is the very file a checkpoint was trained on (same size and hash)."""
     wanted = f"{saved['path']} ({saved['size']:,} bytes, sha256 {saved['sha256'][:16]}...)"
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: missing; this checkpoint was trained on the Stable Diffusion file {wanted}: "
-                                f"pass --sd with where that file is now")
-    size = Path(path).stat().st_size
-    if size != saved["size"] or sd_file(path)["sha256"] != saved["sha256"]:
-        raise ValueError(f"{path} is not the Stable Diffusion file this checkpoint was trained on ({wanted}); "
+    what, flag = ("VAE file", "--sd_vae") if parts == ("VAE",) else ("Stable Diffusion file", "--sd")
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path}: missing; this checkpoint was trained on the {what} {wanted}: "
+                                f"pass {flag} with where that file is now")
+    if sd_file(path, parts)["sha256"] != saved["sha256"]:
+        raise ValueError(f"{path} is not the {what} this checkpoint was trained on ({wanted}); "
                          f"its trained weights belong to that file")
 
 
@@ -358,11 +555,16 @@ class TextEncoderContext(nn.Module):
 
 
 if __name__ == "__main__":  # python sd.py --sd FILE: load a Stable Diffusion 1.x file, print the sizes found
+    import argparse
     import sys
-    if len(sys.argv) != 3 or sys.argv[1] != "--sd":
-        sys.exit("usage: python sd.py --sd FILE   (a Stable Diffusion 1.x .safetensors or .ckpt)")
+    from config import KEYS
+    parser = argparse.ArgumentParser(description="Load a Stable Diffusion 1.x file and print the sizes found.")
+    for key in ("sd", "sd_vae", "sd_weights"):
+        parser.add_argument(f"--{key}", default=KEYS[key].default, choices=KEYS[key].choices, help=KEYS[key].help,
+                            required=key == "sd")
+    args = parser.parse_args()
     try:
-        modules = dict(zip(("VAE", "UNet", "text encoder"), load_sd(sys.argv[2])))
+        modules = dict(zip(("VAE", "UNet", "text encoder"), load_sd(args.sd, "cpu", args.sd_weights, args.sd_vae or None)))
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")
     for part, model in modules.items():

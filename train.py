@@ -348,8 +348,10 @@ def axf_step(model, optimizer, ema, batch, config, step, device):
 def train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, folder, backbone=None):
     path, total = out_dir / "axf.pt", config["steps"]
     state = load_stage(path, total, config)
-    if state and config["sd"]:  # the trained weights belong to one SD file
+    if state and config["sd"]:  # the trained weights belong to one SD file (and VAE)
         sd.check_sd_file(config["sd"], state["sd_file"])
+        if config["sd_vae"]:
+            sd.check_sd_file(config["sd_vae"], state["sd_vae_file"], ("VAE",))
     if state and state["step"] >= total:
         return
     model = assemble_model(train, vae, mask_encoder, clip_model, config, device, backbone)
@@ -363,6 +365,7 @@ def train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, fol
     latents = encode_training_set(model, train, device)
     extra = {"defects": train["category"].defects, "data_folder": str(folder),
              "sd_file": sd.sd_file(config["sd"]) if config["sd"] else None,
+             "sd_vae_file": sd.sd_file(config["sd_vae"], ("VAE",)) if config["sd_vae"] else None,
              "clip": clip_model.state_dict() if not config["clip"] else None}  # a random CLIP is saved
     losses, started = [], time.time()
     bar = cli.progress(total, "3/3 anomalyxfusion", initial=step)
@@ -429,8 +432,10 @@ def main(argv=None):
     if config["sd"]:  # a bad --sd file too
         backbone = sd.load_backbone(config, device)
         set_file_sizes(config, sd.file_sizes(backbone), config["sd"])
-        print(f"{config['sd']}: VAE, UNet ({sum(p.numel() for p in backbone['unet'].parameters()):,} parameters, "
-              f"{backbone['unet'].conv_in.in_channels} input channels) and text encoder; --train_unet {config['train_unet']}")
+        vae_from = f" (from {config['sd_vae']})" if config["sd_vae"] else ""
+        print(f"{config['sd']}: UNet ({sum(p.numel() for p in backbone['unet'].parameters()):,} parameters, "
+              f"{backbone['unet'].conv_in.in_channels} input channels), text encoder and VAE{vae_from}; "
+              f"--train_unet {config['train_unet']}")
     out_dir = Path(args.out_dir or Path("runs") / args.category)
     print(f"config: {config}")
     train = load_training_set(folder, config)

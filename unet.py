@@ -13,7 +13,7 @@ embedding e_t (Eq. (14), (15)). The layout is LDM's (Rombach et al. 2022, CompVi
 Every ResBlock adds the timestep embedding; every SpatialTransformer does self-attention over the
 pixels, cross-attention to the context and a GEGLU feed-forward. Stable Diffusion 1.x's UNet
 (`model.diffusion_model.*` in its single file) loads into this one by the rename rule `from_sd` at the end
-(`to_sd` is its inverse); `add_lora`, `expand_input_channels` and the `gradient_checkpointing` switch adapt
+(`to_sd` is its inverse; `from_diffusers` maps a diffusers folder's UNet onto the single file's names); `add_lora`, `expand_input_channels` and the `gradient_checkpointing` switch adapt
 a pretrained UNet to AnomalyXFusion without changing its output before training. Depends on torch only.
 """
 import math
@@ -335,6 +335,41 @@ def to_sd(state_dict):
             for ours, theirs in (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_proj", "emb_layers.1"),
                                  ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("skip", "skip_connection")):
                 key = key.replace(f".{ours}.", f".{theirs}.")
+        sd[key] = value
+    return sd
+
+
+DIFFUSERS_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+                    "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def from_diffusers(state_dict):
+    """diffusers UNet2DConditionModel tensors (a diffusers folder's unet/) -> SD-1.x's original names, which
+    from_sd then reads. diffusers counts blocks per level (down_blocks.i.resnets.j, .attentions.j,
+    .downsamplers.0); the original counts them across levels with conv_in as input block 0, n ResBlocks a level:
+    level i's j-th ResBlock is input_blocks.{i(n+1) + j + 1}.0, its transformer .1, its downsampler
+    input_blocks.{(i+1)(n+1)}.0.op. On the way up a level has n + 1 blocks, and its upsampler follows the last
+    one, after its transformer if the level has one. Transformer blocks keep their names."""
+    n = sum(1 for k in state_dict if re.fullmatch(r"down_blocks\.0\.resnets\.\d+\.conv1\.weight", k))
+    attends = {m[1] for k in state_dict if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
+    renames = [
+        (r"\.resnets\.(\d+)\.(\w+)\.", lambda m: f".resnets.{m[1]}.{DIFFUSERS_RESNET.get(m[2], m[2])}."),
+        (r"^time_embedding\.linear_([12])\.", lambda m: f"time_embed.{2 * int(m[1]) - 2}."),
+        (r"^conv_in\.", "input_blocks.0.0."), (r"^conv_norm_out\.", "out.0."), (r"^conv_out\.", "out.2."),
+        (r"^down_blocks\.(\d+)\.downsamplers\.0\.conv\.", lambda m: f"input_blocks.{(int(m[1]) + 1) * (n + 1)}.0.op."),
+        (r"^down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.",
+         lambda m: f"input_blocks.{int(m[1]) * (n + 1) + int(m[3]) + 1}.{int(m[2] == 'attentions')}."),
+        (r"^up_blocks\.(\d+)\.upsamplers\.0\.",
+         lambda m: f"output_blocks.{int(m[1]) * (n + 1) + n}.{2 if m[1] in attends else 1}."),
+        (r"^up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.",
+         lambda m: f"output_blocks.{int(m[1]) * (n + 1) + int(m[3])}.{int(m[2] == 'attentions')}."),
+        (r"^mid_block\.resnets\.(\d)\.", lambda m: f"middle_block.{2 * int(m[1])}."),
+        (r"^mid_block\.attentions\.0\.", "middle_block.1."),
+    ]
+    sd = {}
+    for key, value in state_dict.items():
+        for pattern, name in renames:
+            key = re.sub(pattern, name, key)
         sd[key] = value
     return sd
 

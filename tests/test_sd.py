@@ -3,21 +3,27 @@
 Parity numbers come from diffusers and transformers via tests/fixtures/make_sd_fixtures.py
 (sd_reference.pt); the weights are rebuilt here from the script's seeded generator, written as an
 original-layout SD file (safetensors by sd.write_safetensors, or a Lightning-style .ckpt) and
-loaded with sd.load_sd. The full-size SD-1.5 layout (sd_layouts.json.gz) is checked on the meta device.
+loaded with sd.load_sd. The full-size SD-1.5 layout (sd_layouts.json.gz) is checked on the meta device; so are
+the other layouts people download: diffusers folders (names as diffusers' save_pretrained writes them, stored in
+sd_layouts.json.gz), Lightning .ckpt files with an EMA copy and numpy scalars, a separate VAE.
 """
 import importlib.util
 import re
 import runpy
 import sys
 import types
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 import axf
 import sd
+import unet as unet_module
+import vae as vae_module
 
 FIXTURES = Path(__file__).parent / "fixtures"
 EXTRA = {  # what real SD files carry besides the three networks; load_sd must ignore it
@@ -111,25 +117,157 @@ def test_text_encoder_parity_depends_on_quick_gelu(ref, tmp_path):
         assert relative_error(text.encode_text_tokens(tokens), data["outputs"]["4"]["hidden"]) > 1e-3
 
 
-def test_lightning_ckpt_with_callback_state_loads_weights_only(ref, tmp_path, monkeypatch):
-    """Lightning-era .ckpt files pickle a ModelCheckpoint object beside the weights; weights-only loading
-    must still read them (without running the file's code)."""
-    module = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+def importable_as(monkeypatch, obj, module, name):
+    """Make `obj` pickle as module.name (the name the library that wrote real files gave it): pickle writes an
+    object's __module__ and __qualname__ and checks that importing them gives it back."""
+    for i in range(1, module.count(".") + 2):
+        parent = ".".join(module.split(".")[:i])
+        if parent not in sys.modules:
+            monkeypatch.setitem(sys.modules, parent, types.ModuleType(parent))
+    monkeypatch.setattr(sys.modules[module], name, obj, raising=False)
+    obj.__module__, obj.__qualname__ = module, name
 
-    class ModelCheckpoint:
-        def __init__(self):
-            self.best_model_score = torch.tensor(0.5)
-    ModelCheckpoint.__module__, ModelCheckpoint.__qualname__ = module.__name__, "ModelCheckpoint"
-    module.ModelCheckpoint = ModelCheckpoint
-    names = ["pytorch_lightning", "pytorch_lightning.callbacks", module.__name__]
-    for name in names:  # pickle imports the class's module, parents first
-        monkeypatch.setitem(sys.modules, name, module if name == module.__name__ else types.ModuleType(name))
+
+def unet_of(state):
+    """The UNet tensors of an original-layout state dict, prefix removed."""
+    prefix = sd.SD_PREFIXES["UNet"]
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def test_v1_5_pruned_ckpt_loads_weights_only_with_its_ema_unet(ref, tmp_path, monkeypatch, capsys):
+    """v1-5-pruned.ckpt as LDM's Lightning training wrote it: the raw UNet under model.diffusion_model.*, LitEma's
+    copy under model_ema.* (the parameter names without their dots, plus decay and num_updates), the VAE's loss
+    buffer, the schedule, and callback state keyed by pytorch_lightning's ModelCheckpoint holding numpy scalars,
+    one pickled under numpy 1's name numpy.core.multiarray.scalar. Without pytorch_lightning, weights-only, it
+    gives the EMA UNet by default (one line says so) and the raw one with weights="raw"; the rest is skipped
+    with a count."""
     weights = tiny_weights(ref, 4)
-    torch.save({"state_dict": weights, "callbacks": {"ModelCheckpoint": ModelCheckpoint()}}, tmp_path / "pl.ckpt")
-    for name in names:  # the user has no pytorch_lightning installed
-        monkeypatch.delitem(sys.modules, name)
-    _, unet, _ = sd.load_sd(tmp_path / "pl.ckpt")
-    assert torch.equal(unet.conv_out.weight, weights["model.diffusion_model.out.2.weight"])
+    raw = {k: -v for k, v in unet_of(weights).items()}
+    ema = {"model_ema." + ("diffusion_model." + k).replace(".", ""): v for k, v in unet_of(weights).items()}
+    assert "model_ema.diffusion_modelinput_blocks00weight" in ema  # v1-5-pruned.ckpt's name of conv_in's weight
+    state = {**weights, **{sd.SD_PREFIXES["UNet"] + k: v for k, v in raw.items()}, **ema, **EXTRA,
+             "model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(840000, dtype=torch.int32),
+             "first_stage_model.loss.logvar": torch.zeros(())}
+    with monkeypatch.context() as m:
+        ModelCheckpoint = type("ModelCheckpoint", (), {})
+        importable_as(m, ModelCheckpoint, "pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint")
+        scalar = np.float64(0).__reduce__()[0]  # numpy's: numpy 1 names it numpy.core..., numpy 2 numpy._core...
+        if scalar.__module__ != "numpy.core.multiarray":  # numpy 2: write one as numpy 1 did
+            scalar = lambda dtype, data: np.frombuffer(data, dtype)[0]
+            importable_as(m, scalar, "numpy.core.multiarray", "scalar")
+        numpy1 = type("Numpy1Scalar", (), {"__reduce__": lambda self: (scalar, (np.dtype("f8"), np.float64(np.inf).tobytes()))})
+        callbacks = {ModelCheckpoint: {"best_model_score": np.float64(0.25), "kth_value": numpy1(), "dirpath": "logs"}}
+        torch.save({"state_dict": state, "callbacks": callbacks, "global_step": 840000}, tmp_path / "v1-5-pruned.ckpt")
+    pickled = zipfile.ZipFile(tmp_path / "v1-5-pruned.ckpt").read("v1-5-pruned/data.pkl")
+    assert b"numpy.core.multiarray\nscalar" in pickled and b"pytorch_lightning" in pickled
+    assert "pytorch_lightning" not in sys.modules
+    capsys.readouterr()
+    _, unet, _ = sd.load_sd(tmp_path / "v1-5-pruned.ckpt")
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and "using the EMA ones" in lines[0], lines
+    assert "2 model_ema.*" in lines[1] and "1 first_stage_model.loss.*" in lines[1] and "top-level buffers" in lines[1]
+    assert all(torch.equal(v, unet_of(weights)[k]) for k, v in unet_module.to_sd(unet.state_dict()).items())
+    _, unet, _ = sd.load_sd(tmp_path / "v1-5-pruned.ckpt", weights="raw")
+    assert "688 model_ema.*" in capsys.readouterr().out
+    assert all(torch.equal(v, raw[k]) for k, v in unet_module.to_sd(unet.state_dict()).items())
+
+
+def test_a_file_that_pickles_anything_else_is_refused_naming_it(tmp_path, monkeypatch):
+    """Loading stays weights-only: an object of any other class is refused in one plain line that names its class
+    (not torch's multi-line message with terminal colour codes) and points to the .safetensors release."""
+    with monkeypatch.context() as m:
+        Config = type("Config", (), {})
+        importable_as(m, Config, "mytrainer.config", "Config")
+        torch.save({"state_dict": {"model.diffusion_model.out.2.bias": torch.zeros(4)}, "cfg": Config()}, tmp_path / "x.ckpt")
+    with pytest.raises(ValueError) as error:
+        sd.load_sd(tmp_path / "x.ckpt")
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'x.ckpt'}: pickles mytrainer.config.Config") and ".safetensors release" in message
+    assert "\n" not in message and "\x1b" not in message and "Weights only" not in message
+
+
+def test_a_legacy_format_torch_file_is_read(tmp_path):
+    """torch.save before torch 1.6 wrote a bare pickle, not a zip: read weights-only too (no memory map)."""
+    tensor = torch.arange(4.0)
+    torch.save({"state_dict": {"model.diffusion_model.out.2.bias": tensor}, "epoch": np.int64(6)}, tmp_path / "old.ckpt",
+               _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(tmp_path / "old.ckpt")
+    assert torch.equal(sd.read_checkpoint(tmp_path / "old.ckpt")["model.diffusion_model.out.2.bias"], tensor)
+
+
+# ----------------------------------------------------------------------------- diffusers folders, a separate VAE
+
+
+def diffusers_folder(ref, folder, weights, kind="safetensors", parts=("unet", "vae", "text_encoder")):
+    """The weights as a diffusers folder, with the files and tensor names diffusers' and transformers'
+    save_pretrained write (sd_layouts.json.gz): safetensors, the fp16 variant alone, or the .bin pickles."""
+    layout = ref[2]["diffusers_tiny4"]
+    for sub in parts:
+        tensors = {saved: weights[original] for saved, original in layout["keys"][sub]}
+        if sub == "vae":  # diffusers' VAE attention is Linear [C, C], LDM's a 1x1 conv
+            tensors = {k: v.flatten(1) if ".attentions." in k and v.ndim == 4 else v for k, v in tensors.items()}
+        file = folder / layout["files"][sub][kind]
+        file.parent.mkdir(parents=True, exist_ok=True)
+        if kind == "bin":
+            torch.save(tensors, file)
+        else:
+            sd.write_safetensors({k: v.half() if kind == "fp16" else v for k, v in tensors.items()}, file)
+    return folder
+
+
+def assert_same_modules(a, b):
+    for m, n in zip(a, b):
+        assert m.state_dict().keys() == n.state_dict().keys()
+        assert all(torch.equal(v, n.state_dict()[k]) for k, v in m.state_dict().items())
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "fp16", "bin"])
+def test_diffusers_folder_loads_as_the_single_file_it_was_converted_from(ref, tmp_path, kind):
+    """A diffusers folder (unet/, vae/, text_encoder/) gives the very modules of the single file of the same
+    weights: in fp32 safetensors (chosen over an fp16 variant beside it; its UNet matches diffusers' ε), as the
+    fp16 variant alone (equal to an fp16 single file), or as .bin pickles with the names of older libraries
+    (transformers 4's text_model. prefix, as SD-1.5's own folder has it; the VAE attention's query, key, value,
+    proj_attn of diffusers before 0.14)."""
+    data, script, _ = ref
+    weights = tiny_weights(ref, 4)
+    folder = diffusers_folder(ref, tmp_path / "stable-diffusion-v1-5", weights, kind)
+    if kind == "safetensors":  # never read: full precision comes first
+        (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"not read")
+    if kind == "bin":
+        old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+        renamed = lambda k: re.sub(r"attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.", lambda m: f"attentions.0.{old[m[1]]}.", k)
+        vae = torch.load(folder / "vae" / "diffusion_pytorch_model.bin", weights_only=True)
+        torch.save({renamed(k): v for k, v in vae.items()}, folder / "vae" / "diffusion_pytorch_model.bin")
+        text = torch.load(folder / "text_encoder" / "pytorch_model.bin", weights_only=True)
+        torch.save({"text_model." + k: v for k, v in text.items()}, folder / "text_encoder" / "pytorch_model.bin")
+    dtype = torch.float16 if kind == "fp16" else torch.float32
+    modules = sd.load_sd(folder)
+    assert_same_modules(modules, sd.load_sd(write(ref, tmp_path / "single.safetensors", weights, dtype)))
+    if kind == "safetensors":
+        x, t, context = script.inputs(4, 128)[:3]
+        with torch.no_grad():
+            assert relative_error(modules[1](x, t, context), data["outputs"]["4"]["eps"]) < 1e-4
+
+
+def test_a_separate_vae_replaces_the_files_own(ref, tmp_path, capsys):
+    """vae= (--sd_vae): a VAE-only .ckpt as vae-ft-mse-840000-ema-pruned.ckpt ships it (LDM names, no prefix, with its
+    loss buffers and EMA counters), or a diffusers pipeline folder's vae/, gives the VAE; the UNet and text
+    encoder stay the file's."""
+    weights = tiny_weights(ref, 4)
+    path = write(ref, tmp_path / "tiny.safetensors", weights)
+    prefix = sd.SD_PREFIXES["VAE"]
+    other = {k: v * 0.5 if k.startswith(prefix) else v for k, v in weights.items()}  # another VAE
+    vae_only = {k[len(prefix):]: v for k, v in other.items() if k.startswith(prefix)}
+    torch.save({"state_dict": {**vae_only, "loss.logvar": torch.zeros(()), "model_ema.decay": torch.tensor(0.999)}},
+               tmp_path / "vae-ft-mse.ckpt")
+    own = sd.load_sd(path)
+    for vae_path in (tmp_path / "vae-ft-mse.ckpt", diffusers_folder(ref, tmp_path / "pipeline", other, parts=("vae",))):
+        vae, unet, text = sd.load_sd(path, vae=vae_path)
+        assert all(torch.equal(v, vae_only[k].reshape(v.shape)) for k, v in vae_module.to_sd(vae.state_dict()).items())
+        assert_same_modules((unet, text), own[1:])
+    out = capsys.readouterr().out
+    assert "vae-ft-mse.ckpt: skipped 2 tensors no network uses (1 loss.*, 1 model_ema.*)" in out
+    assert "tiny.safetensors: skipped 251 tensors no network uses (248 first_stage_model.*, " in out  # its own VAE
 
 
 # ----------------------------------------------------------------------------- SD-1.5 at full size
@@ -158,12 +296,16 @@ def test_sd15_layout_loads_key_for_key_and_shape_for_shape(ref, in_channels, une
 
 
 def test_a_wrong_shape_or_a_missing_tensor_is_named(ref):
-    """Strict loading: one shape check per tensor, and every tensor of the module must be in the file."""
+    """Strict loading: one shape check per tensor, every tensor of the module must be in the file, and an unknown
+    one under a network's prefix is an error too (only known extras are skipped)."""
     layout = ref[2]["sd15"]
     state = meta_state_dict(layout)
     key = "model.diffusion_model.output_blocks.4.1.transformer_blocks.0.attn2.to_v.weight"
     state[key] = torch.empty(1280, 1024, device="meta")
     with pytest.raises(ValueError, match=r"sd15: UNet tensor output_blocks\.4\.1\.block\.attn2\.to_v\.weight has shape"):
+        sd.build_sd(state, "sd15", device="meta")
+    state = {**meta_state_dict(layout), "cond_stage_model.transformer.text_model.pooler.weight": torch.empty(1, device="meta")}
+    with pytest.raises(ValueError, match=r"its text encoder does not have SD-1.x's layout \(missing \[\], unexpected \['pooler.weight'\]"):
         sd.build_sd(state, "sd15", device="meta")
     state = meta_state_dict(layout)
     del state["first_stage_model.decoder.up.2.block.1.norm1.bias"]
@@ -203,12 +345,40 @@ def test_reader_maps_the_file_instead_of_reading_it(ref, tmp_path):
 # ----------------------------------------------------------------------------- bad files: one clear line
 
 
-def test_missing_file_or_a_folder(tmp_path):
+def test_missing_file_or_a_folder_of_another_kind(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.safetensors: no such file .*Stable Diffusion 1.x"):
         sd.load_sd(tmp_path / "nope.safetensors")
     (tmp_path / "pipeline" / "unet").mkdir(parents=True)
-    with pytest.raises(ValueError, match="pipeline: a folder .*Stable Diffusion 1.x single file is expected"):
+    with pytest.raises(FileNotFoundError, match="pipeline: a folder without unet/diffusion_pytorch_model.safetensors"):
         sd.load_sd(tmp_path / "pipeline")
+    (tmp_path / "pipeline" / "text_encoder_2").mkdir()
+    with pytest.raises(ValueError, match="pipeline: a diffusers SDXL pipeline"):
+        sd.load_sd(tmp_path / "pipeline")
+
+
+@pytest.mark.parametrize("content, what", [
+    (b"", "an empty file"),
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:6ce0\nsize 4265380512\n",
+     "a Git LFS pointer .*4265380512 bytes of weights.*run `git lfs pull`"),
+    (b'{\n  "_class_name": "StableDiffusionPipeline",\n  "_diffusers_version": "0.6.0"\n}', "a JSON file.*give the folder"),
+])
+def test_files_that_are_no_weights_say_what_they_are(tmp_path, content, what):
+    (tmp_path / "model_index.json").write_bytes(content)
+    with pytest.raises(ValueError, match=f"model_index.json: {what}"):
+        sd.load_sd(tmp_path / "model_index.json")
+
+
+@pytest.mark.parametrize("checkpoint, what", [
+    ({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.zeros(2, 768)}, "name": "rust", "step": 500},
+     "a textual-inversion embedding"),
+    ({"state_dict": {"state_dict": {"model.diffusion_model.out.2.bias": torch.zeros(4)}}},
+     "a state dict wrapped one level too deep .*under 'state_dict' on its own"),
+    ({"model": {"model.diffusion_model.out.2.bias": torch.zeros(4)}}, "a state dict wrapped one level too deep .*under 'model'"),
+])
+def test_torch_files_that_are_not_sd1_say_what_they_are(tmp_path, checkpoint, what):
+    torch.save(checkpoint, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=f"other.pt: {what}"):
+        sd.load_sd(tmp_path / "other.pt")
 
 
 def test_truncated_files(ref, tmp_path):
@@ -237,8 +407,20 @@ def test_corrupted_safetensors_header(tmp_path):
 
 
 @pytest.mark.parametrize("keys, what", [
-    ({"first_stage_model.encoder.conv_in.weight": (128, 3, 3, 3)}, "holds no Stable Diffusion UNet"),
+    ({"model.diffusion_model.out.2.weight": (4, 320, 3, 3)}, "holds no Stable Diffusion VAE"),
+    ({"first_stage_model.encoder.conv_in.weight": (128, 3, 3, 3)}, "a VAE on its own"),
+    ({"encoder.down_blocks.0.resnets.0.conv1.weight": (128, 128, 3, 3)}, "a VAE on its own"),
     ({"conv_in.weight": (320, 4, 3, 3), "down_blocks.0.resnets.0.conv1.weight": (320, 320, 3, 3)}, "a diffusers-layout file"),
+    ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 320),
+      "lora_te_text_model_encoder_layers_0_mlp_fc1.alpha": ()}, "a LoRA"),
+    ({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": (4, 320)}, "a LoRA"),
+    ({"control_model.input_hint_block.0.weight": (16, 3, 3, 3), "control_model.zero_convs.0.0.weight": (320, 320, 1, 1)},
+     "a ControlNet"),
+    ({"controlnet_cond_embedding.conv_in.weight": (16, 3, 3, 3), "down_blocks.0.resnets.0.conv1.weight": (320, 320, 3, 3)},
+     "a ControlNet"),
+    ({"emb_params": (4, 768)}, "a textual-inversion embedding"),
+    ({"model.diffusion_model.input_blocks.0.0.weight": (320, 8, 3, 3), "model.diffusion_model.out.2.weight": (4, 320, 3, 3)},
+     "an InstructPix2Pix checkpoint"),
     ({"model.diffusion_model.input_blocks.1.1.proj_in.weight": (320, 320),
       "cond_stage_model.model.token_embedding.weight": (10, 1024)}, "a Stable Diffusion 2.x checkpoint"),
     ({"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
@@ -247,10 +429,12 @@ def test_corrupted_safetensors_header(tmp_path):
       "cond_stage_model.transformer.token_emb.weight": (10, 1280)}, "an LDM txt2img checkpoint"),
 ])
 def test_files_that_are_not_sd1_say_what_they_are(ref, tmp_path, keys, what):
-    """A VAE-only, diffusers-layout, SD-2, SDXL or LDM-BERT file is named as such, and SD-1.x is asked for."""
+    """An incomplete, VAE-only, diffusers-layout, LoRA, ControlNet, textual-inversion, InstructPix2Pix, SD-2, SDXL
+    or LDM-BERT file is named as such in one line."""
     sd.write_safetensors({k: torch.zeros(s) for k, s in keys.items()}, tmp_path / "other.safetensors")
-    with pytest.raises(ValueError, match=f"other.safetensors: {what}.*Stable Diffusion 1.x single file expected"):
+    with pytest.raises(ValueError, match=f"other.safetensors: {what}") as error:
         sd.load_sd(tmp_path / "other.safetensors")
+    assert "\n" not in str(error.value)
 
 
 def test_command_line_prints_sizes_or_one_error_line(ref, tmp_path, monkeypatch, capsys):
@@ -259,7 +443,8 @@ def test_command_line_prints_sizes_or_one_error_line(ref, tmp_path, monkeypatch,
     monkeypatch.setattr(sys, "argv", ["sd.py", "--sd", str(path)])
     runpy.run_path(sd.__file__, run_name="__main__")
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == 3 and out[1].startswith("UNet: ") and "'channel_mult': (1, 2, 4, 4)" in out[1]
+    assert len(out) == 4 and "skipped 3 tensors no network uses" in out[0]  # the schedule and position_ids of EXTRA
+    assert out[2].startswith("UNet: ") and "'channel_mult': (1, 2, 4, 4)" in out[2]
     monkeypatch.setattr(sys, "argv", ["sd.py", "--sd", str(tmp_path / "nope.ckpt")])
     with pytest.raises(SystemExit) as exit:
         runpy.run_path(sd.__file__, run_name="__main__")

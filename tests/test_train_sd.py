@@ -17,6 +17,7 @@ import sample
 import sd
 import toy
 import train
+import vae as vae_module
 from unet import UNet, add_lora, lora_state_dict
 from vae import VAE
 from helpers import kill_after_two_steps_and_resume
@@ -28,7 +29,7 @@ SD_TINY = ["--preset", "toy", "--image_size", "32", "--num_tokens", "2", "--cont
 # one run per --train_unet mode on a text-to-image file (sd_context append, the default), and SD-inpainting's
 # 9 channels from a .ckpt with the authors' splice
 RUNS = {
-    "none": ("txt2img", ["--train_unet", "none"]),
+    "none": ("txt2img", ["--train_unet", "none", "--sd_vae", "{vae}"]),  # with a separate VAE file
     "lora": ("txt2img", ["--train_unet", "lora", "--lora_rank", "4"]),
     "full": ("txt2img", ["--train_unet", "full"]),
     "inpainting": ("inpainting", ["--train_unet", "none", "--sd_context", "splice", "--gradient_checkpointing", "True"]),
@@ -72,7 +73,10 @@ def toy_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sd_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sd")
-    return {"txt2img": tiny_sd(folder / "tiny.safetensors"),
+    torch.manual_seed(2)  # a VAE alone, as vae-ft-mse-840000-ema-pruned.safetensors ships one (LDM names, no prefix)
+    vae = sd.write_safetensors(vae_module.to_sd(VAE(3, 32, (1, 2), 1, 4).state_dict()), folder / "vae.safetensors",
+                               metadata={"format": "pt"})
+    return {"txt2img": tiny_sd(folder / "tiny.safetensors"), "vae": Path(vae),
             "inpainting": tiny_sd(folder / "tiny-inpainting.ckpt", in_channels=9, seed=1)}
 
 
@@ -84,6 +88,7 @@ def trained(toy_root, sd_files, tmp_path_factory):
     def run(name):
         if name not in done:
             kind, extra = RUNS[name]
+            extra = [arg.format(**sd_files) for arg in extra]
             out = tmp_path_factory.mktemp(f"run_{name}")
             train.main(sd_args(toy_root, out, sd_files[kind], extra))
             done[name] = out
@@ -110,10 +115,10 @@ def sd_model(file, **overrides):
     return axf.AnomalyXFusion(settings, axf.build_clip(settings), ["crack", "hole"], **backbone)
 
 
-def changed_copy(file, path):
-    """The SD file with one UNet weight altered: same size, same header, another sha256."""
+def changed_copy(file, path, key=sd.SD_PREFIXES["UNet"] + "out.2.weight"):  # SD-1.x's name of conv_out
+    """The SD file with one weight altered: same size, same header, another sha256."""
     tensors = {k: v.clone() for k, v in sd.read_safetensors(file).items()}
-    tensors[sd.SD_PREFIXES["UNet"] + "out.2.weight"].view(-1)[0] += 1  # SD-1.x's name of conv_out
+    tensors[key].view(-1)[0] += 1
     sd.write_safetensors(tensors, path, metadata={"format": "pt"})
     assert path.stat().st_size == file.stat().st_size
     return path
@@ -256,6 +261,26 @@ def test_resuming_with_another_sd_file_is_refused(trained, toy_root, sd_files, t
     with pytest.raises(ValueError, match="is not the Stable Diffusion file this checkpoint was trained on"):
         train.main(sd_args(toy_root, tmp_path, changed, RUNS["lora"][1] + ["--steps", "6"]))
     assert (tmp_path / "axf.pt").read_bytes() == before
+
+
+def test_a_separate_vae_is_used_recorded_and_checked(trained, sd_files, tmp_path):
+    """--sd_vae: the run's VAE is that file's (not the SD file's own), the checkpoint names it by its hash and
+    sample.py's load refuses another file in its place; a resume may not drop it."""
+    checkpoint = torch.load(trained("none") / "axf.pt", weights_only=True)
+    file = sd_files["vae"]
+    assert checkpoint["config"]["sd_vae"] == str(file)
+    assert checkpoint["sd_vae_file"]["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
+    model, _ = axf.load_checkpoint(trained("none") / "axf.pt")
+    assert all(torch.equal(v, sd.read_safetensors(file)[k]) for k, v in vae_module.to_sd(model.vae.state_dict()).items())
+    assert not torch.equal(model.vae.decoder.conv_out.weight, sd.load_sd(sd_files["txt2img"])[0].decoder.conv_out.weight)
+    changed = changed_copy(file, tmp_path / "vae.safetensors", "decoder.conv_out.weight")
+    checkpoint["config"]["sd_vae"] = str(changed)
+    torch.save(checkpoint, tmp_path / "axf.pt")
+    with pytest.raises(ValueError, match=f"{changed} is not the VAE file this checkpoint was trained on"):
+        axf.load_checkpoint(tmp_path / "axf.pt")
+    assert "--sd_vae" in config.architecture_changes(checkpoint["config"], dict(checkpoint["config"], sd_vae=""))[0]
+    with pytest.raises(ValueError, match="sd_vae replaces the VAE of an --sd file"):
+        config.resolve("toy", dict(sd_vae=str(file)))
 
 
 # ----------------------------------------------------------------------------- resuming
