@@ -238,8 +238,7 @@ def distributed(model, loss, device):
     alike = [f"model.{n}" for n, p in model.named_parameters() if not p.requires_grad]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
         module, alike + [f"model.{n}" for n, _ in model.named_buffers()])
-    return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+    return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
 
 
 def mean_over_processes(value):
