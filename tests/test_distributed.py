@@ -119,9 +119,10 @@ def outputs(run, g=torch.Generator().manual_seed(0)):
 def test_two_processes_reach_the_model_of_one_process_with_twice_the_batch(one_process, two_processes):
     """2 processes x 2 samples, killed and resumed, against 1 process x 4: every stage computes what the one
     process computes, up to the order of float sums. Compared: each network's output on fixed inputs, to 1e-3 of
-    its largest value (measured: ~1e-5; a share that drew its own ε, or a VAE share weighted by its own pixels,
-    is off by 5e-2 to 0.9). The weights themselves would not do: a conv bias right before a GroupNorm has an
-    exact gradient of zero, and AdamW turns its rounding noise into steps of up to the learning rate."""
+    its largest value, far above what the order of sums moves and far below what a wrong share moves (a share
+    that drew its own ε, or a VAE share weighted by its own pixels; docs/results.md). The weights themselves
+    would not do: a conv bias right before a GroupNorm has an exact gradient of zero, and AdamW turns its
+    rounding noise into steps of up to the learning rate."""
     two, _ = two_processes
     one = outputs(one_process)
     for name, value in outputs(two).items():
