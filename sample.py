@@ -96,7 +96,8 @@ def plan(category, few_shot, args, size, generator):
 
 def sample_files(defect, index):
     """test/<defect>/NNN.png, ground_truth/<defect>/NNN_mask.png, prompt/<defect>/NNN.txt."""
-    return f"test/{defect}/{index:03d}.png", f"ground_truth/{defect}/{index:03d}_mask.png", f"prompt/{defect}/{index:03d}.txt"
+    name = f"{defect}/{index:03d}"
+    return f"test/{name}.png", f"ground_truth/{name}_mask.png", f"prompt/{name}.txt"
 
 
 def open_output(out, defects, planned):
@@ -174,7 +175,8 @@ def draw(model, category, jobs, config, device, batch_size, textures=None):
         masks = torch.stack([j[3] for j in batch]).to(device)
         defect_ids = model.row_ids(category, [j[0] for j in batch]).to(device)
         # seed << 32: seed 1's first sample is not seed 0's second
-        generators = [torch.Generator(device).manual_seed((config["seed"] << 32) + start + i) for i in range(len(batch))]
+        generators = [torch.Generator(device).manual_seed((config["seed"] << 32) + i)
+                      for i in range(start, start + len(batch))]
         with cli.autocast(device, config["bf16"]):
             images = model.sample(normals, masks, [j[4] for j in batch], defect_ids,
                                   textures=None if textures is None else textures.expand(len(batch), -1, -1),
@@ -235,7 +237,8 @@ def load_model(args):
     if args.category not in model.categories:
         raise ValueError(f"{path} was trained on {', '.join(model.categories)}, not on {args.category}")
     with cli.main_first():  # rank 0 writes the toy world
-        folder = cli.category_folder(args) if args.toy or args.data_root else Path(checkpoint["data_folders"][args.category])
+        given = args.toy or args.data_root
+        folder = cli.category_folder(args) if given else Path(checkpoint["data_folders"][args.category])
         category = data.load_category(folder)
     if category.defects != model.categories[args.category]:
         raise ValueError(f"{path} was trained on {args.category}'s defects {model.categories[args.category]}, "
@@ -291,7 +294,8 @@ def main(argv=None):
 
 def report(jobs, inside, colours, out, size):
     """The checks' figures, and the preview grid: the first few samples of each defect type, read back."""
-    preview = [[data.read_image(normal, size), mask, data.read_image(out / sample_files(defect, index)[0], size), caption]
+    read = lambda path: data.read_image(path, size)
+    preview = [[read(normal), mask, read(out / sample_files(defect, index)[0]), caption]
                for defect, index, normal, mask, caption in jobs if index < 4]
     preview_path = data.save_grid(preview, out.parent / f"{out.name}_preview.png")
     print(f"every changed pixel lies inside its saved mask; inside: mean |generated - normal| = "

@@ -300,7 +300,8 @@ def assemble_model(train, vae, mask_encoder, clip_model, config, device, backbon
     """AnomalyXFusion on the trained VAE and mask encoder (or an SD file's networks), with its texture tokens
     (Eq. (3)) and each category's caption mean set from the few-shot anomalies."""
     networks = backbone or dict(vae=vae)
-    model = axf.AnomalyXFusion(config, clip_model, train["categories"], mask_encoder=mask_encoder, **networks).to(device)
+    model = axf.AnomalyXFusion(config, clip_model, train["categories"], mask_encoder=mask_encoder, **networks)
+    model = model.to(device)
     if model.mif.use_mif:
         model.mif.init_textures(train["defect_ids"].to(device), train["images"].to(device), train["masks"].to(device))
     if model.mif.use_text and config["center_text"]:
@@ -400,9 +401,9 @@ def axf_step(model, optimizer, ema, batch, config, step, device, loss_of=None):
     draws = model.loss_draws(batch[0].shape, device)
     z, masks, captions, defect_ids, is_anomaly, masked, *draws = cli.share((*batch, *draws))
     with cli.autocast(device, config["bf16"]):
-        loss = (loss_of or cli.LossOf(model, axf.AnomalyXFusion.loss))(
-            z.to(device), masks.to(device), captions, defect_ids.to(device), is_anomaly.to(device),
-            masked_latents=None if masked is None else masked.to(device), draws=draws)  # Eq. (17)
+        masked = None if masked is None else masked.to(device)
+        loss = (loss_of or model.loss)(z.to(device), masks.to(device), captions, defect_ids.to(device),
+                                       is_anomaly.to(device), masked_latents=masked, draws=draws)  # Eq. (17)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], GRAD_CLIP)
