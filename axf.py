@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import clip
 import sd
-from ddpm import DDPM, guided_eps
+from ddpm import DDPM, guided_eps, randn
 from mask_encoder import LocationTokens, MaskAutoencoder, MaskEncoder
 from unet import UNet, timestep_embedding
 from vae import VAE
@@ -66,13 +66,14 @@ class Aggregator(nn.Module):
 class MultiModalInFusion(nn.Module):
     """MIF: a caption, a mask and a defect type -> the X-embedding e_X [B, n, d] (Eq. (1)-(5)).
 
-    CLIP is frozen (§4.2): no gradient ever reaches it. `num_rows` texture-token rows: one per defect
-    type, row 0 for "good" (the convention of defect_ids()). The Table 6 switches leave out the semantic
-    tokens (use_text) or the location and texture tokens with the aggregator (use_mif); with both off
-    there is no e_X (forward returns None) and the model's null context stands in.
+    CLIP is frozen (§4.2): no gradient ever reaches it. One texture-token row per (category, defect type),
+    "good" included (texture_rows); `row_categories` gives each row's category index, so that a row also
+    says whose caption mean to subtract. The Table 6 switches leave out the semantic tokens (use_text) or
+    the location and texture tokens with the aggregator (use_mif); with both off there is no e_X (forward
+    returns None) and the model's null context stands in.
     """
 
-    def __init__(self, config, clip_model, num_rows, mask_encoder=None):
+    def __init__(self, config, clip_model, row_categories, mask_encoder=None):
         super().__init__()
         d, k = config["context_dim"], config["num_tokens"]
         self.use_text, self.use_mif, self.num_tokens = config["use_text"], config["use_mif"], k
@@ -80,15 +81,16 @@ class MultiModalInFusion(nn.Module):
         if clip_model.text_projection.shape[1] != d:
             raise ValueError(f"CLIP embeds to {clip_model.text_projection.shape[1]} dims but context_dim is {d}")
         self._text_cache = {}
-        # the mean CLIP feature of the category's captions, subtracted before Eq. (1)'s L2 norm
-        # (center_captions); zero means Eq. (1) exactly
-        self.register_buffer("text_mean", torch.zeros(d))
+        # per category, the mean CLIP feature of its captions, subtracted before Eq. (1)'s L2 norm
+        # (center_captions); zero means Eq. (1) exactly. Not persistent: the row layout comes from the categories
+        self.register_buffer("row_category", torch.tensor(row_categories, dtype=torch.long), persistent=False)
+        self.register_buffer("text_mean", torch.zeros(max(row_categories) + 1, d))  # [C, d]
         if self.use_mif:
             self.mask_encoder = build_mask_encoder(config) if mask_encoder is None else mask_encoder  # E_ISTR of Eq. (2), fine-tuned here
             self.location = LocationTokens(config["mask_feature_channels"], k, d)  # E_CNN of Eq. (2)
             # Deviation: the paper initialises "the textual embedding" from Eq. (3)'s CLIP feature; here that
             # is k learnable tokens per defect type, set from the mean feature of its examples (init_textures)
-            self.texture_tokens = nn.Parameter(torch.randn(num_rows, k, d))
+            self.texture_tokens = nn.Parameter(torch.randn(len(row_categories), k, d))
             self.aggregator = Aggregator(d, max(1, d // 64))  # CLIP's 64-wide heads
         self.num_context = k * (self.use_text + 2 * self.use_mif)  # n; 0 when every modality is off
 
@@ -105,15 +107,16 @@ class MultiModalInFusion(nn.Module):
         return torch.stack([self._text_cache[c] for c in captions]).to(device)
 
     @torch.no_grad()
-    def center_captions(self, captions):
-        """Deviation: set text_mean to the mean CLIP feature of the (distinct) training captions.
+    def center_captions(self, captions, category=0):
+        """Deviation: set the category's text_mean to the mean CLIP feature of its (distinct) training captions.
 
         Captions of one category share most of their CLIP feature ("The green cable is replaced by a
         repeated gray cable" and "The gray cable is replaced by a repeated green cable" are nearly one
         direction). Their difference from the category's mean is what tells them apart, and after
-        centring it is what Eq. (1)'s unit-norm tokens carry.
+        centring it is what Eq. (1)'s unit-norm tokens carry. Each category has its own mean: a cable
+        caption minus the bottles' mean would still be mostly "cable".
         """
-        self.text_mean.copy_(self.encode_captions(sorted(set(captions))).mean(0))
+        self.text_mean[category] = self.encode_captions(sorted(set(captions))).mean(0)
 
     @torch.no_grad()
     def encode_texture(self, images, masks):
@@ -131,11 +134,13 @@ class MultiModalInFusion(nn.Module):
             self.texture_tokens.data[row] = unit_tokens(mean, self.num_tokens)[0]
 
     def forward(self, captions, masks, defect_ids, textures=None):
-        """e_X [B, n, d], or None when every modality is off. textures: optional [B, k, d] texture tokens
-        (from a reference image, Eq. (3)) instead of the learned ones."""
+        """e_X [B, n, d], or None when every modality is off. defect_ids: texture-token rows [B] (one category:
+        defect_ids()). textures: optional [B, k, d] texture tokens (from a reference image, Eq. (3)) instead
+        of the learned ones."""
         parts = []
         if self.use_text:  # Eq. (1): e_sem [B, k, d]
-            parts.append(unit_tokens(self.encode_captions(captions) - self.text_mean, self.num_tokens))
+            mean = self.text_mean[self.row_category[defect_ids]]  # [B, d]: each sample's category's mean
+            parts.append(unit_tokens(self.encode_captions(captions) - mean, self.num_tokens))
         if self.use_mif:
             parts.append(self.location(self.mask_encoder(masks)))  # Eq. (2): e_loc [B, k, d]
             parts.append(self.texture_tokens[defect_ids] if textures is None else textures)  # Eq. (3): e_tex
@@ -179,23 +184,32 @@ def latent_mask(mask, factor):
 
 
 def defect_ids(names, defects):
-    """The one defect-id convention: 0 is "good" (normal images), defect type i of the category's sorted
-    list (data.Category.defects) is i + 1. It indexes the texture-token rows."""
+    """The one defect-id convention within a category: 0 is "good" (normal images), defect type i of the
+    category's sorted list (data.Category.defects) is i + 1."""
     rows = ["good"] + list(defects)
     return torch.tensor([rows.index(name) for name in names], dtype=torch.long)
 
 
-class AnomalyXFusion(nn.Module):
-    """VAE + UNet + MIF + DDF (paper Fig. 1). vae, unet, mask_encoder: trained or pretrained networks (default:
-    fresh ones); the VAE is frozen. sd_context: how e_t reaches a pretrained SD UNet (sd.TextEncoderContext)."""
+def texture_rows(categories):
+    """The texture-token rows of a model of `categories` {name: sorted defect types}: per category, in order,
+    "good" then its defect types, as defect_ids numbers them. One category: row i is its defect id i."""
+    return [(name, defect) for name, defects in categories.items() for defect in ["good", *defects]]
 
-    def __init__(self, config, clip_model, defects, vae=None, unet=None, mask_encoder=None, sd_context=None):
+
+class AnomalyXFusion(nn.Module):
+    """VAE + UNet + MIF + DDF (paper Fig. 1), for one or several categories {name: sorted defect types}.
+    vae, unet, mask_encoder: trained or pretrained networks (default: fresh ones); the VAE is frozen.
+    sd_context: how e_t reaches a pretrained SD UNet (sd.TextEncoderContext)."""
+
+    def __init__(self, config, clip_model, categories, vae=None, unet=None, mask_encoder=None, sd_context=None):
         super().__init__()
-        self.config, self.defects = dict(config), ["good"] + list(defects)
+        self.config, self.categories = dict(config), {name: list(d) for name, d in categories.items()}
+        self.rows = texture_rows(self.categories)  # [(category, defect)], one per texture-token row
         self.vae = (build_vae(config) if vae is None else vae).requires_grad_(False)
         self.unet = build_unet(config) if unet is None else unet
         self.unet.gradient_checkpointing = config["gradient_checkpointing"]
-        self.mif = MultiModalInFusion(config, clip_model, len(self.defects), mask_encoder)
+        names = list(self.categories)
+        self.mif = MultiModalInFusion(config, clip_model, [names.index(c) for c, _ in self.rows], mask_encoder)
         self.ddf = DynamicDifFusion(config["context_dim"]) if config["use_ddf"] else None
         self.sd_context = sd_context
         self.ddpm = build_ddpm(config)
@@ -207,6 +221,10 @@ class AnomalyXFusion(nn.Module):
         self.reads_masked_image = self.unet.conv_in.in_channels == 2 * self.unet.conv_out.out_channels + 1
         # what a checkpoint leaves out, rebuilt from its own file: CLIP, an SD file's networks (trained_keys)
         self.from_files = ("mif.clip.",) + (("vae.", "unet.", "sd_context.text_encoder.") if sd_context is not None else ())
+
+    def row_ids(self, category, names):
+        """The texture-token rows [B] of one category's defect types (names; "good" for a normal image)."""
+        return torch.tensor([self.rows.index((category, name)) for name in names], dtype=torch.long)
 
     def x_embedding(self, captions, masks, defect_ids, textures=None):
         """e_X [B, n, d] (Eq. (1)-(5)); the null context when every modality is off."""
@@ -243,18 +261,25 @@ class AnomalyXFusion(nn.Module):
         """The inpainting UNet's third input: the latent of the image with its mask grey, or None."""
         return self.encode_images(images * (1 - masks) + 0.5 * masks) if self.reads_masked_image else None
 
-    def loss(self, latents, masks, captions, defect_ids, is_anomaly, generator=None, masked_latents=None):
+    def loss_draws(self, shape, device, generator=None):
+        """The loss's random draws for latents of `shape` [B, C, h, w]: timesteps t [B], noise ε, and which
+        conditions are dropped [B]. train.py draws them for the whole batch in every process, which keeps
+        its own rows of them (DDP): the same numbers one process would use."""
+        t = torch.randint(0, self.ddpm.num_steps, (shape[0],), device=device, generator=generator)
+        noise = torch.randn(shape, device=device, generator=generator)
+        drop = torch.rand(shape[0], device=device, generator=generator) < self.config["cond_dropout"]
+        return t, noise, drop
+
+    def loss(self, latents, masks, captions, defect_ids, is_anomaly, generator=None, masked_latents=None, draws=None):
         """The ε-prediction loss of Eq. (17), weighted to the anomaly region for anomalous images.
 
         Normal images (is_anomaly False) count every latent cell alike: they teach the object itself.
         Deviation: anomalous images count their mask fully and the rest by `outside_loss_weight`, so a
         handful of few-shot anomalies spend the gradient on the defect, not the background.
+        draws: (t, noise, drop) from loss_draws; by default drawn here.
         """
-        B, device = latents.shape[0], latents.device
-        t = torch.randint(0, self.ddpm.num_steps, (B,), device=device, generator=generator)
-        noise = torch.randn(latents.shape, device=device, generator=generator)
+        t, noise, drop = draws if draws is not None else self.loss_draws(latents.shape, latents.device, generator)
         x_t = self.ddpm.q_sample(latents, t, noise)  # Eq. (10)
-        drop = torch.rand(B, device=device, generator=generator) < self.config["cond_dropout"]
         context = self.condition(captions, masks, defect_ids, t, drop=drop)
         region = latent_mask(masks, self.latent_factor)
         eps = self.unet(self.unet_input(x_t, region, masked_latents), t, context)
@@ -279,6 +304,7 @@ class AnomalyXFusion(nn.Module):
         Each step, inside the latent mask the model's reverse step, outside the normal image's latent noised
         to the same step; the decoded image is pasted into the normal one through the pixel mask itself, so
         every changed pixel lies inside it. callback(t, x_t) sees each blended latent (t = -1: the last).
+        generator: one, or a list of one per sample (ddpm.randn), so that a sample's noise is its own.
         """
         device, B = normal_images.device, len(normal_images)
         z0 = self.encode_images(normal_images)
@@ -287,11 +313,11 @@ class AnomalyXFusion(nn.Module):
         e_x = self.x_embedding(captions, masks, defect_ids, textures)  # Eq. (1)-(5): once per batch
         # one fixed noise for the background: its latent at step t is q_sample(z0, t, known_noise), one forward
         # trajectory (Eq. (10)), so the background moves smoothly from noise to z0 instead of flickering
-        known_noise = torch.randn(z0.shape, device=device, generator=generator)
+        known_noise = randn(z0.shape, generator, device)
         timesteps = self.ddpm.sampling_timesteps(sampler, steps)
         at = lambda step: torch.full((B,), step, device=device, dtype=torch.long)
         # Eq. (11), (13): the reverse chain starts from Gaussian noise x_T, each step conditioned on e_t
-        x = torch.randn(z0.shape, device=device, generator=generator)
+        x = randn(z0.shape, generator, device)
         x = region * x + (1 - region) * self.ddpm.q_sample(z0, at(timesteps[0][0]), known_noise)
         for step, step_prev in timesteps:
             t, t_prev = at(step), at(step_prev)
@@ -392,7 +418,7 @@ def load_checkpoint(path, device="cpu", use_ema=True, sd_path=None):
         raise FileNotFoundError(f"{path}: no such checkpoint; train one with train.py first")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        config, defects = checkpoint["config"], checkpoint["defects"]
+        config, categories = checkpoint["config"], checkpoint["categories"]
     except Exception as error:
         raise ValueError(f"{path}: not an AnomalyXFusion checkpoint ({type(error).__name__}: "
                          f"{str(error).splitlines()[0][:200]})") from None
@@ -410,7 +436,7 @@ def load_checkpoint(path, device="cpu", use_ema=True, sd_path=None):
             config["sd_vae"] = config["sd_vae"] if Path(config["sd_vae"]).exists() else saved["path"]
             sd.check_sd_file(config["sd_vae"], saved, ("VAE",))
         networks = sd.load_backbone(config)
-    model = AnomalyXFusion(config, clip_model, defects, **networks)
+    model = AnomalyXFusion(config, clip_model, categories, **networks)
     load_weights(model, checkpoint["model"], path)
     if use_ema and checkpoint.get("ema"):
         params = dict(model.named_parameters())

@@ -182,7 +182,7 @@ def bench_axf(cfg, device, quick):
     (DDIM, classifier-free guidance, blended as Eq. (16), then decoded). On CPU the MVTec preset times
     2 of its sampler steps and scales them to the full count (said in the row)."""
     B, repeats, note = batch_and_repeats(cfg, device, quick)
-    model = axf.AnomalyXFusion(cfg, axf.build_clip(cfg, device), ["crack", "hole"]).to(device)
+    model = axf.AnomalyXFusion(cfg, axf.build_clip(cfg, device), {"bench": ["crack", "hole"]}).to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     S = cfg["image_size"]
     images = torch.rand(B, 3, S, S, device=device)
@@ -339,7 +339,7 @@ def sd_train_model(sizes, clip_model, mode, context, checkpointing, device):
     backbone = dict(vae=vae, unet=sd.adapt_sd_unet(unet, mode, config["lora_rank"]),
                     sd_context=sd.TextEncoderContext(text, config).to(device))
     config.update(sd.file_sizes(backbone))  # as train.py sets them from the file
-    model = axf.AnomalyXFusion(config, clip_model, ["crack", "hole"], **backbone).to(device)
+    model = axf.AnomalyXFusion(config, clip_model, {"bench": ["crack", "hole"]}, **backbone).to(device)
     model.mif.clip.cpu()  # as train.assemble_model leaves it once its features are cached
     return config, model
 
@@ -355,7 +355,9 @@ def fake_training_set(config, num_anomalies=6, num_normals=16):
     train_set = {"captions": [f"The {colours[i % 6]} cable has a crack across its insulation near the centre"
                               for i in range(num_anomalies)],
                  "masks": masks, "defect_ids": torch.arange(num_anomalies) % 2 + 1,
-                 "normals": torch.zeros(num_normals, 0)}  # make_batch reads only how many: their latents are cached
+                 "normals": torch.zeros(num_normals, 0),  # make_batch reads only how many: their latents are cached
+                 "normal_rows": torch.zeros(num_normals, dtype=torch.long),
+                 "num_normals": [num_normals], "num_anomalies": [num_anomalies]}
     latents = {"anomalies": torch.randn(num_anomalies, C, S // f, S // f),
                "normals": torch.randn(num_normals, C, S // f, S // f)}
     return train_set, latents

@@ -1,10 +1,11 @@
 """What the three scripts (train.py, sample.py, evaluate.py) share: the command line and the run.
 
-- the data flags (--category, --toy, --data_root) and the category folder, validated whole before
+- the data flags (--category, --toy, --data_root) and the category folders, validated whole before
   anything is written;
 - every key of config.py as a `--key value` flag, typed like its default, with its help;
 - the device, bf16 autocast, the optimiser, progress bars that also read well in a log file, and files
-  (checkpoints, Stable Diffusion files) written atomically.
+  (checkpoints, Stable Diffusion files) written atomically;
+- several processes (torchrun): the process group, this process's share of a batch, DDP.
 """
 import argparse
 import os
@@ -13,6 +14,9 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
@@ -20,8 +24,9 @@ import toy
 from config import CONFIG, KEYS
 
 
-def add_data_args(parser):
-    parser.add_argument("--category", required=True, help="category folder name, e.g. bottle")
+def add_data_args(parser, several=False):
+    parser.add_argument("--category", required=True, help="category folder name, e.g. bottle" + (
+        "; several: bottle,cable,pill; all: every category under --data_root (or of --toy)" if several else ""))
     parser.add_argument("--toy", action="store_true", help="use the built-in toy world (generated on first use)")
     parser.add_argument("--data_root", help="folder holding <category>/ in the MVTec AD or LOCO layout")
 
@@ -53,15 +58,30 @@ def config_overrides(args):
     return {k: v for k in CONFIG if k != "preset" and (v := getattr(args, k, None)) is not None}
 
 
-def category_folder(args):
-    """The category folder the flags name, validated whole (data.load_category) before any writing."""
+def category_names(args):
+    """--category's names, sorted: one; several, comma-separated; or all: every toy category with --toy, else
+    every folder under --data_root with a train/good/ (an MVTec category)."""
+    if args.category != "all":
+        return sorted({name.strip() for name in args.category.split(",") if name.strip()})
+    if args.toy:
+        return list(toy.TOY_CATEGORIES)
+    root = Path(args.data_root or "data/mvtec")
+    names = sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir()) if root.is_dir() else []
+    if not names:
+        raise FileNotFoundError(f"{root}: --category all found no category folder (<name>/train/good/) here")
+    return names
+
+
+def category_folder(args, name=None):
+    """The category folder the flags name (or `name`'s), validated whole (data.load_category) before any writing."""
+    name = name or args.category
     if args.toy and args.data_root:
         raise ValueError("give either --toy or --data_root, not both")
     if args.toy:
-        if args.category not in toy.TOY_CATEGORIES:
-            raise ValueError(f"--toy has categories {', '.join(toy.TOY_CATEGORIES)}, not {args.category!r}")
-        return toy.ensure_toy(args.category)
-    folder = Path(args.data_root or "data/mvtec") / args.category
+        if name not in toy.TOY_CATEGORIES:
+            raise ValueError(f"--toy has categories {', '.join(toy.TOY_CATEGORIES)}, not {name!r}")
+        return toy.ensure_toy(name)
+    folder = Path(args.data_root or "data/mvtec") / name
     data.load_category(folder)  # raises one clear line on a missing folder or bad data
     return folder
 
@@ -109,11 +129,12 @@ def adamw(params, lr, weight_decay=0.01):
 
 
 def progress(total, desc, initial=0):
-    """A tqdm bar; when stderr is not a terminal (a log file), a plain line every 15 s instead of a
-    carriage-return update many times a second."""
+    """A tqdm bar (on rank 0 only); when stderr is not a terminal (a log file), a plain line every 15 s
+    instead of a carriage-return update many times a second."""
     if sys.stderr.isatty():
-        return tqdm(total=total, initial=initial, desc=desc)
-    return tqdm(total=total, initial=initial, desc=desc, file=LogLines(), mininterval=15, ncols=100)
+        return tqdm(total=total, initial=initial, desc=desc, disable=not is_main())
+    return tqdm(total=total, initial=initial, desc=desc, file=LogLines(), mininterval=15, ncols=100,
+                disable=not is_main())
 
 
 class LogLines:
@@ -125,3 +146,110 @@ class LogLines:
 
     def flush(self):
         sys.stderr.flush()
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes: `torchrun --nproc_per_node N train.py ...` starts N copies of the script, one per
+# GPU (or N on a CPU), and sets RANK, WORLD_SIZE and LOCAL_RANK. Every process draws the whole batch,
+# the one a single process would draw, and keeps its share; DDP averages the shares' gradients, so N
+# processes take the steps one process would (up to the order of float sums).
+
+
+def init_distributed(device_name="auto"):
+    """(rank, world_size, device): under torchrun, join the process group (NCCL on CUDA, gloo on a CPU) on the
+    GPU LOCAL_RANK names; without it, (0, 1, the device) and no process group. Only rank 0 prints."""
+    device = pick_device(device_name)
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")  # env://: RANK, WORLD_SIZE, MASTER_ADDR
+    if dist.get_rank() != 0:  # the others would repeat each line N times
+        sys.stdout = open(os.devnull, "w")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def is_main():
+    """Whether this process writes checkpoints, previews and logs: rank 0, or the only process."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size():
+    """How many processes share the work: 1 without torchrun."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@contextmanager
+def main_first():
+    """Run the block on rank 0 first, then on the others: what it writes (the toy world) is there for them."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+
+def gather(value):
+    """[value of rank 0, of rank 1, ...]: any picklable value from every process, in every process."""
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def share(batch):
+    """This process's share of a batch every process drew whole: rows r*b .. (r+1)*b - 1 of each tensor or list
+    (b = its length / world_size; None stays None). One process keeps the whole batch."""
+    def rows(x):
+        b = len(x) // world_size()
+        return x[rank() * b:(rank() + 1) * b]
+    return tuple(None if x is None else rows(x) for x in batch)
+
+
+class LossOf(nn.Module):
+    """loss(model, *args) as a module's forward(): DDP averages the gradients of what its forward() computes."""
+
+    def __init__(self, model, loss):
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, *args, **kwargs):
+        return self.loss(self.model, *args, **kwargs)
+
+
+def distributed(model, loss, device):
+    """loss(model, *batch) as a callable on this process's share of a batch; under torchrun through DDP, which
+    averages the gradients of the equal shares: the whole batch's mean loss. What does not train (frozen CLIP,
+    on the CPU; a frozen VAE or SD UNet) and the buffers are alike in every process already: DDP ignores them."""
+    module = LossOf(model, loss)
+    if not dist.is_initialized():
+        return module
+    alike = [f"model.{n}" for n, p in model.named_parameters() if not p.requires_grad]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        module, alike + [f"model.{n}" for n, _ in model.named_buffers()])
+    return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+
+
+def mean_over_processes(value):
+    """A logged number (a loss on this process's share) averaged over the processes: the whole batch's."""
+    if not dist.is_initialized():
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value)
+    return value / dist.get_world_size()
+
+
+def finish_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -11,6 +11,14 @@ import math
 import torch
 
 
+def randn(shape, generator=None, device=None):
+    """Gaussian noise [B, ...] from one generator, or from a list of B generators, one per sample: then a
+    sample's noise depends on its own generator only, not on which batch it was drawn in (sample.py)."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.randn(shape[1:], generator=g, device=device) for g in generator])
+    return torch.randn(shape, generator=generator, device=device)
+
+
 # the β range each schedule was published with (DDPM; LDM and Stable Diffusion); cosine needs none
 BETA_RANGES = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012), "cosine": (None, None)}
 
@@ -101,10 +109,11 @@ class DDPM(torch.nn.Module):
         return x_prev.to(x_t.dtype)
 
     def reverse_step(self, eps, t, t_prev, x_t, sampler="ddim", eta=0.0, generator=None):
-        """x_t -> x_{t_prev} by the chosen sampler: Eq. (15)'s ancestral step (t_prev = t - 1) or a DDIM step."""
+        """x_t -> x_{t_prev} by the chosen sampler: Eq. (15)'s ancestral step (t_prev = t - 1) or a DDIM step.
+        generator: one, or one per sample (randn)."""
         if sampler == "ddpm":
-            return self.step(eps, t, x_t, noise=torch.randn(x_t.shape, device=x_t.device, generator=generator))
-        noise = torch.randn(x_t.shape, device=x_t.device, generator=generator) if eta > 0 else None
+            return self.step(eps, t, x_t, noise=randn(x_t.shape, generator, x_t.device))
+        noise = randn(x_t.shape, generator, x_t.device) if eta > 0 else None
         return self.ddim_step(eps, t, t_prev, x_t, eta=eta, noise=noise)
 
     def sampling_timesteps(self, sampler="ddim", steps=50):

@@ -3,6 +3,8 @@
     python sample.py --category bottle --toy --n 100
     python sample.py --category bottle --ckpt runs/bottle --n 1000 --defect broken_large
     python sample.py --category cable --toy --defect cable_swap --prompt "The blue cable is replaced by a repeated green cable"
+    python sample.py --category pill --toy --ckpt runs/all          # one category of a model of several
+    torchrun --standalone --nproc_per_node 4 sample.py --category bottle --n 1000   # the samples split over 4 GPUs
 
 For each defect type (or --defect), --n anomalies are drawn on normal training images (one of the
 --similar_normals most like the few-shot source the mask and caption come from), inside
@@ -20,6 +22,10 @@ data.load_category, evaluate.py and detector libraries (anomalib's MVTecAD reade
     .axf_samples.json the files sample.py wrote (a re-run deletes only those; it refuses any other
                       non-empty folder, so it never deletes a dataset's own files)
 The preview grid goes beside it: <out_dir>_preview.png (e.g. samples/cable_preview.png).
+
+Each sample's noise comes from its own generator, seeded by --seed and its place in the plan, and under
+torchrun each process draws whole batches of the plan (the ones one process would draw): the folder is
+the same, byte for byte, whatever the number of processes.
 """
 import argparse
 import json
@@ -63,7 +69,7 @@ def similar_normals(category, anomalies, k, size=64):
 
 
 def plan(category, few_shot, args, size, generator):
-    """What to draw: (defect, normal image path, mask, caption) for every sample."""
+    """What to draw: (defect, its index within the defect, normal image path, mask, caption) for every sample."""
     defects = [args.defect] if args.defect else category.defects
     nearest = similar_normals(category, few_shot, args.similar_normals) if args.similar_normals > 0 else None
     jobs = []
@@ -71,7 +77,7 @@ def plan(category, few_shot, args, size, generator):
         if defect not in category.defects:
             raise ValueError(f"--defect {defect!r} is not a defect type of {category.name}: {', '.join(category.defects)}")
         examples = [a for a in few_shot if a.defect == defect]
-        for _ in range(args.n):
+        for index in range(args.n):
             source = examples[int(torch.randint(len(examples), (1,), generator=generator))]
             candidates = nearest[source.image] if nearest else range(len(category.train_good))
             normal = category.train_good[candidates[int(torch.randint(len(candidates), (1,), generator=generator))]]
@@ -80,7 +86,7 @@ def plan(category, few_shot, args, size, generator):
             else:  # the source's own mask, jittered: the caption describes what lies under it
                 mask = data.sample_mask(size, generator, real_masks=data.read_mask(source, size)[None], p_real=1.0,
                                         jitter=args.jitter)
-            jobs.append((defect, normal, mask, args.prompt or source.caption))
+            jobs.append((defect, index, normal, mask, args.prompt or source.caption))
     return jobs
 
 
@@ -88,17 +94,27 @@ def plan(category, few_shot, args, size, generator):
 # The output folder: one MVTec AD category, and a manifest of what sample.py wrote into it
 
 
-def open_output(out, defects):
+def sample_files(defect, index):
+    """test/<defect>/NNN.png, ground_truth/<defect>/NNN_mask.png, prompt/<defect>/NNN.txt."""
+    name = f"{defect}/{index:03d}"
+    return f"test/{name}.png", f"ground_truth/{name}_mask.png", f"prompt/{name}.txt"
+
+
+def open_output(out, defects, planned):
     """The manifest of files sample.py wrote into `out` before, minus those it deletes now.
 
     A re-run replaces the normal images and the samples of `defects`; it deletes only files its
-    manifest lists. A non-empty folder without a manifest is someone else's: refused.
+    manifest lists. A non-empty folder without a manifest is someone else's: refused; so is a folder
+    where a file this run will write (`planned`) exists and the manifest does not list it.
     """
     manifest = out / MANIFEST
     if out.exists() and any(out.iterdir()) and not manifest.is_file():
         raise ValueError(f"{out}: not empty and not written by sample.py (no {MANIFEST}); sample.py never "
                          f"deletes files it did not write: pass a new or empty --out_dir")
     written = set(json.loads(manifest.read_text())["written"]) if manifest.is_file() else set()
+    for name in planned:
+        if (out / name).exists() and name not in written:
+            raise ValueError(f"{out / name}: exists and sample.py did not write it; pass a new or empty --out_dir")
     replaced = {f for f in written if f.split("/")[:2] in (["train", "good"], ["test", "good"])
                 or f.split("/")[1] in defects}
     for name in replaced:
@@ -125,42 +141,47 @@ def save_png(tensor, path):
     Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(path)
 
 
-def save_sample(out, defect, index, image, mask, caption, written):
-    """test/<defect>/NNN.png, ground_truth/<defect>/NNN_mask.png, prompt/<defect>/NNN.txt."""
-    files = (f"test/{defect}/{index:03d}.png", f"ground_truth/{defect}/{index:03d}_mask.png", f"prompt/{defect}/{index:03d}.txt")
-    for name in files:
-        if (out / name).exists() and name not in written:
-            raise ValueError(f"{out / name}: exists and sample.py did not write it; pass a new or empty --out_dir")
+def save_sample(out, defect, index, image, mask, caption):
+    """The sample's image, mask and caption (sample_files)."""
+    files = sample_files(defect, index)
     save_png(image, out / files[0])
     save_png(mask, out / files[1])
     (out / files[2]).parent.mkdir(parents=True, exist_ok=True)
     (out / files[2]).write_text(caption + "\n", encoding="utf-8")
-    written.update(files)
+
+
+def write_manifest(out, written, checkpoint):
+    (out / MANIFEST).write_text(json.dumps({"written": sorted(written), "checkpoint": str(checkpoint)}, indent=1))
 
 
 # ----------------------------------------------------------------------------------------------
 # Drawing
 
 
-def draw(model, jobs, config, device, batch_size, textures=None):
-    """Sample the jobs in batches; yield (job, normal [3, S, S], generated [3, S, S]) for each one.
+def draw(model, category, jobs, config, device, batch_size, textures=None):
+    """Sample this process's batches of the jobs; yield (job, normal [3, S, S], generated [3, S, S]) for each one.
 
-    The promise of Eq. (16) and the final composite, checked on every sample: every pixel that
+    The batches are those one process forms, jobs i .. i + batch_size - 1; with N processes, rank r takes
+    batches r, r + N, ... Each sample's noise comes from a generator seeded by --seed and its index i in the
+    plan alone. The promise of Eq. (16) and the final composite, checked on every sample: every pixel that
     differs from the normal image lies inside the mask.
     """
     size = config["image_size"]
-    bar = cli.progress(len(jobs), "sampling")
-    for start in range(0, len(jobs), batch_size):
+    starts = range(0, len(jobs), batch_size)[cli.rank()::cli.world_size()]
+    bar = cli.progress(sum(len(jobs[i:i + batch_size]) for i in starts), "sampling")
+    for start in starts:
         batch = jobs[start:start + batch_size]
-        normals = torch.stack([data.read_image(j[1], size) for j in batch]).to(device)
-        masks = torch.stack([j[2] for j in batch]).to(device)
-        defect_ids = axf.defect_ids([j[0] for j in batch], model.defects[1:]).to(device)
+        normals = torch.stack([data.read_image(j[2], size) for j in batch]).to(device)
+        masks = torch.stack([j[3] for j in batch]).to(device)
+        defect_ids = model.row_ids(category, [j[0] for j in batch]).to(device)
+        # seed << 32: seed 1's first sample is not seed 0's second
+        generators = [torch.Generator(device).manual_seed((config["seed"] << 32) + i)
+                      for i in range(start, start + len(batch))]
         with cli.autocast(device, config["bf16"]):
-            images = model.sample(normals, masks, [j[3] for j in batch], defect_ids,
+            images = model.sample(normals, masks, [j[4] for j in batch], defect_ids,
                                   textures=None if textures is None else textures.expand(len(batch), -1, -1),
                                   sampler=config["sampler"], steps=config["sample_steps"],
-                                  guidance_scale=config["guidance_scale"], eta=config["eta"],
-                                  generator=torch.Generator(device).manual_seed(config["seed"] + start))
+                                  guidance_scale=config["guidance_scale"], eta=config["eta"], generator=generators)
         for job, normal, image, mask in zip(batch, normals.cpu(), images.float().cpu(), masks.cpu()):
             changed = (image != normal).any(0)
             if (changed & (mask[0] == 0)).any():
@@ -173,7 +194,8 @@ def draw(model, jobs, config, device, batch_size, textures=None):
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_data_args(parser)
-    parser.add_argument("--ckpt", help="checkpoint file or train.py --out_dir (default: runs/<category>)")
+    parser.add_argument("--ckpt", help="checkpoint file or train.py --out_dir (default: runs/<category>); a model of "
+                                       "several categories draws the one --category names")
     parser.add_argument("--sd", help="where the Stable Diffusion file a train.py --sd checkpoint was trained on is now "
                                      "(default: the path it was trained with; a different file is refused)")
     parser.add_argument("--n", type=int, default=100, help="anomalies per defect type (default: 100)")
@@ -205,20 +227,26 @@ def parse_args(argv):
 
 
 def load_model(args):
-    """The checkpoint (EMA weights), its config with the sampling flags applied, and the category to draw on."""
+    """The checkpoint (EMA weights), its config with the sampling flags applied, the device (torchrun: this
+    process's GPU), and the category to draw on."""
     path = Path(args.ckpt or Path("runs") / args.category)
     path = path / "axf.pt" if path.is_dir() else path  # a train.py --out_dir means its checkpoint
     model, checkpoint = axf.load_checkpoint(path, device="cpu", sd_path=args.sd)
     config = dict(model.config, **cli.config_overrides(args))
-    folder = cli.category_folder(args) if args.toy or args.data_root else Path(checkpoint["data_folder"])
-    category = data.load_category(folder)
-    if category.defects != model.defects[1:]:
-        raise ValueError(f"{path} was trained on defects {model.defects[1:]}, but {folder} has {category.defects}")
+    _, _, device = cli.init_distributed(config["device"])
+    if args.category not in model.categories:
+        raise ValueError(f"{path} was trained on {', '.join(model.categories)}, not on {args.category}")
+    with cli.main_first():  # rank 0 writes the toy world
+        given = args.toy or args.data_root
+        folder = cli.category_folder(args) if given else Path(checkpoint["data_folders"][args.category])
+        category = data.load_category(folder)
+    if category.defects != model.categories[args.category]:
+        raise ValueError(f"{path} was trained on {args.category}'s defects {model.categories[args.category]}, "
+                         f"but {folder} has {category.defects}")
     if args.prompt and not model.config["use_text"]:
         print("note: this checkpoint has use_text False (Table 6): --prompt is only written to prompt/, it steers nothing")
     if args.reference and not model.config["use_mif"]:
         raise ValueError("--reference sets the texture tokens (Eq. (3)), but this checkpoint has use_mif False (Table 6)")
-    device = cli.pick_device(config["device"])
     return model.to(device), config, device, path, category
 
 
@@ -239,32 +267,46 @@ def main(argv=None):
     jobs = plan(category, few_shot, args, config["image_size"], torch.Generator().manual_seed(config["seed"]))
     textures = reference_textures(model, args, config, device)
     out = Path(args.out_dir or Path("samples") / args.category)
-    written = open_output(out, {job[0] for job in jobs})
-    for split, paths in (("train", category.train_good), ("test", category.test_good)):
-        for p in paths:  # the category's own normal images: a detector trains and is scored on them
-            place(p, out / split / "good" / p.name, written, out)
-    print(f"sampling {len(jobs)} anomalies with {path} ({config['sampler']}, {config['sample_steps']} steps, "
-          f"guidance {config['guidance_scale']}) into {out}")
-    counters, preview, inside, colours = {}, [], [], []
-    try:
-        for (defect, _, mask, caption), normal, image in draw(model, jobs, config, device, args.batch_size, textures):
-            index = counters.get(defect, 0)
-            counters[defect] = index + 1
-            save_sample(out, defect, index, image, mask, caption, written)
-            inside.append((image - normal)[mask.expand_as(image) > 0].abs().mean().item())
-            if toy.caption_colour(caption) and (category.folder / "toy.json").exists():  # the toy world's own check
-                colours.append(toy.drawn_colour(image, mask) == toy.caption_colour(caption))
-            if index < 4:  # the preview shows the first few of each defect type
-                preview.append([normal, mask, image, caption])
-    finally:  # even after a kill, the manifest lists every file written, so a re-run can replace them
-        (out / MANIFEST).write_text(json.dumps({"written": sorted(written), "checkpoint": str(path)}, indent=1))
+    if cli.is_main():  # rank 0 readies the folder while the others wait
+        planned = {name for job in jobs for name in sample_files(job[0], job[1])}
+        written = open_output(out, {job[0] for job in jobs}, planned)
+        for split, paths in (("train", category.train_good), ("test", category.test_good)):
+            for p in paths:  # the category's own normal images: a detector trains and is scored on them
+                place(p, out / split / "good" / p.name, written, out)
+        # written before the samples, by rank 0 for every process: after a kill it still lists every file
+        # written, so a re-run can replace them
+        write_manifest(out, written | planned, path)
+        print(f"sampling {len(jobs)} anomalies with {path} ({config['sampler']}, {config['sample_steps']} steps, "
+              f"guidance {config['guidance_scale']}) into {out}")
+    cli.barrier()
+    inside, colours = [], []
+    for (defect, index, _, mask, caption), normal, image in draw(model, args.category, jobs, config, device,
+                                                                 args.batch_size, textures):
+        save_sample(out, defect, index, image, mask, caption)
+        inside.append((image - normal)[mask.expand_as(image) > 0].abs().mean().item())
+        if toy.caption_colour(caption) and (category.folder / "toy.json").exists():  # the toy world's own check
+            colours.append(toy.drawn_colour(image, mask) == toy.caption_colour(caption))
+    inside, colours = (sum(lists, []) for lists in zip(*cli.gather((inside, colours))))  # every process's
+    if cli.is_main():
+        report(jobs, inside, colours, out, config["image_size"])
+    cli.finish_distributed()
+
+
+def report(jobs, inside, colours, out, size):
+    """The checks' figures, and the preview grid: the first few samples of each defect type, read back."""
+    read = lambda path: data.read_image(path, size)
+    preview = [[read(normal), mask, read(out / sample_files(defect, index)[0]), caption]
+               for defect, index, normal, mask, caption in jobs if index < 4]
     preview_path = data.save_grid(preview, out.parent / f"{out.name}_preview.png")
     print(f"every changed pixel lies inside its saved mask; inside: mean |generated - normal| = "
           f"{sum(inside) / len(inside):.3f} (pixel values in [0, 1])")
     if colours:
         print(f"toy world: the colour the caption names is drawn in {sum(colours)} of {len(colours)} samples "
               f"({100 * sum(colours) / len(colours):.0f}%)")
-    print(f"wrote {sum(counters.values())} anomalies ({', '.join(f'{d}: {n}' for d, n in counters.items())}) "
+    counts = {}
+    for job in jobs:
+        counts[job[0]] = counts.get(job[0], 0) + 1
+    print(f"wrote {len(jobs)} anomalies ({', '.join(f'{d}: {n}' for d, n in counts.items())}) "
           f"to {out}; preview: {preview_path}")
 
 

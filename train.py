@@ -1,10 +1,13 @@
-"""train.py: train AnomalyXFusion on one category, every stage the output folder still lacks.
+"""train.py: train AnomalyXFusion on one category or several, every stage the output folder still lacks.
 
     python train.py --category bottle --toy                 # the built-in toy world, on a CPU
     python train.py --category bottle --data_root DIR       # MVTec AD + MVTec Caption, one GPU
     python train.py --category bottle --data_root DIR --sd v1-5-pruned-emaonly.safetensors --clip ViT-L-14.pt
+    python train.py --category bottle,cable,pill --toy      # one model of three categories (or --category all)
+    torchrun --standalone --nproc_per_node 8 train.py --category all --data_root DIR   # 8 GPUs, DDP
 
-Stages, in order, each a checkpoint in --out_dir (default runs/<category>), each one explicit loop:
+Stages, in order, each a checkpoint in --out_dir (default runs/<category>; several: runs/<a>+<b>+..., or
+runs/all), each one explicit loop:
   1. vae.pt       the KL autoencoder on normal and few-shot anomalous images (vae.py), defect pixels
                   weighted up and random-colour blobs painted on normal images so that it can draw
                   any defect; its latent scale factor is measured at the end (unit-std latents)
@@ -16,10 +19,15 @@ UNet (frozen, LoRA or fully trained: --train_unet) and the frozen text encoder t
 it; --clip FILE still gives Eq. (1)'s caption feature and Eq. (3)'s image feature. axf.pt then holds only
 what trained and the SD file's size and sha256: it refuses any other file.
 
+Several categories share one VAE, one mask encoder and one UNet; each (category, defect type) has its texture
+tokens and each category its caption mean (axf.py), and every batch gives each category an equal share
+(draw_balanced). Under torchrun every stage runs on N processes with DDP: each process draws the batch one
+process would draw and keeps its share (cli.share), so N processes take the same steps; only rank 0 writes.
+
 Re-running the same command resumes: a finished stage is skipped, an unfinished one continues from its
 last checkpoint (model, optimiser, EMA, step, RNG) and reaches the weights an uninterrupted run would. A
-resume may change budgets (more --steps) but not the networks (config.py's fixed keys). Checkpoints are
-written atomically. Only the few-shot third of each defect type's anomalies is ever read (data.py).
+resume may change budgets (more --steps) but not the networks (config.py's fixed keys) or the categories.
+Checkpoints are written atomically. Only the few-shot third of each defect type's anomalies is ever read.
 """
 import argparse
 import sys
@@ -47,24 +55,30 @@ GRAD_CLIP = 1.0
 
 
 def rng_state():
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    """The global RNGs: the CPU's and the current GPU's (each process's own, alike in all of them)."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def save_checkpoint(path, step, config, model, optimizer, ema=None, generator=None, **extra):
-    """Everything a resume needs, written atomically: the trained weights, optimiser, EMA, step, config, RNGs."""
+    """Everything a resume needs, written atomically: the trained weights, optimiser, EMA, step, config, RNGs.
+    Only rank 0 writes: every process holds the same."""
+    if not cli.is_main():
+        return
     cli.save_atomic({"model": axf.model_state_dict(model), "optimizer": optimizer.state_dict(),
                      "ema": ema.state_dict() if ema else None, "step": step, "config": config,
                      "rng": generator.get_state() if generator is not None else None, "torch_rng": rng_state(),
                      **extra}, path)
 
 
-def load_stage(path, total, config):
+def load_stage(path, total, config, categories):
     """The stage's last checkpoint, if any; says in one line whether it resumes or is complete. One of other
-    networks is refused: loading it would drop or mismatch weights."""
+    networks or other categories is refused: loading it would drop or mismatch weights."""
     if not path.exists():
         return None
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: a full UNet is not read twice
     changed = settings.architecture_changes(state["config"], config)
+    if state.get("categories") != categories:
+        changed.insert(0, f"categories {','.join(state.get('categories', ['?']))} -> {','.join(categories)}")
     if changed:
         raise ValueError(f"{path} was trained with another architecture ({'; '.join(changed)}); "
                          f"resume with the same settings or pass a new --out_dir")
@@ -86,8 +100,8 @@ def restore(state, total, model, optimizer, ema=None, generator=None, where="che
         if generator is not None:
             generator.set_state(state["rng"])
         torch.set_rng_state(state["torch_rng"]["cpu"])
-        if state["torch_rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["torch_rng"]["cuda"])
+        if state["torch_rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["torch_rng"]["cuda"])
     return state["step"]
 
 
@@ -133,19 +147,51 @@ def log_step(bar, **logs):
 # The training set: every image decoded once and kept in memory
 
 
-def load_training_set(folder, config):
-    """Normal training images and the few-shot anomalies, as tensors at the config's image size."""
-    category = data.load_category(folder)
-    few_shot, _ = data.few_shot_split(category.anomalies)
-    size = config["image_size"]
+def load_training_set(folders, config):
+    """The normal training images and the few-shot anomalies of each category folder, one category after the
+    other, as tensors at the config's image size; each image's texture-token row (axf.texture_rows: its
+    category's "good" row for a normal image), each anomaly's category index, and how many images each
+    category has (draw_balanced)."""
+    size, categories, few_shots, normals = config["image_size"], {}, [], []
+    for folder in folders:
+        category = data.load_category(folder)
+        categories[category.name] = category.defects
+        few_shots.append(data.few_shot_split(category.anomalies)[0])
+        normals.append(category.train_good)
+    rows = axf.texture_rows(categories)
+    few_shot = [a for anomalies in few_shots for a in anomalies]
     return {
-        "category": category,
-        "normals": torch.stack([data.read_image(p, size) for p in category.train_good]),  # [N, 3, S, S]
+        "categories": categories, "folders": {name: str(folder) for name, folder in zip(categories, folders)},
+        "normals": torch.stack([data.read_image(p, size) for paths in normals for p in paths]),  # [N, 3, S, S]
+        "normal_rows": torch.tensor([rows.index((name, "good")) for name, paths in zip(categories, normals)
+                                     for _ in paths]),  # [N]
         "images": torch.stack([data.read_image(a.image, size) for a in few_shot]),  # [M, 3, S, S]
         "masks": torch.stack([data.read_mask(a, size) for a in few_shot]),  # [M, 1, S, S]
         "captions": [a.caption for a in few_shot],
-        "defect_ids": axf.defect_ids([a.defect for a in few_shot], category.defects),
+        "defect_ids": torch.tensor([rows.index((name, a.defect)) for name, anomalies in zip(categories, few_shots)
+                                    for a in anomalies]),  # [M], the texture-token rows
+        "anomaly_categories": torch.tensor([c for c, anomalies in enumerate(few_shots) for _ in anomalies]),  # [M]
+        "num_normals": [len(paths) for paths in normals], "num_anomalies": [len(a) for a in few_shots],
     }
+
+
+def draw_balanced(counts, k, generator=None):
+    """k indices into images stored category after category, `counts` of each.
+
+    Several categories: each slot picks a category uniformly, then one of its images uniformly. A category's
+    share of a batch does not grow with how many images it has (the toy pill has half the anomalies of the
+    cable; MVTec's toothbrush 60 normal images to the hazelnut's 391), and within a category the draw is the
+    one a single-category run makes, so each category is trained on what its own run would see. (Uniform
+    over (category, defect) pairs would instead change a single-category MVTec run, whose defect types
+    have 3 to 9 few-shot images each.) One category: uniform over its images, the very draw of before.
+    """
+    if len(counts) == 1:
+        return torch.randint(counts[0], (k,), generator=generator)
+    counts = torch.tensor(counts)
+    starts = counts.cumsum(0) - counts
+    category = torch.randint(len(counts), (k,), generator=generator)
+    # randint has one upper bound for all k: a draw in [0, 2^62) modulo each count is uniform to 1e-17
+    return starts[category] + torch.randint(2 ** 62, (k,), generator=generator) % counts[category]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,8 +219,8 @@ def vae_batch(train, config, device):
     each pixel's L1 weight: a defect is a few percent of an image's pixels, and weighted like the rest the
     autoencoder would learn to draw the normal object over it (a cut wire decoded back to a whole one)."""
     half = config["vae_batch_size"] // 2
-    anomaly_idx = torch.randint(len(train["images"]), (config["vae_batch_size"] - half,))
-    images = torch.cat([train["normals"][torch.randint(len(train["normals"]), (half,))], train["images"][anomaly_idx]])
+    anomaly_idx = draw_balanced(train["num_anomalies"], config["vae_batch_size"] - half)
+    images = torch.cat([train["normals"][draw_balanced(train["num_normals"], half)], train["images"][anomaly_idx]])
     masks = torch.cat([torch.zeros(half, *train["masks"].shape[1:]), train["masks"][anomaly_idx]])
     flip = torch.rand(len(images), 1, 1, 1) < 0.5
     images, masks = torch.where(flip, images.flip(3), images).to(device), torch.where(flip, masks.flip(3), masks).to(device)
@@ -186,24 +232,32 @@ def train_vae(train, config, out_dir, device):
     path, total = out_dir / "vae.pt", config["vae_steps"]
     vae = axf.build_vae(config).to(device)
     optimizer = cli.adamw(vae.parameters(), lr=config["vae_lr"])
-    step = restore(load_stage(path, total, config), total, vae, optimizer, where=path)
+    step = restore(load_stage(path, total, config, train["categories"]), total, vae, optimizer, where=path)
+    loss_of = cli.distributed(vae, lambda vae, *batch: vae_loss(vae, *batch)[0], device)  # DDP under torchrun
+    # the posterior sample's ε, drawn as DiagonalGaussian.sample would draw it: in the latent's dtype
+    S = config["image_size"] // axf.latent_factor(config)
+    dtype = torch.bfloat16 if cli.uses_bf16(device, config["bf16"]) else torch.float32
     bar = cli.progress(total, "1/3 vae", initial=step)
     while step < total:
+        # every process draws the whole batch and its ε from the global RNG (seeded alike), then keeps its share
         images, weights = vae_batch(train, config, device)
+        noise = torch.randn(len(images), axf.LATENT_CHANNELS, S, S, device=device, dtype=dtype)
+        weight_sum = weights.expand_as(images).sum() / cli.world_size()  # the whole batch's weighted mean, in shares
+        images, weights, noise = cli.share((images, weights, noise))
         with cli.autocast(device, config["bf16"]):
-            loss, _ = vae_loss(vae, images, KL_WEIGHT, weights)
+            loss = loss_of(images, KL_WEIGHT, weights, noise, weight_sum)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         step += 1
-        log_step(bar, loss=f"{loss.item():.4f}")
+        log_step(bar, loss=f"{cli.mean_over_processes(loss).item():.4f}")
         if step == total:  # LDM's 0.18215 was found the same way: scaled latents get unit std
             with torch.no_grad():
                 all_images = torch.cat([train["normals"], train["images"]]).split(64)
                 vae.measure_scale_factor(torch.cat([vae.encode(x.to(device) * 2 - 1).mode() for x in all_images]))
             print(f"vae: latent scale factor {vae.scale_factor.item():.4f}")
         if step % config["checkpoint_every"] == 0 or step == total:
-            save_checkpoint(path, step, config, vae, optimizer)
+            save_checkpoint(path, step, config, vae, optimizer, categories=train["categories"])
     bar.close()
     return vae
 
@@ -217,20 +271,23 @@ def pretrain_mask_encoder(train, config, out_dir, device):
     autoencoder = axf.build_mask_autoencoder(config).to(device)
     optimizer = cli.adamw(autoencoder.parameters(), lr=MASK_LR)
     generator = torch.Generator().manual_seed(config["seed"] + 1)
-    step = restore(load_stage(path, total, config), total, autoencoder, optimizer, generator=generator, where=path)
+    state = load_stage(path, total, config, train["categories"])
+    step = restore(state, total, autoencoder, optimizer, generator=generator, where=path)
+    loss_of = cli.distributed(autoencoder, lambda autoencoder, masks: autoencoder.loss(masks), device)
     bar = cli.progress(total, "2/3 mask encoder", initial=step)
     while step < total:
-        # jittered real masks and Perlin blobs (data.py)
+        # jittered real masks and Perlin blobs (data.py); the whole batch in every process, each keeps its share
         masks = torch.stack([data.sample_mask(config["image_size"], generator, real_masks=train["masks"])
                              for _ in range(config["vae_batch_size"])]).to(device)
-        loss, logs = autoencoder.loss(masks)
+        loss, logs = loss_of(*cli.share((masks,)))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         step += 1
-        log_step(bar, bce=f"{logs['mask_bce']:.4f}", iou=f"{logs['mask_iou']:.3f}")
+        log_step(bar, bce=f"{cli.mean_over_processes(loss).item():.4f}", iou=f"{logs['mask_iou']:.3f}")
         if step % config["checkpoint_every"] == 0 or step == total:
-            save_checkpoint(path, step, config, autoencoder, optimizer, generator=generator)
+            save_checkpoint(path, step, config, autoencoder, optimizer, generator=generator,
+                            categories=train["categories"])
     bar.close()
     return autoencoder.encoder
 
@@ -241,14 +298,16 @@ def pretrain_mask_encoder(train, config, out_dir, device):
 
 def assemble_model(train, vae, mask_encoder, clip_model, config, device, backbone=None):
     """AnomalyXFusion on the trained VAE and mask encoder (or an SD file's networks), with its texture tokens
-    (Eq. (3)) and caption mean set from the few-shot anomalies."""
+    (Eq. (3)) and each category's caption mean set from the few-shot anomalies."""
     networks = backbone or dict(vae=vae)
-    model = axf.AnomalyXFusion(config, clip_model, train["category"].defects, mask_encoder=mask_encoder,
-                               **networks).to(device)
+    model = axf.AnomalyXFusion(config, clip_model, train["categories"], mask_encoder=mask_encoder, **networks)
+    model = model.to(device)
     if model.mif.use_mif:
         model.mif.init_textures(train["defect_ids"].to(device), train["images"].to(device), train["masks"].to(device))
     if model.mif.use_text and config["center_text"]:
-        model.mif.center_captions(train["captions"])
+        for c in range(len(train["categories"])):
+            model.mif.center_captions([caption for caption, k in zip(train["captions"], train["anomaly_categories"])
+                                       if k == c], c)
     if model.mif.use_text:
         model.mif.encode_captions(train["captions"])  # cached once: CLIP is not needed again for these
     # Frozen CLIP has given its features: on the CPU it leaves its memory (ViT-L/14 is large) to training;
@@ -273,7 +332,7 @@ def encode_training_set(model, train, device):
 
 
 def make_batch(train, latents, config, generator):
-    """A batch of cached latents: ANOMALY_FRACTION few-shot anomalies, the rest normal images.
+    """A batch of cached latents: ANOMALY_FRACTION few-shot anomalies, the rest normal images (draw_balanced).
     -> latents, masks, captions, defect ids, is_anomaly, and the masked images' latents (an inpainting
     UNet's input; a normal image's mask is empty: its masked latent is its latent) or None.
 
@@ -282,8 +341,8 @@ def make_batch(train, latents, config, generator):
     """
     B, S = config["batch_size"], config["image_size"]
     num_anomalies = round(B * ANOMALY_FRACTION)
-    anomaly_idx = torch.randint(len(train["captions"]), (num_anomalies,), generator=generator)
-    normal_idx = torch.randint(len(train["normals"]), (B - num_anomalies,), generator=generator)
+    anomaly_idx = draw_balanced(train["num_anomalies"], num_anomalies, generator)
+    normal_idx = draw_balanced(train["num_normals"], B - num_anomalies, generator)
     z = torch.cat([latents["anomalies"][anomaly_idx], latents["normals"][normal_idx]])
     masked = None
     if "masked_anomalies" in latents:
@@ -296,7 +355,7 @@ def make_batch(train, latents, config, generator):
     z, masks = roll(z, 1), roll(masks, factor)
     masked = roll(masked, 1) if masked is not None else None
     captions = [train["captions"][i] for i in anomaly_idx] + [""] * (B - num_anomalies)
-    defect_ids = torch.cat([train["defect_ids"][anomaly_idx], torch.zeros(B - num_anomalies, dtype=torch.long)])
+    defect_ids = torch.cat([train["defect_ids"][anomaly_idx], train["normal_rows"][normal_idx]])  # texture rows
     is_anomaly = torch.arange(B) < num_anomalies
     return z, masks, captions, defect_ids, is_anomaly, masked
 
@@ -315,10 +374,13 @@ def parameter_groups(model, config):
 
 @torch.no_grad()
 def preview(model, ema, train, config, path, device):
-    """A grid of normal | mask | generated (EMA weights) | caption."""
+    """A grid of normal | mask | generated (EMA weights) | caption; each anomaly's mask on a normal image of its
+    own category (row j: the category's normal j)."""
     n = min(8, len(train["captions"]))
     pick = torch.linspace(0, len(train["captions"]) - 1, n).long()
-    normals, masks = train["normals"][:n].to(device), train["masks"][pick].to(device)
+    counts, category = torch.tensor(train["num_normals"]), train["anomaly_categories"][pick]
+    normal_idx = (counts.cumsum(0) - counts)[category] + torch.arange(n) % counts[category]
+    normals, masks = train["normals"][normal_idx].to(device), train["masks"][pick].to(device)
     captions = [train["captions"][j] for j in pick]
     ema.swap(model)
     with cli.autocast(device, config["bf16"]):
@@ -329,14 +391,19 @@ def preview(model, ema, train, config, path, device):
     print(f"preview: {data.save_grid([list(row) for row in zip(normals, masks, generated.float(), captions)], path)}")
 
 
-def axf_step(model, optimizer, ema, batch, config, step, device):
-    """One training step of stage 3 on a make_batch batch: warm-up, the loss of Eq. (17), AdamW, the EMA."""
-    z, masks, captions, defect_ids, is_anomaly, masked = batch
+def axf_step(model, optimizer, ema, batch, config, step, device, loss_of=None):
+    """One training step of stage 3 on a make_batch batch: warm-up, the loss of Eq. (17), AdamW, the EMA.
+    Every process has the whole batch; it draws the loss's t, ε and dropped conditions for the whole batch
+    too (the global RNG, seeded alike) and keeps its share of both. loss_of: model.loss through DDP
+    (cli.distributed), which averages the shares' gradients; default: model.loss, one process."""
     for group in optimizer.param_groups:  # linear warm-up of the learning rate
         group["lr"] = group["base_lr"] * min(1.0, (step + 1) / max(1, config["warmup_steps"]))
+    draws = model.loss_draws(batch[0].shape, device)
+    z, masks, captions, defect_ids, is_anomaly, masked, *draws = cli.share((*batch, *draws))
     with cli.autocast(device, config["bf16"]):
-        loss = model.loss(z.to(device), masks.to(device), captions, defect_ids.to(device), is_anomaly.to(device),
-                          masked_latents=None if masked is None else masked.to(device))  # Eq. (17)
+        masked = None if masked is None else masked.to(device)
+        loss = (loss_of or model.loss)(z.to(device), masks.to(device), captions, defect_ids.to(device),
+                                       is_anomaly.to(device), masked_latents=masked, draws=draws)  # Eq. (17)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], GRAD_CLIP)
@@ -345,9 +412,9 @@ def axf_step(model, optimizer, ema, batch, config, step, device):
     return loss
 
 
-def train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, folder, backbone=None):
+def train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, backbone=None):
     path, total = out_dir / "axf.pt", config["steps"]
-    state = load_stage(path, total, config)
+    state = load_stage(path, total, config, train["categories"])
     if state and config["sd"]:  # the trained weights belong to one SD file (and VAE)
         sd.check_sd_file(config["sd"], state["sd_file"])
         if config["sd_vae"]:
@@ -362,25 +429,28 @@ def train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, fol
     ema = EMA(model, config["ema_decay"])
     generator = torch.Generator().manual_seed(config["seed"] + 2)
     step = restore(state, total, model, optimizer, ema, generator, where=path)
+    loss_of = cli.distributed(model, lambda model, *batch, **k: model.loss(*batch, **k), device)  # DDP under torchrun
     latents = encode_training_set(model, train, device)
-    extra = {"defects": train["category"].defects, "data_folder": str(folder),
+    extra = {"categories": train["categories"], "data_folders": train["folders"],
              "sd_file": sd.sd_file(config["sd"]) if config["sd"] else None,
              "sd_vae_file": sd.sd_file(config["sd_vae"], ("VAE",)) if config["sd_vae"] else None,
              "clip": clip_model.state_dict() if not config["clip"] else None}  # a random CLIP is saved
     losses, started = [], time.time()
     bar = cli.progress(total, "3/3 anomalyxfusion", initial=step)
     while step < total:
-        loss = axf_step(model, optimizer, ema, make_batch(train, latents, config, generator), config, step, device)
+        batch = make_batch(train, latents, config, generator)  # the whole batch, alike in every process
+        loss = axf_step(model, optimizer, ema, batch, config, step, device, loss_of)
         step += 1
-        losses.append(loss.item())
+        losses.append(cli.mean_over_processes(loss).item())
         log_step(bar, loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
         if step % config["checkpoint_every"] == 0 or step == total:
             save_checkpoint(path, step, config, model, optimizer, ema, generator, **extra)
-        if step % config["preview_every"] == 0 or step == total:
+        if (step % config["preview_every"] == 0 or step == total) and cli.is_main():
             preview(model, ema, train, config, out_dir / f"preview_{step:06d}.png", device)
     bar.close()
-    print(f"anomalyxfusion: {total} steps, {time.time() - started:.0f} s this run, saved {path} "
-          f"({path.stat().st_size / 2 ** 20:.1f} MiB); peak memory {peak_memory(device)}")
+    if cli.is_main():
+        print(f"anomalyxfusion: {total} steps, {time.time() - started:.0f} s this run, saved {path} "
+              f"({path.stat().st_size / 2 ** 20:.1f} MiB); peak memory {peak_memory(device)}")
 
 
 def peak_memory(device):
@@ -415,16 +485,22 @@ def refuse_sd_switch(out_dir, config):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_data_args(parser)
+    cli.add_data_args(parser, several=True)
     parser.add_argument("--preset", choices=sorted(settings.PRESETS),
                         help="size preset (default: toy with --toy, else sd with --sd, else mvtec)")
-    parser.add_argument("--out_dir", help="where checkpoints and previews go (default: runs/<category>)")
+    parser.add_argument("--out_dir", help="where checkpoints and previews go (default: runs/<category>; several "
+                                          "categories: runs/<a>+<b>+...; --category all: runs/all)")
     cli.add_config_args(parser)
     args = parser.parse_args(argv)
-    folder = cli.category_folder(args)  # checks the whole dataset before anything is written
     overrides = cli.config_overrides(args)
     config = settings.resolve(args.preset or ("toy" if args.toy else "sd" if overrides.get("sd") else "mvtec"), overrides)
-    device = cli.pick_device(config["device"])
+    _, world_size, device = cli.init_distributed(config["device"])  # torchrun: this process's GPU
+    for key in ("vae_batch_size", "batch_size"):
+        if config[key] % world_size:
+            raise ValueError(f"--{key} {config[key]} does not split into {world_size} equal shares, one a process")
+    names = cli.category_names(args)
+    with cli.main_first():  # checks every dataset before anything is written; rank 0 writes the toy world
+        folders = [cli.category_folder(args, name) for name in names]
     torch.manual_seed(config["seed"])  # before any network is built: a resumed run builds the same ones
     clip_model = axf.build_clip(config, device)  # a bad --clip file stops here, before any writing
     set_file_sizes(config, {"context_dim": axf.clip_width(clip_model)}, config["clip"] or "the random CLIP")
@@ -436,16 +512,18 @@ def main(argv=None):
         print(f"{config['sd']}: UNet ({sum(p.numel() for p in backbone['unet'].parameters()):,} parameters, "
               f"{backbone['unet'].conv_in.in_channels} input channels), text encoder and VAE{vae_from}; "
               f"--train_unet {config['train_unet']}")
-    out_dir = Path(args.out_dir or Path("runs") / args.category)
+    out_dir = Path(args.out_dir or Path("runs") / ("all" if args.category == "all" else "+".join(names)))
     print(f"config: {config}")
-    train = load_training_set(folder, config)
-    print(f"{args.category}: {len(train['normals'])} normal images, {len(train['captions'])} few-shot anomalies "
-          f"of {len(train['category'].defects)} defect types; device {device}")
+    train = load_training_set(folders, config)
+    for name, n, m in zip(names, train["num_normals"], train["num_anomalies"]):
+        print(f"{name}: {n} normal images, {m} few-shot anomalies of {len(train['categories'][name])} defect types")
+    print(f"device {device}" + (f", {world_size} processes" if world_size > 1 else ""))
     out_dir.mkdir(parents=True, exist_ok=True)
     refuse_sd_switch(out_dir, config)
     vae = backbone["vae"] if backbone else train_vae(train, config, out_dir, device)  # SD's VAE: no stage 1
     mask_encoder = pretrain_mask_encoder(train, config, out_dir, device)
-    train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, folder, backbone)
+    train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, backbone)
+    cli.finish_distributed()
 
 
 if __name__ == "__main__":

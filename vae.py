@@ -174,8 +174,9 @@ class DiagonalGaussian:
         self.logvar = logvar.clamp(-30.0, 20.0)  # LDM's clamp: exp() stays finite in float32
         self.std = torch.exp(0.5 * self.logvar)
 
-    def sample(self, generator=None):
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+    def sample(self, generator=None, noise=None):
+        if noise is None:
+            noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + self.std * noise  # the reparameterisation trick: gradients reach mean and std
 
     def mode(self):
@@ -213,9 +214,9 @@ class VAE(nn.Module):
         """z [B, C, h, w] (unscaled latents) -> images [B, 3, h * f, w * f], roughly in [-1, 1] (not clamped)."""
         return self.decoder(self.post_quant_conv(z))
 
-    def forward(self, x):
+    def forward(self, x, noise=None):
         posterior = self.encode(x)
-        return self.decode(posterior.sample()), posterior
+        return self.decode(posterior.sample(noise=noise)), posterior
 
     @torch.no_grad()
     def measure_scale_factor(self, latents):
@@ -235,21 +236,23 @@ class VAE(nn.Module):
         return self.decode(z / self.scale_factor.to(z.dtype))
 
 
-def vae_loss(vae, x, kl_weight=1e-6, pixel_weight=None):
+def vae_loss(vae, x, kl_weight=1e-6, pixel_weight=None, noise=None, weight_sum=None):
     """L1 reconstruction + kl_weight * KL, as LDM trains kl-f8 (without its LPIPS and GAN terms).
 
     LDM sums both terms over the pixels of a sample (then averages over the batch). We report the
     reconstruction as a per-element mean, so the KL is divided by the same element count C * H * W:
     the loss is LDM's divided by a constant, and LDM's kl_weight = 1e-6 keeps its meaning.
     pixel_weight [B, 1, H, W] (optional) makes it a weighted mean: train.py weights defect pixels up.
+    noise: the posterior sample's ε (default: drawn here). weight_sum: what the weighted sum is divided
+    by (default: the weights' own sum; a share of a batch on one of N processes: the whole batch's / N).
     """
-    reconstruction, posterior = vae(x)
+    reconstruction, posterior = vae(x, noise)
     error = (x - reconstruction).abs()
     if pixel_weight is None:
         rec = error.mean()
     else:
         weight = pixel_weight.expand_as(error)
-        rec = (error * weight).sum() / weight.sum()
+        rec = (error * weight).sum() / (weight.sum() if weight_sum is None else weight_sum)
     kl = posterior.kl().mean()  # nats per sample
     loss = rec + kl_weight * kl / x[0].numel()
     logs = {"loss": loss.detach(), "rec": rec.detach(), "kl": kl.detach()}

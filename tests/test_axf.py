@@ -27,7 +27,7 @@ def tiny_clip(width):
 
 def tiny_model(**overrides):
     config = tiny_config(**overrides)
-    model = axf.AnomalyXFusion(config, tiny_clip(config["context_dim"]), ["crack", "hole"])
+    model = axf.AnomalyXFusion(config, tiny_clip(config["context_dim"]), {"toy": ["crack", "hole"]})
     # the UNet's zero-initialised output layers would hide every input: give them weights
     torch.manual_seed(1)
     for name, p in model.unet.named_parameters():
@@ -321,7 +321,7 @@ def test_a_thin_mask_survives_and_an_empty_one_is_refused(tmp_path):
 def test_defect_ids_put_good_first_then_the_sorted_defect_types():
     """One convention across train.py, sample.py and evaluate.py: 0 is good, then Category.defects in order."""
     assert axf.defect_ids(["hole", "good", "crack"], ["crack", "hole"]).tolist() == [2, 0, 1]
-    assert tiny_model().defects == ["good", "crack", "hole"]
+    assert tiny_model().rows == [("toy", "good"), ("toy", "crack"), ("toy", "hole")]
 
 
 def test_location_tokens_shape_and_bad_image_size():

@@ -53,8 +53,8 @@ def test_training_writes_every_stage_and_a_preview(trained):
 def test_checkpoint_loads_by_itself_with_its_config(trained):
     """sample.py needs no size flags: the checkpoint carries its config, defects and the random CLIP."""
     model, checkpoint = axf.load_checkpoint(trained / "axf.pt")
-    assert model.config["unet_channels"] == 32 and model.defects[0] == "good"
-    assert model.defects[1:] == data.load_category(Path(checkpoint["data_folder"])).defects
+    assert model.config["unet_channels"] == 32 and model.rows[0] == ("bottle", "good")
+    assert model.categories["bottle"] == data.load_category(Path(checkpoint["data_folders"]["bottle"])).defects
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +211,8 @@ def test_make_batch_rolls_each_latent_and_its_mask_together():
     latents = torch.zeros(3, 4, 8, 8)
     latents[:, :, 2, 3] = 1
     train_set = {"masks": masks, "captions": ["a", "b", "c"], "defect_ids": torch.tensor([1, 1, 2]),
-                 "normals": torch.zeros(2, 3, 16, 16)}
+                 "normals": torch.zeros(2, 3, 16, 16), "normal_rows": torch.zeros(2, dtype=torch.long),
+                 "num_normals": [2], "num_anomalies": [3]}
     generator, moved = torch.Generator().manual_seed(0), False
     for _ in range(5):
         z, m, captions, ids, is_anomaly, _ = train.make_batch(
@@ -231,7 +232,7 @@ def test_training_reads_only_the_few_shot_anomalies(toy_root, monkeypatch):
     read_image, read_mask = data.read_image, data.read_mask
     monkeypatch.setattr(data, "read_image", lambda p, s: opened.append(Path(p)) or read_image(p, s))
     monkeypatch.setattr(data, "read_mask", lambda a, s: opened.append(a.image) or read_mask(a, s))
-    train_set = train.load_training_set(toy_root / "bottle", config.resolve("toy", dict(image_size=32)))
+    train_set = train.load_training_set([toy_root / "bottle"], config.resolve("toy", dict(image_size=32)))
     assert len(train_set["captions"]) == len(few_shot)
     assert not {a.image for a in held_out} & set(opened)
     assert {a.image for a in few_shot} <= set(opened)

@@ -112,7 +112,7 @@ def sd_model(file, **overrides):
                                           mask_feature_channels=16, **overrides))
     backbone = sd.load_backbone(settings)
     settings.update(sd.file_sizes(backbone))
-    return axf.AnomalyXFusion(settings, axf.build_clip(settings), ["crack", "hole"], **backbone)
+    return axf.AnomalyXFusion(settings, axf.build_clip(settings), {"toy": ["crack", "hole"]}, **backbone)
 
 
 def changed_copy(file, path, key=sd.SD_PREFIXES["UNet"] + "out.2.weight"):  # SD-1.x's name of conv_out
