@@ -133,12 +133,13 @@ def resolve(preset, overrides=None):
     return config
 
 
-def architecture_changes(saved, current):
-    """What a resume may not change, as 'key saved -> current': the fixed keys, and whether the run is on a
+def architecture_changes(saved, current, depends_on=None):
+    """What a resume may not change, as 'key saved -> current': the fixed keys (only those whose names start
+    with one of `depends_on`, if given: the keys one stage's network depends on), and whether the run is on a
     Stable Diffusion file (--sd) and a separate VAE (--sd_vae) at all (which files they are, sd.check_sd_file
     checks by hash)."""
-    changes = [f"{name} {saved.get(name)!r} -> {current[name]!r}"
-               for name, key in KEYS.items() if key.fixed and saved.get(name) != current[name]]
+    changes = [f"{name} {saved.get(name)!r} -> {current[name]!r}" for name, key in KEYS.items()
+               if key.fixed and (depends_on is None or name.startswith(depends_on)) and saved.get(name) != current[name]]
     for name in ("sd_vae", "sd"):
         if bool(saved.get(name)) != bool(current[name]):
             changes.insert(0, f"--{name} {saved.get(name) or '(none)'} -> {current[name] or '(none)'}")

@@ -70,13 +70,15 @@ def save_checkpoint(path, step, config, model, optimizer, ema=None, generator=No
                      **extra}, path)
 
 
-def load_stage(path, total, config, categories):
+def load_stage(path, total, config, categories, depends_on=None):
     """The stage's last checkpoint, if any; says in one line whether it resumes or is complete. One of other
-    networks or other categories is refused: loading it would drop or mismatch weights."""
+    networks or other categories is refused: loading it would drop or mismatch weights. depends_on: the
+    config keys (name prefixes) the stage's network depends on; the others may differ, so that runs of other
+    switches (Table 6's rows) can share a finished VAE and mask encoder."""
     if not path.exists():
         return None
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: a full UNet is not read twice
-    changed = settings.architecture_changes(state["config"], config)
+    changed = settings.architecture_changes(state["config"], config, depends_on)
     if state.get("categories") != categories:
         changed.insert(0, f"categories {','.join(state.get('categories', ['?']))} -> {','.join(categories)}")
     if changed:
@@ -232,7 +234,8 @@ def train_vae(train, config, out_dir, device):
     path, total = out_dir / "vae.pt", config["vae_steps"]
     vae = axf.build_vae(config).to(device)
     optimizer = cli.adamw(vae.parameters(), lr=config["vae_lr"])
-    step = restore(load_stage(path, total, config, train["categories"]), total, vae, optimizer, where=path)
+    state = load_stage(path, total, config, train["categories"], depends_on=("image_size", "vae_"))
+    step = restore(state, total, vae, optimizer, where=path)
     loss_of = cli.distributed(vae, lambda vae, *batch: vae_loss(vae, *batch)[0], device)  # DDP under torchrun
     # the posterior sample's ε, drawn as DiagonalGaussian.sample would draw it: in the latent's dtype
     S = config["image_size"] // axf.latent_factor(config)
@@ -271,7 +274,7 @@ def pretrain_mask_encoder(train, config, out_dir, device):
     autoencoder = axf.build_mask_autoencoder(config).to(device)
     optimizer = cli.adamw(autoencoder.parameters(), lr=MASK_LR)
     generator = torch.Generator().manual_seed(config["seed"] + 1)
-    state = load_stage(path, total, config, train["categories"])
+    state = load_stage(path, total, config, train["categories"], depends_on=("image_size", "mask_"))
     step = restore(state, total, autoencoder, optimizer, generator=generator, where=path)
     loss_of = cli.distributed(autoencoder, lambda autoencoder, masks: autoencoder.loss(masks), device)
     bar = cli.progress(total, "2/3 mask encoder", initial=step)

@@ -145,16 +145,31 @@ def test_interrupted_training_resumes_to_the_weights_of_an_uninterrupted_run(tra
 
 
 def test_resume_refuses_another_architecture_but_allows_a_bigger_budget(trained, toy_root, tmp_path, capsys):
-    """Re-running a run with --use_mif False would drop weights: refused in one line. More steps is fine."""
+    """Re-running a run with --use_mif False would drop weights: refused in one line, at the stage whose network
+    the switch shapes (stage 3; the VAE and mask encoder do not depend on it). More steps is fine."""
     for name in ("vae.pt", "mask_ae.pt", "axf.pt"):
         (tmp_path / name).write_bytes((trained / name).read_bytes())
     args = ["--category", "bottle", "--data_root", str(toy_root), "--out_dir", str(tmp_path)] + TINY
-    with pytest.raises(ValueError, match=r"vae.pt was trained with another architecture \(use_mif True -> False\)"):
+    with pytest.raises(ValueError, match=r"axf.pt was trained with another architecture \(use_mif True -> False\)"):
         train.main(args + ["--use_mif", "False"])
     capsys.readouterr()
     train.main(args + ["--steps", "5", "--preview_every", "100"])
     assert f"resuming from {tmp_path / 'axf.pt'} at step 4" in capsys.readouterr().out
     assert torch.load(tmp_path / "axf.pt", weights_only=True)["step"] == 5
+
+
+def test_table6_rows_share_a_finished_vae_and_mask_encoder(trained, toy_root, tmp_path, capsys):
+    """The ablation switches shape stage 3 only: a run with --use_ddf False continues another run's finished
+    vae.pt and mask_ae.pt (no retraining) and trains its own axf.pt; a stage-1 size change is still refused."""
+    for name in ("vae.pt", "mask_ae.pt"):
+        (tmp_path / name).write_bytes((trained / name).read_bytes())
+    args = ["--category", "bottle", "--data_root", str(toy_root), "--out_dir", str(tmp_path)] + TINY
+    train.main(args + ["--use_ddf", "False", "--steps", "1"])
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'vae.pt'}: complete" in out and f"{tmp_path / 'mask_ae.pt'}: complete" in out
+    assert torch.load(tmp_path / "axf.pt", weights_only=True)["config"]["use_ddf"] is False
+    with pytest.raises(ValueError, match=r"vae.pt was trained with another architecture \(vae_channels 32 -> 64\)"):
+        train.main(args + ["--use_ddf", "False", "--vae_channels", "64"])
 
 
 @pytest.mark.filterwarnings("ignore:.*meta parameter")  # the weights themselves are not the point here
