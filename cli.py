@@ -112,9 +112,11 @@ def pick_device(name):
 
 
 def uses_bf16(device, enabled=True):
-    """Whether autocast computes in bf16 here: on CUDA, and on CPUs whose matrix units (AMX) multiply
-    bf16 natively, where the toy VAE's training step runs 2x faster (8x for a bare matmul)."""
-    return enabled and (device.type == "cuda" or (device.type == "cpu" and torch.cpu._is_amx_tile_supported()))
+    """Whether autocast computes in bf16 here: on CUDA, and on CPUs that multiply bf16 natively (Intel's AMX
+    units, AVX512-BF16 of Intel Cooper Lake and AMD Zen 4 and newer), where the toy stages run faster
+    (measured: docs/speed.md)."""
+    native = device.type == "cpu" and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    return enabled and (device.type == "cuda" or native)
 
 
 def autocast(device, enabled=True):

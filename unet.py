@@ -53,17 +53,18 @@ def attention(q, k, v, num_heads):
     """Multi-head scaled dot-product attention: [B, N, C] queries over [B, M, C] keys/values -> [B, N, C].
 
     The one attention function of the UNet: self-attention passes k, v from the pixels, cross-attention
-    from the context. F.scaled_dot_product_attention picks a fused (flash / memory-efficient) kernel.
+    from the context. On a GPU F.scaled_dot_product_attention picks a fused (flash / memory-efficient) kernel.
     """
     B, N, C = q.shape
     # heads split the channels; transpose is a view, SDPA takes strided inputs without a copy
     q, k, v = (x.view(B, -1, num_heads, C // num_heads).transpose(1, 2) for x in (q, k, v))  # [B, h, N, C/h]
-    dtype = q.dtype
-    if q.is_cpu and dtype == torch.bfloat16:
-        # under CPU bf16 autocast: the CPU's bf16 flash-attention backward is much slower than its fp32 one
-        # (measured: docs/speed.md), and attention is a small share of the FLOPs, so it runs in fp32
-        q, k, v = q.float(), k.float(), v.float()
-    out = F.scaled_dot_product_attention(q, k, v).to(dtype)
+    if q.is_cpu:
+        # on a CPU, plain matmuls: the fused kernel's backward is slow at these head widths, the more so in bf16
+        # (measured: docs/speed.md); under autocast the two products run in bf16 and the softmax in fp32
+        weights = (q @ k.transpose(-2, -1)) * (C // num_heads) ** -0.5  # [B, h, N, M]
+        out = weights.softmax(-1) @ v
+    else:
+        out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2).reshape(B, N, C)
 
 

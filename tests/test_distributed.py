@@ -17,8 +17,10 @@ from helpers import Killed, die_in_step, torchrun
 from test_train_sample import TINY
 
 CATEGORIES = "bottle,cable,pill"
-# warm-up off: the AnomalyXFusion stage moves at its full learning rate from step 1, so a step that differs shows
-ARGS = TINY + ["--warmup_steps", "0"]
+# warm-up off: the AnomalyXFusion stage moves at its full learning rate from step 1, so a step that differs shows;
+# fp32: a share of the batch is rounded alike in bf16 only up to its kernels' choices, and the property tested
+# is that the processes take one process's steps, up to the order of a sum
+ARGS = TINY + ["--warmup_steps", "0", "--bf16", "False"]
 
 
 @pytest.fixture(scope="module")
