@@ -196,10 +196,14 @@ def texture_rows(categories):
     return [(name, defect) for name, defects in categories.items() for defect in ["good", *defects]]
 
 
+def row_ids(rows, category, names):
+    """The texture-token rows [B] of one category's defect types (names; "good" for a normal image)."""
+    return torch.tensor([rows.index((category, name)) for name in names], dtype=torch.long)
+
+
 class AnomalyXFusion(nn.Module):
-    """VAE + UNet + MIF + DDF (paper Fig. 1), for one or several categories {name: sorted defect types}.
-    vae, unet, mask_encoder: trained or pretrained networks (default: fresh ones); the VAE is frozen.
-    sd_context: how e_t reaches a pretrained SD UNet (sd.TextEncoderContext)."""
+    """VAE + UNet + MIF + DDF (paper Fig. 1) of categories {name: sorted defect types}. vae, unet, mask_encoder:
+    trained or pretrained networks (default: fresh; the VAE is frozen); sd_context: sd.TextEncoderContext."""
 
     def __init__(self, config, clip_model, categories, vae=None, unet=None, mask_encoder=None, sd_context=None):
         super().__init__()
@@ -212,19 +216,12 @@ class AnomalyXFusion(nn.Module):
         self.mif = MultiModalInFusion(config, clip_model, [names.index(c) for c, _ in self.rows], mask_encoder)
         self.ddf = DynamicDifFusion(config["context_dim"]) if config["use_ddf"] else None
         self.sd_context = sd_context
-        self.ddpm = build_ddpm(config)
-        self.latent_factor = latent_factor(config)
+        self.ddpm, self.latent_factor = build_ddpm(config), latent_factor(config)
         # the empty condition: guidance's unconditional branch, and the context of Table 6's first row
         n = self.mif.num_context or config["num_tokens"]
         self.null_context = nn.Parameter(torch.randn(1, n, config["context_dim"]) * 0.02)
         # SD-1.5-inpainting's UNet reads [x_t, mask, masked-image latent] (9 channels); every other one [x_t, mask]
         self.reads_masked_image = self.unet.conv_in.in_channels == 2 * self.unet.conv_out.out_channels + 1
-        # what a checkpoint leaves out, rebuilt from its own file: CLIP, an SD file's networks (trained_keys)
-        self.from_files = ("mif.clip.",) + (("vae.", "unet.", "sd_context.text_encoder.") if sd_context is not None else ())
-
-    def row_ids(self, category, names):
-        """The texture-token rows [B] of one category's defect types (names; "good" for a normal image)."""
-        return torch.tensor([self.rows.index((category, name)) for name in names], dtype=torch.long)
 
     def x_embedding(self, captions, masks, defect_ids, textures=None):
         """e_X [B, n, d] (Eq. (1)-(5)); the null context when every modality is off."""
@@ -232,8 +229,8 @@ class AnomalyXFusion(nn.Module):
         return self.null_context.expand(len(defect_ids), -1, -1) if e_x is None else e_x
 
     def context(self, e_x, t, drop=None, captions=None):
-        """The cross-attention context e_t [B, n, d] (Eq. (13)-(15)). drop: optional bool [B], the samples whose
-        condition is the null one (classifier-free guidance). On an SD UNet, e_t joins the caption's prompt."""
+        """The cross-attention context e_t [B, n, d] (Eq. (13)-(15)); drop: bool [B], conditions made the null one
+        (classifier-free guidance). On an SD UNet (sd_context), e_t joins the caption's prompt."""
         if drop is not None:
             e_x = torch.where(drop[:, None, None], self.null_context.expand_as(e_x), e_x)
         e_t = self.ddf(e_x, t) if self.ddf is not None else e_x  # Eq. (14): e_t = f_phi(e_X, t)
@@ -252,32 +249,25 @@ class AnomalyXFusion(nn.Module):
         return torch.cat([x_t, region.to(x_t.dtype), *extra], dim=1)
 
     @torch.no_grad()
-    def encode_images(self, images):
-        """Images [B, 3, S, S] in [0, 1] -> scaled latents [B, 4, S/f, S/f] (posterior mode)."""
+    def encode_images(self, images, grey_masks=None):
+        """Images [B, 3, S, S] in [0, 1] -> scaled latents [B, 4, S/f, S/f] (posterior mode); with grey_masks, of
+        the images with their masks grey: the inpainting UNet's third input."""
+        if grey_masks is not None:
+            images = images * (1 - grey_masks) + 0.5 * grey_masks
         return self.vae.encode_latents(images * 2 - 1, sample=False)
 
-    @torch.no_grad()
-    def encode_masked_images(self, images, masks):
-        """The inpainting UNet's third input: the latent of the image with its mask grey, or None."""
-        return self.encode_images(images * (1 - masks) + 0.5 * masks) if self.reads_masked_image else None
-
     def loss_draws(self, shape, device, generator=None):
-        """The loss's random draws for latents of `shape` [B, C, h, w]: timesteps t [B], noise ε, and which
-        conditions are dropped [B]. train.py draws them for the whole batch in every process, which keeps
-        its own rows of them (DDP): the same numbers one process would use."""
+        """The loss's timesteps t [B], noise ε [shape] and dropped conditions [B]: under DDP every process draws
+        them for the whole batch and keeps its own rows, the numbers one process would use."""
         t = torch.randint(0, self.ddpm.num_steps, (shape[0],), device=device, generator=generator)
         noise = torch.randn(shape, device=device, generator=generator)
         drop = torch.rand(shape[0], device=device, generator=generator) < self.config["cond_dropout"]
         return t, noise, drop
 
     def loss(self, latents, masks, captions, defect_ids, is_anomaly, generator=None, masked_latents=None, draws=None):
-        """The ε-prediction loss of Eq. (17), weighted to the anomaly region for anomalous images.
-
-        Normal images (is_anomaly False) count every latent cell alike: they teach the object itself.
-        Deviation: anomalous images count their mask fully and the rest by `outside_loss_weight`, so a
-        handful of few-shot anomalies spend the gradient on the defect, not the background.
-        draws: (t, noise, drop) from loss_draws; by default drawn here.
-        """
+        """The ε-prediction loss of Eq. (17); draws: loss_draws' (t, noise, drop), by default drawn here. Normal
+        images count every latent cell alike: they teach the object itself. Deviation: anomalous images count
+        their mask fully and the rest by `outside_loss_weight`, spending the gradient on the defect."""
         t, noise, drop = draws if draws is not None else self.loss_draws(latents.shape, latents.device, generator)
         x_t = self.ddpm.q_sample(latents, t, noise)  # Eq. (10)
         context = self.condition(captions, masks, defect_ids, t, drop=drop)
@@ -303,12 +293,11 @@ class AnomalyXFusion(nn.Module):
 
         Each step, inside the latent mask the model's reverse step, outside the normal image's latent noised
         to the same step; the decoded image is pasted into the normal one through the pixel mask itself, so
-        every changed pixel lies inside it. callback(t, x_t) sees each blended latent (t = -1: the last).
-        generator: one, or a list of one per sample (ddpm.randn), so that a sample's noise is its own.
-        """
+        every changed pixel lies inside it. callback(t, x_t) sees each blended latent (t = -1: the last);
+        generator: one, or one per sample (ddpm.randn), so that a sample's noise is its own."""
         device, B = normal_images.device, len(normal_images)
         z0 = self.encode_images(normal_images)
-        masked_latents = self.encode_masked_images(normal_images, masks)
+        masked_latents = self.encode_images(normal_images, masks) if self.reads_masked_image else None
         region = latent_mask(masks, self.latent_factor)
         e_x = self.x_embedding(captions, masks, defect_ids, textures)  # Eq. (1)-(5): once per batch
         # one fixed noise for the background: its latent at step t is q_sample(z0, t, known_noise), one forward
@@ -386,10 +375,13 @@ def clip_width(clip_model):
 
 
 def trained_keys(model):
-    """The state-dict keys a checkpoint holds: all but those rebuilt from their own files (from_files),
-    of which only the weights that train (an SD UNet's LoRA or conv_in) are kept."""
+    """The state-dict keys a checkpoint holds: all but those of the networks rebuilt from their own files (CLIP,
+    an SD file's), of which only the weights that train (an SD UNet's LoRA or conv_in) are kept."""
+    from_files = ("mif.clip.",) if isinstance(model, AnomalyXFusion) else ()
+    if getattr(model, "sd_context", None) is not None:
+        from_files += ("vae.", "unet.", "sd_context.text_encoder.")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    return [k for k in model.state_dict() if not k.startswith(getattr(model, "from_files", ())) or k in trainable]
+    return [k for k in model.state_dict() if not k.startswith(from_files) or k in trainable]
 
 
 def model_state_dict(model):

@@ -173,7 +173,7 @@ def draw(model, category, jobs, config, device, batch_size, textures=None):
         batch = jobs[start:start + batch_size]
         normals = torch.stack([data.read_image(j[2], size) for j in batch]).to(device)
         masks = torch.stack([j[3] for j in batch]).to(device)
-        defect_ids = model.row_ids(category, [j[0] for j in batch]).to(device)
+        defect_ids = axf.row_ids(model.rows, category, [j[0] for j in batch]).to(device)
         # seed << 32: seed 1's first sample is not seed 0's second
         generators = [torch.Generator(device).manual_seed((config["seed"] << 32) + i)
                       for i in range(start, start + len(batch))]

@@ -326,7 +326,7 @@ def encode_training_set(model, train, device):
     def encode(images, masks=None):
         if masks is None:
             return torch.cat([model.encode_images(x.to(device)) for x in images.split(32)]).cpu()
-        return torch.cat([model.encode_masked_images(x.to(device), m.to(device))
+        return torch.cat([model.encode_images(x.to(device), m.to(device))
                           for x, m in zip(images.split(32), masks.split(32))]).cpu()
     latents = {"normals": encode(train["normals"]), "anomalies": encode(train["images"])}
     if model.reads_masked_image:
