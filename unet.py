@@ -17,6 +17,7 @@ pixels, cross-attention to the context and a GEGLU feed-forward. Stable Diffusio
 a pretrained UNet to AnomalyXFusion without changing its output before training. Depends on torch only.
 """
 import math
+import functools
 import re
 
 import torch
@@ -367,12 +368,8 @@ def from_diffusers(state_dict):
         (r"^mid_block\.resnets\.(\d)\.", lambda m: f"middle_block.{2 * int(m[1])}."),
         (r"^mid_block\.attentions\.0\.", "middle_block.1."),
     ]
-    sd = {}
-    for key, value in state_dict.items():
-        for pattern, name in renames:
-            key = re.sub(pattern, name, key)
-        sd[key] = value
-    return sd
+    rename = lambda key: functools.reduce(lambda k, rule: re.sub(*rule, k), renames, key)  # every rule in turn
+    return {rename(key): value for key, value in state_dict.items()}
 
 
 # ----------------------------------------------------------------------------------------------

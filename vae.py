@@ -11,6 +11,7 @@ Modules are named exactly like the LDM checkpoint keys (CompVis/latent-diffusion
 "strip the `first_stage_model.` prefix" (`from_sd` at the end; `from_diffusers` renames diffusers' layout to
 it). Depends on torch only.
 """
+import functools
 import re
 
 import torch
@@ -283,12 +284,8 @@ def from_diffusers(state_dict):
         (r"\.attn_1\.(to_v|value)\.", ".attn_1.v."), (r"\.attn_1\.(to_out\.0|proj_attn)\.", ".attn_1.proj_out."),
         (r"\.conv_norm_out\.", ".norm_out."), (r"\.conv_shortcut\.", ".nin_shortcut."),
     ]
-    sd = {}
-    for key, value in state_dict.items():
-        for pattern, name in renames:
-            key = re.sub(pattern, name, key)
-        sd[key] = value
-    return sd
+    rename = lambda key: functools.reduce(lambda k, rule: re.sub(*rule, k), renames, key)  # every rule in turn
+    return {rename(key): value for key, value in state_dict.items()}
 
 
 def to_sd(state_dict):
