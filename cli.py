@@ -89,10 +89,11 @@ def category_folder(args, name=None):
 @contextmanager
 def atomic_write(path):
     """Yield a temporary path beside `path`, renamed onto it when the block ends: a kill mid-write never
-    leaves a half-written checkpoint (the rename is atomic on one file system)."""
+    leaves a half-written checkpoint (the rename is atomic on one file system). The temporary name holds the
+    process id, so two processes writing the same file never write into one temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     yield tmp
     os.replace(tmp, path)
 

@@ -306,23 +306,31 @@ def markdown_table(results, category, stamp):
 
 def toy_checks(gen_anomalies, generated, category, cfg, device, steps=1500, judge_root=toy.TOY_ROOT / "judge", seeds=5):
     """Caption colour drawn in the mask (toy.drawn_colour), and the defect type a judge assigns. The judge trains on
-    `seeds` other toy worlds' real anomalies, turned and mirrored; its accuracy on this one's real anomalies is known."""
+    `seeds` other toy worlds' real anomalies, turned and mirrored; its accuracy on this one's real anomalies is known.
+    It depends on none of the generated images, so it is trained once per setting and kept in `judge_root`."""
     hits = [toy.drawn_colour(image, mask) == toy.caption_colour(a.caption)
             for a, image, mask in zip(gen_anomalies, generated[0], generated[1]) if toy.caption_colour(a.caption)]
     colour = sum(hits) / len(hits) if hits else None
-    fresh = [a for seed in range(1, seeds + 1) for a in data.load_category(
-        toy.ensure_toy(category.name, Path(judge_root) / f"seed{seed}", seed=seed)).anomalies]
-    train, check = (read_anomalies(a, category.defects, cfg["image_size"]) for a in (fresh, category.anomalies))
+    S, check = cfg["image_size"], read_anomalies(category.anomalies, category.defects, cfg["image_size"])
     torch.manual_seed(cfg["seed"])
     widths = (3, 32, 64, 96, 128)  # a small CNN: the defect type from the image alone
     judge = nn.Sequential(*[layer for cin, cout in zip(widths, widths[1:]) for layer in (
         nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.BatchNorm2d(cout), nn.ReLU())],
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], len(category.defects))).to(device)
-    mirror = lambda x, k: x.flip(3) if k % 8 >= 4 else x  # with k % 4 quarter turns: the square's 8 symmetries
-    batches = ((mirror(train[0][idx].rot90(k % 4, (2, 3)), k), train[2][idx]) for k, idx in enumerate(
-        _epoch(len(train[0]), steps, cfg["batch_size"], torch.Generator().manual_seed(cfg["seed"]))))
-    judge = _fit(judge, 1e-3, batches, steps, F.cross_entropy, "toy judge", device)
-    recalibrate_batchnorm(judge, train[0], cfg["batch_size"], device)
+    kept = Path(judge_root) / f"judge_{category.name}_{S}px_{steps}steps_batch{cfg['batch_size']}_seed{cfg['seed']}_{seeds}worlds.pt"
+    if kept.exists():
+        judge.load_state_dict(torch.load(kept, map_location=device, weights_only=True))
+    else:
+        fresh = [a for seed in range(1, seeds + 1) for a in data.load_category(
+            toy.ensure_toy(category.name, Path(judge_root) / f"seed{seed}", seed=seed)).anomalies]
+        train = read_anomalies(fresh, category.defects, S)
+        mirror = lambda x, k: x.flip(3) if k % 8 >= 4 else x  # with k % 4 quarter turns: the square's 8 symmetries
+        batches = ((mirror(train[0][idx].rot90(k % 4, (2, 3)), k), train[2][idx]) for k, idx in enumerate(
+            _epoch(len(train[0]), steps, cfg["batch_size"], torch.Generator().manual_seed(cfg["seed"]))))
+        judge = _fit(judge, 1e-3, batches, steps, F.cross_entropy, "toy judge", device)
+        recalibrate_batchnorm(judge, train[0], cfg["batch_size"], device)
+        cli.save_atomic(judge.state_dict(), kept)
+    judge.eval()
     with torch.no_grad():
         accuracy = lambda images, labels: float((judge(images.to(device)).argmax(1).cpu() == labels).double().mean())
         return {"colour_named_is_drawn": colour, "judge_accuracy_on_real": accuracy(check[0], check[2]),

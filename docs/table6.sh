@@ -3,36 +3,70 @@
 # trained on every toy category with three seeds of stage 3, sampled, and judged by evaluate.py --toy (the
 # caption's colour drawn, the defect type, the downstream segmenter and classifier on held-out real anomalies).
 #
-#     bash docs/table6.sh                          # the whole table, from the repository's root
-#     CATEGORIES=cable SEEDS=0 bash docs/table6.sh # one slice of it
+#     bash docs/table6.sh                            # the whole table, from the repository's root
+#     CATEGORIES=bottle SEEDS="0 1" bash docs/table6.sh  # one slice of it
+#     JOBS=2 bash docs/table6.sh                     # two runs at a time, one thread each
 #     EXTRA="--steps 2 --vae_steps 2 --mask_steps 2" N=1 bash docs/table6.sh   # a smoke test of the commands
 #
 # Stages 1 and 2 (the VAE and the mask encoder) do not depend on the switches: each category trains them once,
 # in its all-modules seed-0 run, and the other runs start from copies (train.py resumes a finished stage and
-# checks only the keys its network depends on). Results: results/table6/<category>-<row>-s<seed>.json (.md).
+# checks only the keys its network depends on). A finished run is skipped, so the script resumes where it was
+# stopped. Per run: runs/table6/<category>/<row>-s<seed>/ (checkpoints, log.txt) and
+# results/table6/<category>-<row>-s<seed>.json (.md); the summary table: results/table6/table6.md.
 set -euo pipefail
-CATEGORIES=${CATEGORIES:-cable bottle pill}
+export CATEGORIES=${CATEGORIES:-cable bottle pill}
 SEEDS=${SEEDS:-0 1 2}
-N=${N:-16}            # samples per defect type
-EXTRA=${EXTRA:-}      # more train.py flags, the same for every run
-declare -A ROWS=(
-  [none]="--use_text False --use_mif False --use_ddf False"
-  [text]="--use_text True --use_mif False --use_ddf False"
-  [text+mif]="--use_text True --use_mif True --use_ddf False"
-  [text+ddf]="--use_text True --use_mif False --use_ddf True"
-  [all]="--use_text True --use_mif True --use_ddf True"
-)
+JOBS=${JOBS:-1}           # runs at a time; with more than one, each gets one thread
+export N=${N:-16}         # samples per defect type
+export EXTRA=${EXTRA:-}   # more train.py flags, the same for every run
+
+one_run() {   # category row seed: train stage 3 (1 and 2 copied), sample, evaluate, each logged
+  local c=$1 row=$2 s=$3 switches
+  case $row in
+    none) switches="--use_text False --use_mif False --use_ddf False" ;;
+    text) switches="--use_text True --use_mif False --use_ddf False" ;;
+    text+mif) switches="--use_text True --use_mif True --use_ddf False" ;;
+    text+ddf) switches="--use_text True --use_mif False --use_ddf True" ;;
+    all) switches="--use_text True --use_mif True --use_ddf True" ;;
+  esac
+  local base=runs/table6/$c/all-s0 run=runs/table6/$c/$row-s$s out=results/table6/$c-$row-s$s.json
+  [ -f "$out" ] && return 0
+  mkdir -p "$run" results/table6
+  [ "$run" = "$base" ] || cp -n "$base/vae.pt" "$base/mask_ae.pt" "$run/"
+  { python train.py --toy --category "$c" --out_dir "$run" --seed "$s" $switches $EXTRA &&
+    python sample.py --toy --category "$c" --ckpt "$run" --n "$N" --out_dir "samples/table6/$c-$row-s$s/$c" &&
+    python evaluate.py --toy --category "$c" --generated "samples/table6/$c-$row-s$s/$c" --methods axf \
+      --seeds "$s" --out "$out"; } > "$run/log.txt" 2>&1 || { echo "failed: $run (see $run/log.txt)"; return 1; }
+  echo "done: $run"
+}
+export -f one_run
+
+threads=(); [ "$JOBS" -gt 1 ] && threads=(OMP_NUM_THREADS=1)   # two OpenMP teams on the same cores: many times slower
 for c in $CATEGORIES; do
-  base=runs/table6/$c/all-s0
-  python train.py --toy --category "$c" --out_dir "$base" --seed 0 $EXTRA   # stages 1-3 with every module
+  one_run "$c" all 0   # stages 1-3 with every module, and the judge of evaluate.py --toy, once per category
   for row in none text text+mif text+ddf all; do
-    for s in $SEEDS; do
-      run=runs/table6/$c/$row-s$s
-      [ "$run" = "$base" ] || { mkdir -p "$run" && cp -n "$base/vae.pt" "$base/mask_ae.pt" "$run/"; }
-      python train.py --toy --category "$c" --out_dir "$run" --seed "$s" ${ROWS[$row]} $EXTRA
-      python sample.py --toy --category "$c" --ckpt "$run" --n "$N" --out_dir "samples/table6/$c-$row-s$s/$c"
-      python evaluate.py --toy --category "$c" --generated "samples/table6/$c-$row-s$s/$c" --methods axf \
-        --seeds "$s" --out "results/table6/$c-$row-s$s.json"
-    done
-  done
+    for s in $SEEDS; do echo "$c $row $s"; done
+  done | env "${threads[@]}" xargs -P "$JOBS" -L 1 bash -c 'one_run "$@"' _
 done
+
+python - <<'EOF'   # mean ± std over seeds, per category and row
+import json, os, statistics
+from pathlib import Path
+rows, cats = ["none", "text", "text+mif", "text+ddf", "all"], os.environ["CATEGORIES"].split()
+cols = [("colour drawn", lambda r: r["toy_checks"]["colour_named_is_drawn"]),
+        ("defect type", lambda r: r["toy_checks"]["defect_type_recognised"]),
+        ("pixel AP", lambda r: r["axf"]["segmentation"]["pixel_ap"]),
+        ("pixel AU-PRO", lambda r: r["axf"]["segmentation"]["pixel_au_pro"]),
+        ("image AUROC", lambda r: r["axf"]["segmentation"]["image_auroc"]),
+        ("accuracy", lambda r: r["axf"]["classification"]["accuracy"])]
+lines = ["| category | row | seeds | " + " | ".join(n for n, _ in cols) + " |", "| --- " * (len(cols) + 3) + "|"]
+for c in cats:
+    for row in rows:
+        found = [json.loads(p.read_text()) for p in sorted(Path("results/table6").glob(f"{c}-{row}-s*.json"))]
+        if not found:
+            continue
+        cell = lambda v: f"{100 * statistics.mean(v):.1f} ± {100 * statistics.pstdev(v):.1f}"
+        lines.append(f"| {c} | {row} | {len(found)} | " + " | ".join(cell([f(r) for r in found]) for _, f in cols) + " |")
+Path("results/table6/table6.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+EOF

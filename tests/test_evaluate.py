@@ -1,6 +1,7 @@
 """evaluate.py: metric parity with scikit-learn and the reference LPIPS (fixtures), IS and IC-LPIPS
 invariants, the baselines' anomalies, and the downstream pipeline end to end on a tiny MVTec tree."""
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -449,3 +450,25 @@ def test_toy_checks_give_full_marks_to_real_toy_anomalies(tmp_path):
                           judge_root=tmp_path / "judge")
     assert checks["colour_named_is_drawn"] == 1.0
     assert all(0 <= v <= 1 for v in checks.values())
+
+
+def test_toy_judge_is_trained_once_and_kept(tmp_path):
+    """The judge depends on no generated image: a second call loads the kept judge (no training, no fresh toy
+    worlds) and gives the same verdicts; another setting (here the seed) trains its own."""
+    folder = toy.make_toy(tmp_path, "pill", size=32, seed=0)
+    category = data.load_category(folder)
+    cfg = {**E.EVAL_CONFIG, "image_size": 32, "batch_size": 4}
+    real = E.read_anomalies(category.anomalies, category.defects, 32)
+    judge_root = tmp_path / "judge"
+    first = E.toy_checks(category.anomalies, real, category, cfg, torch.device("cpu"), steps=3,
+                         judge_root=judge_root, seeds=1)
+    kept = sorted(judge_root.glob("*.pt"))
+    assert len(kept) == 1 and "pill_32px_3steps_batch4_seed" in kept[0].name
+    for world in judge_root.glob("seed*"):   # a second call must not need the toy worlds the judge trained on
+        shutil.rmtree(world)
+    again = E.toy_checks(category.anomalies, real, category, cfg, torch.device("cpu"), steps=3,
+                         judge_root=judge_root, seeds=1)
+    assert again == first and not list(judge_root.glob("seed*"))
+    E.toy_checks(category.anomalies, real, category, {**cfg, "seed": cfg["seed"] + 1}, torch.device("cpu"), steps=3,
+                 judge_root=judge_root, seeds=1)
+    assert len(list(judge_root.glob("*.pt"))) == 2
