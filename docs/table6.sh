@@ -7,6 +7,7 @@
 #     CATEGORIES=bottle SEEDS="0 1" bash docs/table6.sh  # one slice of it
 #     JOBS=2 bash docs/table6.sh                     # two runs at a time, one thread each
 #     EXTRA="--steps 2 --vae_steps 2 --mask_steps 2" N=1 bash docs/table6.sh   # a smoke test of the commands
+#     bash docs/table6.sh summary                    # only the summary of the runs finished so far
 #
 # Stages 1 and 2 (the VAE and the mask encoder) do not depend on the switches: each category trains them once,
 # in its all-modules seed-0 run, and the other runs start from copies (train.py resumes a finished stage and
@@ -42,15 +43,15 @@ one_run() {   # category row seed: train stage 3 (1 and 2 copied), sample, evalu
 export -f one_run
 
 threads=(); [ "$JOBS" -gt 1 ] && threads=(OMP_NUM_THREADS=1)   # two OpenMP teams on the same cores: many times slower
-for c in $CATEGORIES; do
+for c in $([ "${1:-}" = summary ] || echo $CATEGORIES); do
   one_run "$c" all 0   # stages 1-3 with every module, and the judge of evaluate.py --toy, once per category
   for row in none text text+mif text+ddf all; do
     for s in $SEEDS; do echo "$c $row $s"; done
   done | env "${threads[@]}" xargs -P "$JOBS" -L 1 bash -c 'one_run "$@"' _
 done
 
-python - <<'EOF'   # mean ± std over seeds, per category and row
-import json, os, statistics
+python - <<'EOF'   # mean ± std over seeds, per category and row; what a row costs, from the runs' logs
+import json, os, re, statistics
 from pathlib import Path
 rows, cats = ["none", "text", "text+mif", "text+ddf", "all"], os.environ["CATEGORIES"].split()
 cols = [("colour drawn", lambda r: r["toy_checks"]["colour_named_is_drawn"]),
@@ -59,14 +60,22 @@ cols = [("colour drawn", lambda r: r["toy_checks"]["colour_named_is_drawn"]),
         ("pixel AU-PRO", lambda r: r["axf"]["segmentation"]["pixel_au_pro"]),
         ("image AUROC", lambda r: r["axf"]["segmentation"]["image_auroc"]),
         ("accuracy", lambda r: r["axf"]["classification"]["accuracy"])]
-lines = ["| category | row | seeds | " + " | ".join(n for n, _ in cols) + " |", "| --- " * (len(cols) + 3) + "|"]
+lines = ["| category | row | seeds | " + " | ".join(n for n, _ in cols) + " | conditioning parameters | s per step |",
+         "| --- " * (len(cols) + 5) + "|"]
+cell = lambda v: f"{100 * statistics.mean(v):.1f} ± {100 * statistics.pstdev(v):.1f}"
 for c in cats:
     for row in rows:
-        found = [json.loads(p.read_text()) for p in sorted(Path("results/table6").glob(f"{c}-{row}-s*.json"))]
+        found = sorted(Path("results/table6").glob(f"{c}-{row}-s*.json"))
         if not found:
             continue
-        cell = lambda v: f"{100 * statistics.mean(v):.1f} ± {100 * statistics.pstdev(v):.1f}"
-        lines.append(f"| {c} | {row} | {len(found)} | " + " | ".join(cell([f(r) for r in found]) for _, f in cols) + " |")
+        runs = [json.loads(p.read_text()) for p in found]
+        logs = [Path(f"runs/table6/{c}/{p.stem.removeprefix(f'{c}-')}/log.txt").read_text() for p in found]
+        params = re.search(r"and ([\d,]+) conditioning parameters", logs[0]).group(1)
+        # the median: the seed-0 run of "all" trains alone on every core, the others two at a time
+        step = statistics.median(int(m[1]) / int(m[0]) for log in logs
+                                 for m in re.findall(r"(\d+) steps, (\d+) s this run", log))
+        lines.append(f"| {c} | {row} | {len(runs)} | " + " | ".join(cell([f(r) for r in runs]) for _, f in cols)
+                     + f" | {params} | {step:.2f} |")
 Path("results/table6/table6.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 EOF
