@@ -78,4 +78,27 @@ for c in cats:
                      + f" | {params} | {step:.2f} |")
 Path("results/table6/table6.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
+
+# a picture per category: the first 6 anomalies of its colour-named defect, drawn by each row's seed-0 model
+# (the same normal images, masks and captions in every row: sample.py's draws depend on its seed alone)
+import textwrap
+from PIL import Image, ImageDraw
+defect = {"bottle": "contamination", "cable": "cable_swap", "pill": "color"}
+for c in cats:
+    folders = [Path(f"samples/table6/{c}-{row}-s0/{c}") for row in rows]
+    if not all(f.is_dir() for f in folders):
+        continue
+    side, names = 96, [f"{i:03d}" for i in range(6)]
+    sheet = Image.new("RGB", (260 + side * len(rows), 20 + side * len(names)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for j, row in enumerate(rows):
+        draw.text((260 + side * j + 4, 4), row, fill="black")
+    for i, name in enumerate(names):
+        caption = (folders[0] / "prompt" / defect[c] / f"{name}.txt").read_text().strip()
+        draw.multiline_text((4, 20 + side * i + side // 3), textwrap.fill(caption, 40), fill="black")
+        for j, folder in enumerate(folders):
+            with Image.open(folder / "test" / defect[c] / f"{name}.png") as im:
+                sheet.paste(im.convert("RGB").resize((side, side), Image.NEAREST), (260 + side * j, 20 + side * i))
+    sheet.save(f"results/table6/{c}_rows.png")
+    print(f"wrote results/table6/{c}_rows.png")
 EOF
