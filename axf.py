@@ -220,8 +220,10 @@ class AnomalyXFusion(nn.Module):
         # the empty condition: guidance's unconditional branch, and the context of Table 6's first row
         n = self.mif.num_context or config["num_tokens"]
         self.null_context = nn.Parameter(torch.randn(1, n, config["context_dim"]) * 0.02)
-        # SD-1.5-inpainting's UNet reads [x_t, mask, masked-image latent] (9 channels); every other one [x_t, mask]
-        self.reads_masked_image = self.unet.conv_in.in_channels == 2 * self.unet.conv_out.out_channels + 1
+        # SD-1.5-inpainting's UNet reads [x_t, mask, masked-image latent] (9 channels); the others [x_t, mask] or,
+        # with unet_mask_input off, x_t alone (the paper's UNet)
+        latent, channels = self.unet.conv_out.out_channels, self.unet.conv_in.in_channels
+        self.reads_mask, self.reads_masked_image = channels > latent, channels == 2 * latent + 1
 
     def x_embedding(self, captions, masks, defect_ids, textures=None):
         """e_X [B, n, d] (Eq. (1)-(5)); the null context when every modality is off."""
@@ -242,11 +244,13 @@ class AnomalyXFusion(nn.Module):
 
     def unet_input(self, x_t, region, masked_latents=None):
         """What the UNet reads. Deviation: besides x_t, the latent mask (as SD's inpainting model does): Eq. (16)
-        brings the mask into training; given as an input it says *where* directly, and the context *what*."""
+        brings the mask into training; given as an input it says *where* directly, and the context *what*
+        (unet_mask_input False: x_t alone)."""
         if self.reads_masked_image and masked_latents is None:
             raise ValueError("this UNet (SD inpainting, 9 channels) also needs the masked image's latent")
+        mask = [region.to(x_t.dtype)] if self.reads_mask else []
         extra = [masked_latents.to(x_t.dtype)] if self.reads_masked_image else []
-        return torch.cat([x_t, region.to(x_t.dtype), *extra], dim=1)
+        return torch.cat([x_t, *mask, *extra], dim=1)
 
     @torch.no_grad()
     def encode_images(self, images, grey_masks=None):
@@ -332,10 +336,10 @@ def build_vae(config):
 
 
 def build_unet(config):
-    # one input channel more than the latent: the latent mask (AnomalyXFusion.unet_input)
-    return UNet(LATENT_CHANNELS + 1, LATENT_CHANNELS, config["unet_channels"], config["unet_channel_mult"],
-                config["unet_num_res_blocks"], config["unet_attention_levels"], config["unet_num_heads"],
-                context_dim=config["context_dim"])
+    # with unet_mask_input, one input channel more than the latent: the latent mask (AnomalyXFusion.unet_input)
+    return UNet(LATENT_CHANNELS + config["unet_mask_input"], LATENT_CHANNELS, config["unet_channels"],
+                config["unet_channel_mult"], config["unet_num_res_blocks"], config["unet_attention_levels"],
+                config["unet_num_heads"], context_dim=config["context_dim"])
 
 
 def build_mask_encoder(config):
@@ -411,6 +415,7 @@ def load_checkpoint(path, device="cpu", use_ema=True, sd_path=None):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         config, categories = checkpoint["config"], checkpoint["categories"]
+        config.setdefault("unet_mask_input", True)  # a checkpoint older than the key: its UNet reads the mask
     except Exception as error:
         raise ValueError(f"{path}: not an AnomalyXFusion checkpoint ({type(error).__name__}: "
                          f"{str(error).splitlines()[0][:200]})") from None

@@ -49,6 +49,9 @@ KEYS = dict(
     use_text=Key(True, "Table 6: the semantic tokens of the caption (Eq. (1))", fixed=True),
     use_mif=Key(True, "Table 6: the whole MIF: location and texture tokens and the aggregator (Eq. (2)-(5))", fixed=True),
     use_ddf=Key(True, "Table 6: DDF, the timestep-dependent context (Eq. (14))", fixed=True),
+    unet_mask_input=Key(True, "the latent mask as the UNet's extra input channel (a deviation); False: the paper's "
+                        "UNet, which learns where the mask is only through Eq. (16)'s blend and MIF's location "
+                        "tokens", fixed=True),
     # stage 1 (VAE) and stage 2 (mask autoencoder)
     vae_steps=Key(1000, "stage 1 steps; fewer and the VAE decodes a cut wire back to a whole one"),
     vae_batch_size=Key(8, "stage 1 and 2 batch size"),
@@ -138,8 +141,10 @@ def architecture_changes(saved, current, depends_on=None):
     with one of `depends_on`, if given: the keys one stage's network depends on), and whether the run is on a
     Stable Diffusion file (--sd) and a separate VAE (--sd_vae) at all (which files they are, sd.check_sd_file
     checks by hash)."""
-    changes = [f"{name} {saved.get(name)!r} -> {current[name]!r}" for name, key in KEYS.items()
-               if key.fixed and (depends_on is None or name.startswith(depends_on)) and saved.get(name) != current[name]]
+    # a key the saved config lacks is older than it: that run had its default
+    changes = [f"{name} {saved.get(name, key.default)!r} -> {current[name]!r}" for name, key in KEYS.items()
+               if key.fixed and (depends_on is None or name.startswith(depends_on))
+               and saved.get(name, key.default) != current[name]]
     for name in ("sd_vae", "sd"):
         if bool(saved.get(name)) != bool(current[name]):
             changes.insert(0, f"--{name} {saved.get(name) or '(none)'} -> {current[name] or '(none)'}")

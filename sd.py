@@ -434,8 +434,8 @@ def load_backbone(config, device="cpu"):
     f = 2 ** (len(vae.sd_sizes["channel_mult"]) - 1) * 2 ** (len(unet.sd_sizes["channel_mult"]) - 1)
     if config["image_size"] % f:
         raise ValueError(f"image_size {config['image_size']} must be a multiple of {f} for {config['sd']}")
-    return dict(vae=vae, unet=adapt_sd_unet(unet, config["train_unet"], config["lora_rank"]),
-                sd_context=TextEncoderContext(text, config).to(device))
+    unet = adapt_sd_unet(unet, config["train_unet"], config["lora_rank"], config["unet_mask_input"])
+    return dict(vae=vae, unet=unet, sd_context=TextEncoderContext(text, config).to(device))
 
 
 def file_sizes(backbone):
@@ -474,10 +474,10 @@ def check_sd_file(path, saved, parts=tuple(SD_PREFIXES)):
                          f"its trained weights belong to that file")
 
 
-def adapt_sd_unet(unet, train_unet, lora_rank):
+def adapt_sd_unet(unet, train_unet, lora_rank, unet_mask_input=True):
     """A pretrained SD UNet made ready for AnomalyXFusion (paper §4 conditions a frozen LDM):
-    - a 4-channel UNet gets the mask as a fifth input channel, zero-initialised: at step 0 it is the
-      pretrained model; SD-1.5-inpainting keeps its 9 channels (x_t, mask, masked-image latent);
+    - with unet_mask_input, a 4-channel UNet gets the mask as a fifth input channel, zero-initialised: at step
+      0 it is the pretrained model; SD-1.5-inpainting keeps its 9 channels (x_t, mask, masked-image latent);
     - train_unet: none freezes it (only conv_in trains, if it was widened), lora adds rank-r adapters
       (unet.add_lora) and trains them, full trains every weight."""
     channels = unet.conv_in.in_channels
@@ -487,7 +487,7 @@ def adapt_sd_unet(unet, train_unet, lora_rank):
                          f"({2 * latent + 1})")
     unet.requires_grad_(train_unet == "full")
     unet.train()  # load_sd returns eval mode; UNet's gradient checkpointing acts in training mode only
-    if channels == latent:
+    if channels == latent and unet_mask_input:
         unet_module.expand_input_channels(unet, latent + 1)
         unet.conv_in.requires_grad_(True)  # the mask channel must learn, whatever else is frozen
     if train_unet == "lora":

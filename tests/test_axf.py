@@ -265,6 +265,26 @@ def test_every_changed_pixel_lies_inside_the_mask(thin):
     assert changed[b["masks"] > 0].float().mean() > 0.9  # and inside, the image does change
 
 
+def test_mask_input_false_is_the_papers_unet_reading_x_t_alone():
+    """unet_mask_input False: a UNet of 4 input channels that reads x_t alone. With text and MIF off as well, the
+    mask reaches ε through nothing (Table 6's first row as the paper has it); sampling still changes pixels
+    only inside the mask (Eq. (16)'s blend)."""
+    with_mask, without = tiny_model(), tiny_model(unet_mask_input=False)
+    assert (with_mask.unet.conv_in.in_channels, without.unet.conv_in.in_channels) == (5, 4)
+    x, region = torch.randn(2, 4, 4, 4), (torch.rand(2, 1, 4, 4) > 0.5).float()
+    assert torch.equal(without.unet_input(x, region), x) and torch.equal(with_mask.unet_input(x, region)[:, 4:], region)
+    b, t = example_batch(), torch.tensor([5, 50])
+    bare = tiny_model(unet_mask_input=False, use_text=False, use_mif=False, use_ddf=False)
+    other = torch.flip(b["masks"], (2, 3))
+    eps = [bare.unet(bare.unet_input(x, axf.latent_mask(m, bare.latent_factor)), t,
+                     bare.condition(b["captions"], m, b["defect_ids"], t)) for m in (b["masks"], other)]
+    assert torch.equal(*eps)
+    out = without.sample(b["images"], b["masks"], b["captions"], b["defect_ids"], steps=3,
+                         generator=torch.Generator().manual_seed(0))
+    changed = (out != b["images"]).any(1, keepdim=True)
+    assert not (changed & (b["masks"] == 0)).any() and changed[b["masks"] > 0].float().mean() > 0.9
+
+
 def test_changing_only_the_caption_changes_pixels_only_inside_the_mask():
     """The caption steers what is drawn, never the background."""
     model = tiny_model()

@@ -158,16 +158,28 @@ def test_resume_refuses_another_architecture_but_allows_a_bigger_budget(trained,
     assert torch.load(tmp_path / "axf.pt", weights_only=True)["step"] == 5
 
 
+def test_a_saved_config_without_a_newer_key_counts_as_its_default():
+    """A checkpoint older than a fixed key was made with that key's default: resuming it with the default is no
+    change, with another value it is; a stage checks only the keys its network depends on."""
+    current = config.resolve("toy", {})
+    saved = {k: v for k, v in current.items() if k != "unet_mask_input"}
+    assert config.architecture_changes(saved, current) == []
+    assert config.architecture_changes(saved, dict(current, unet_mask_input=False)) == ["unet_mask_input True -> False"]
+    assert config.architecture_changes(saved, dict(current, unet_mask_input=False), ("image_size", "mask_")) == []
+
+
 def test_table6_rows_share_a_finished_vae_and_mask_encoder(trained, toy_root, tmp_path, capsys):
-    """The ablation switches shape stage 3 only: a run with --use_ddf False continues another run's finished
-    vae.pt and mask_ae.pt (no retraining) and trains its own axf.pt; a stage-1 size change is still refused."""
+    """The ablation switches shape stage 3 only: a run with --use_ddf False and the UNet blind to the mask
+    continues another run's finished vae.pt and mask_ae.pt (no retraining) and trains its own axf.pt; a
+    stage-1 size change is still refused."""
     for name in ("vae.pt", "mask_ae.pt"):
         (tmp_path / name).write_bytes((trained / name).read_bytes())
     args = ["--category", "bottle", "--data_root", str(toy_root), "--out_dir", str(tmp_path)] + TINY
-    train.main(args + ["--use_ddf", "False", "--steps", "1"])
+    train.main(args + ["--use_ddf", "False", "--unet_mask_input", "False", "--steps", "1"])
     out = capsys.readouterr().out
     assert f"{tmp_path / 'vae.pt'}: complete" in out and f"{tmp_path / 'mask_ae.pt'}: complete" in out
-    assert torch.load(tmp_path / "axf.pt", weights_only=True)["config"]["use_ddf"] is False
+    saved = torch.load(tmp_path / "axf.pt", weights_only=True)
+    assert saved["config"]["use_ddf"] is False and saved["model"]["unet.conv_in.weight"].shape[1] == 4
     with pytest.raises(ValueError, match=r"vae.pt was trained with another architecture \(vae_channels 32 -> 64\)"):
         train.main(args + ["--use_ddf", "False", "--vae_channels", "64"])
 

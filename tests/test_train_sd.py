@@ -322,6 +322,16 @@ def test_adapted_unet_at_step_0_is_the_pretrained_unet(mode, sd_files):
         assert torch.equal(adapted(torch.cat([x, mask], dim=1), t, context), original(x, t, context))
 
 
+def test_mask_input_false_keeps_the_text_to_image_unet_as_it_is(sd_files):
+    """--unet_mask_input False: no fifth channel, so with --train_unet none not one UNet weight trains."""
+    original = sd.load_sd(sd_files["txt2img"])[1]
+    adapted = sd.adapt_sd_unet(sd.load_sd(sd_files["txt2img"])[1], "none", 4, unet_mask_input=False)
+    x, _, t, context = unet_inputs()
+    assert adapted.conv_in.in_channels == 4 and not any(p.requires_grad for p in adapted.parameters())
+    with torch.no_grad():
+        assert torch.equal(adapted(x, t, context), original(x, t, context))
+
+
 @pytest.mark.parametrize("mode", ["none", "lora", "full"])
 def test_train_unet_decides_which_unet_weights_train(mode, sd_files):
     """none: only the widened conv_in (the mask channel must learn); lora: conv_in and the adapters; full: all."""
