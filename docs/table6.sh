@@ -92,16 +92,16 @@ for c in cats:
     folders = [Path(f"samples/{name}/{c}-{row}-s0/{c}") for row in rows]
     if not all(f.is_dir() for f in folders):
         continue
-    side, names = 96, [f"{i:03d}" for i in range(6)]
-    sheet = Image.new("RGB", (260 + side * len(rows), 20 + side * len(names)), "white")
+    side, stems = 96, [f"{i:03d}" for i in range(6)]
+    sheet = Image.new("RGB", (260 + side * len(rows), 20 + side * len(stems)), "white")
     draw = ImageDraw.Draw(sheet)
     for j, row in enumerate(rows):
         draw.text((260 + side * j + 4, 4), row, fill="black")
-    for i, name in enumerate(names):
-        caption = (folders[0] / "prompt" / defect[c] / f"{name}.txt").read_text().strip()
+    for i, stem in enumerate(stems):
+        caption = (folders[0] / "prompt" / defect[c] / f"{stem}.txt").read_text().strip()
         draw.multiline_text((4, 20 + side * i + side // 3), textwrap.fill(caption, 40), fill="black")
         for j, folder in enumerate(folders):
-            with Image.open(folder / "test" / defect[c] / f"{name}.png") as im:
+            with Image.open(folder / "test" / defect[c] / f"{stem}.png") as im:
                 sheet.paste(im.convert("RGB").resize((side, side), Image.NEAREST), (260 + side * j, 20 + side * i))
     sheet.save(f"results/{name}/{c}_rows.png")
     print(f"wrote results/{name}/{c}_rows.png")
