@@ -220,9 +220,8 @@ class AnomalyXFusion(nn.Module):
         # the empty condition: guidance's unconditional branch, and the context of Table 6's first row
         n = self.mif.num_context or config["num_tokens"]
         self.null_context = nn.Parameter(torch.randn(1, n, config["context_dim"]) * 0.02)
-        # SD-1.5-inpainting's UNet reads [x_t, mask, masked-image latent] (9 channels); the others [x_t, mask] or,
-        # with unet_mask_input off, x_t alone (the paper's UNet)
-        latent, channels = self.unet.conv_out.out_channels, self.unet.conv_in.in_channels
+        # [x_t, mask]; x_t alone (unet_mask_input False); SD-1.5-inpainting's [x_t, mask, masked-image latent]
+        channels, latent = self.unet.conv_in.in_channels, self.unet.conv_out.out_channels
         self.reads_mask, self.reads_masked_image = channels > latent, channels == 2 * latent + 1
 
     def x_embedding(self, captions, masks, defect_ids, textures=None):
@@ -244,13 +243,11 @@ class AnomalyXFusion(nn.Module):
 
     def unet_input(self, x_t, region, masked_latents=None):
         """What the UNet reads. Deviation: besides x_t, the latent mask (as SD's inpainting model does): Eq. (16)
-        brings the mask into training; given as an input it says *where* directly, and the context *what*
-        (unet_mask_input False: x_t alone)."""
+        brings the mask into training; given as an input it says *where* directly, and the context *what*."""
         if self.reads_masked_image and masked_latents is None:
             raise ValueError("this UNet (SD inpainting, 9 channels) also needs the masked image's latent")
-        mask = [region.to(x_t.dtype)] if self.reads_mask else []
-        extra = [masked_latents.to(x_t.dtype)] if self.reads_masked_image else []
-        return torch.cat([x_t, *mask, *extra], dim=1)
+        parts = [x_t] + [region] * self.reads_mask + [masked_latents] * self.reads_masked_image
+        return torch.cat([part.to(x_t.dtype) for part in parts], dim=1)
 
     @torch.no_grad()
     def encode_images(self, images, grey_masks=None):
