@@ -317,7 +317,8 @@ def toy_checks(gen_anomalies, generated, category, cfg, device, steps=1500, judg
     judge = nn.Sequential(*[layer for cin, cout in zip(widths, widths[1:]) for layer in (
         nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.BatchNorm2d(cout), nn.ReLU())],
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], len(category.defects))).to(device)
-    kept = Path(judge_root) / f"judge_{category.name}_{S}px_{steps}steps_batch{cfg['batch_size']}_seed{cfg['seed']}_{seeds}worlds.pt"
+    kept = Path(judge_root) / (f"judge_{category.name}_{S}px_{steps}steps_batch{cfg['batch_size']}_seed{cfg['seed']}"
+                               f"_{seeds}worlds.pt")
     if kept.exists():
         judge.load_state_dict(torch.load(kept, map_location=device, weights_only=True))
     else:
