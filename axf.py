@@ -212,11 +212,10 @@ class AnomalyXFusion(nn.Module):
         self.vae = (build_vae(config) if vae is None else vae).requires_grad_(False)
         self.unet = build_unet(config) if unet is None else unet
         self.unet.gradient_checkpointing = config["gradient_checkpointing"]
-        names = list(self.categories)
-        self.mif = MultiModalInFusion(config, clip_model, [names.index(c) for c, _ in self.rows], mask_encoder)
+        row_categories = [list(self.categories).index(c) for c, _ in self.rows]  # each row's category index
+        self.mif = MultiModalInFusion(config, clip_model, row_categories, mask_encoder)
         self.ddf = DynamicDifFusion(config["context_dim"]) if config["use_ddf"] else None
-        self.sd_context = sd_context
-        self.ddpm, self.latent_factor = build_ddpm(config), latent_factor(config)
+        self.sd_context, self.ddpm, self.latent_factor = sd_context, build_ddpm(config), latent_factor(config)
         # the empty condition: guidance's unconditional branch, and the context of Table 6's first row
         n = self.mif.num_context or config["num_tokens"]
         self.null_context = nn.Parameter(torch.randn(1, n, config["context_dim"]) * 0.02)
