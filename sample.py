@@ -30,6 +30,7 @@ the same, byte for byte, whatever the number of processes.
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -45,6 +46,9 @@ import toy
 
 SAMPLING_KEYS = ("sampler", "sample_steps", "guidance_scale", "eta", "seed", "device")
 MANIFEST = ".axf_samples.json"  # not an image: MVTec readers (data.py, anomalib) skip it
+# the names sample.py writes into --out_dir, relative to it: the only ones a manifest may list
+OWN_NAME = re.compile(r"(train|test)/good/[^/\0]+|test/[^/\0]+/\d+\.png|ground_truth/[^/\0]+/\d+_mask\.png"
+                      r"|prompt/[^/\0]+/\d+\.txt")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,18 +104,44 @@ def sample_files(defect, index):
     return f"test/{name}.png", f"ground_truth/{name}_mask.png", f"prompt/{name}.txt"
 
 
+def own_file_name(name):
+    """Whether `name` (a manifest entry) is a name sample.py writes: train/good/<file>, test/good/<file>, or
+    sample_files' three; each part a plain name ('..' is not one)."""
+    return (isinstance(name, str) and OWN_NAME.fullmatch(name) is not None
+            and not {".", ".."} & set(name.split("/")))
+
+
+def read_manifest(out):
+    """The files the manifest of `out` lists, each checked to be a name sample.py writes and to lie inside `out`
+    (its folders resolved, links included): a manifest that names anything else is not sample.py's, and
+    the folder is refused before anything in it is touched."""
+    manifest = out / MANIFEST
+    try:
+        written = json.loads(manifest.read_text(encoding="utf-8"))["written"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{manifest}: not a manifest sample.py wrote ({type(error).__name__}: {error}); pass a "
+                         f"new or empty --out_dir") from None
+    root = out.resolve()
+    for name in written if isinstance(written, list) else [written]:
+        if not own_file_name(name) or not (out / name).parent.resolve().is_relative_to(root):
+            raise ValueError(f"{manifest}: lists {name!r}, which is not a file sample.py writes inside {out}; "
+                             f"sample.py deletes nothing it cannot prove its own: pass a new or empty --out_dir")
+    return set(written)
+
+
 def open_output(out, defects, planned):
     """The manifest of files sample.py wrote into `out` before, minus those it deletes now.
 
     A re-run replaces the normal images and the samples of `defects`; it deletes only files its
-    manifest lists. A non-empty folder without a manifest is someone else's: refused; so is a folder
-    where a file this run will write (`planned`) exists and the manifest does not list it.
+    manifest lists, and only names sample.py writes, inside `out` (read_manifest). A non-empty folder
+    without a manifest is someone else's: refused; so is a folder where a file this run will write
+    (`planned`) exists and the manifest does not list it.
     """
     manifest = out / MANIFEST
     if out.exists() and any(out.iterdir()) and not manifest.is_file():
         raise ValueError(f"{out}: not empty and not written by sample.py (no {MANIFEST}); sample.py never "
                          f"deletes files it did not write: pass a new or empty --out_dir")
-    written = set(json.loads(manifest.read_text())["written"]) if manifest.is_file() else set()
+    written = read_manifest(out) if manifest.is_file() else set()
     for name in planned:
         if (out / name).exists() and name not in written:
             raise ValueError(f"{out / name}: exists and sample.py did not write it; pass a new or empty --out_dir")

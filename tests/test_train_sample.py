@@ -132,6 +132,29 @@ def test_sampling_never_deletes_files_it_did_not_write(trained, tmp_path):
     assert (out / "ground_truth" / "contamination" / "001_mask.png").read_bytes() == b"mine"
 
 
+@pytest.mark.parametrize("entry", ["train/good/../../../victim/precious.txt", "/VICTIM/precious.txt",
+                                   "test/contamination/../../../victim/precious.txt", "test/linked/000.png"])
+def test_a_manifest_naming_files_outside_its_folder_deletes_nothing(trained, tmp_path, entry):
+    """A samples folder received from someone else whose manifest lists a file outside it (by '..', an absolute
+    path or a folder that is a link to elsewhere) is refused before anything is deleted."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("mine")
+    (victim / "000.png").write_text("mine too")
+    out = tmp_path / "samples"
+    args = ["--category", "bottle", "--ckpt", str(trained), "--out_dir", str(out), "--n", "1"]
+    sample.main(args)
+    (out / "test" / "linked").symlink_to(victim)
+    manifest = json.loads((out / sample.MANIFEST).read_text())
+    manifest["written"].append(entry.replace("/VICTIM", str(victim)))
+    (out / sample.MANIFEST).write_text(json.dumps(manifest))
+    before = sorted(out.rglob("*"))
+    with pytest.raises(ValueError, match="not a file sample.py writes inside"):
+        sample.main(args)
+    assert (victim / "precious.txt").read_text() == "mine" and (victim / "000.png").read_text() == "mine too"
+    assert sorted(out.rglob("*")) == before
+
+
 def test_interrupted_training_resumes_to_the_weights_of_an_uninterrupted_run(trained, toy_root, tmp_path, monkeypatch, capsys):
     """A kill after the step-2 checkpoint loses nothing: re-running continues from step 2 and ends with the
     very weights and EMA of the run that was never stopped (model, optimiser, EMA and both RNGs are saved)."""
