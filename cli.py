@@ -3,8 +3,7 @@
 - the data flags (--category, --toy, --data_root) and the category folders, validated whole before
   anything is written;
 - every key of config.py as a `--key value` flag, typed like its default, with its help;
-- the device, bf16 autocast, the optimiser, progress bars that also read well in a log file, and files
-  (checkpoints, Stable Diffusion files) written atomically;
+- the device, bf16 autocast, the optimiser, progress bars that also read well in a log file;
 - several processes (torchrun): the process group, this process's share of a batch, DDP.
 """
 import argparse
@@ -84,24 +83,6 @@ def category_folder(args, name=None):
     folder = Path(args.data_root or "data/mvtec") / name
     data.load_category(folder)  # raises one clear line on a missing folder or bad data
     return folder
-
-
-@contextmanager
-def atomic_write(path):
-    """Yield a temporary path beside `path`, renamed onto it when the block ends: a kill mid-write never
-    leaves a half-written checkpoint (the rename is atomic on one file system). The temporary name holds the
-    process id, so two processes writing the same file never write into one temporary file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    yield tmp
-    os.replace(tmp, path)
-
-
-def save_atomic(obj, path):
-    """torch.save through atomic_write."""
-    with atomic_write(path) as tmp:
-        torch.save(obj, tmp)
 
 
 def pick_device(name):

@@ -29,6 +29,7 @@ from tqdm import tqdm
 import axf
 import cli
 import data
+import files
 import toy
 from metrics import (LPIPS, _said, au_pro, auroc, average_precision, f1_max, fid, generation_metrics,  # noqa: F401
                      ic_lpips, inception_features, inception_probs, inception_score, kid, load_inception,
@@ -330,7 +331,7 @@ def toy_checks(gen_anomalies, generated, category, cfg, device, steps=1500, judg
             _epoch(len(train[0]), steps, cfg["batch_size"], torch.Generator().manual_seed(cfg["seed"]))))
         judge = _fit(judge, 1e-3, batches, steps, F.cross_entropy, "toy judge", device)
         recalibrate_batchnorm(judge, train[0], cfg["batch_size"], device)
-        cli.save_atomic(judge.state_dict(), kept)
+        files.save_atomic(judge.state_dict(), kept)
     judge.eval()
     with torch.no_grad():
         accuracy = lambda images, labels: float((judge(images.to(device)).argmax(1).cpu() == labels).double().mean())

@@ -12,13 +12,9 @@ and file_sizes (its sizes, for the config), adapt_sd_unet (the mask channel, wha
 check_sd_file (the file's identity in a checkpoint), and TextEncoderContext: how e_t reaches the pretrained
 UNet, the one hook axf.AnomalyXFusion calls (its `sd_context`).
 """
-import contextlib
 import hashlib
-import json
-import math
 import os
 import re
-import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -27,7 +23,7 @@ import torch
 import torch.nn as nn
 
 import clip
-from cli import atomic_write, save_atomic
+from files import read_safetensors, read_torch, save_atomic, write_safetensors
 import unet as unet_module
 import vae as vae_module
 from unet import UNet
@@ -36,9 +32,6 @@ from vae import VAE
 SD_PREFIXES = {"UNet": "model.diffusion_model.", "VAE": "first_stage_model.", "text encoder": "cond_stage_model.transformer."}
 SD_SCALE_FACTOR = 0.18215  # kl-f8's latent scale: SD keeps it in its yaml config, not in the file
 SD_HEADS = 8  # SD-1.x's UNet has 8 heads at every width (SD-2 has 64-wide heads): not readable from shapes
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
 # diffusers folders: part -> (subfolder, weights file, its pickle twin); fp16 variants are name.fp16.suffix
 DIFFUSERS_FILES = {"UNet": ("unet", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
                    "VAE": ("vae", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
@@ -49,43 +42,6 @@ DIFFUSERS_FILES = {"UNet": ("unet", "diffusion_pytorch_model.safetensors", "diff
 EXTRAS = re.compile(r"[^.]+$|model_ema\.|(first_stage_model\.)?loss\.|cond_stage_model\.transformer\.(text_model\.)?"
                     r"(embeddings\.position_ids|text_projection|logit_scale)")
 EXPECTED = "Stable Diffusion 1.x file expected (e.g. v1-5-pruned-emaonly.safetensors or a diffusers folder)"
-
-
-def read_safetensors(path):
-    """A .safetensors file -> {name: tensor}, memory-mapped: tensors view the file's pages, nothing is copied.
-    Layout: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets},
-    "__metadata__": {...}}, then raw little-endian tensors; offsets count from the end of the header."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        start = f.read(1)
-        if size < 10 or start != b"{" or n > 100_000_000:  # 100 MB: the reference reader's header cap
-            raise ValueError(f"{path}: neither a safetensors file nor a PyTorch checkpoint")
-        if 8 + n > size:
-            raise ValueError(f"{path}: truncated safetensors file (its header alone needs {8 + n} bytes; incomplete download?)")
-        try:
-            header = json.loads(start + f.read(n - 1))
-            header.pop("__metadata__", None)
-            entries = {name: (info["dtype"], [int(d) for d in info["shape"]], int(info["data_offsets"][0]),
-                              int(info["data_offsets"][1])) for name, info in header.items()}
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-            raise ValueError(f"{path}: corrupted safetensors file (its header is not the expected JSON)") from None
-    data = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: a writable buffer for torch, the file stays read-only
-    tensors = {}
-    for name, (dtype_name, shape, begin, end) in entries.items():
-        dtype = SAFETENSORS_DTYPES.get(dtype_name)
-        if dtype is None:
-            raise ValueError(f"{path}: tensor {name} has dtype {dtype_name}, which this reader does not handle")
-        if 8 + n + end > size:
-            raise ValueError(f"{path}: truncated safetensors file ({size} bytes, tensor {name} ends at {8 + n + end}; incomplete download?)")
-        if end - begin != math.prod(shape) * dtype.itemsize:
-            raise ValueError(f"{path}: corrupted safetensors file (tensor {name}'s size does not match its shape)")
-        if end == begin:  # frombuffer refuses zero bytes
-            tensors[name] = torch.empty(shape, dtype=dtype)
-            continue
-        raw = torch.frombuffer(data, dtype=torch.uint8, count=end - begin, offset=8 + n + begin)
-        tensors[name] = raw.view(dtype).reshape(shape)
-    return tensors
 
 
 def _named(obj, module, name):
@@ -116,29 +72,6 @@ def lightning_globals():
                                  for module in ("numpy.core.multiarray", "numpy._core.multiarray"))]
 
 
-def read_torch(path):
-    """A torch.save file (a zip archive, or before torch 1.6 a bare pickle) -> its object, unpickled weights-only:
-    tensors, plain containers and lightning_globals(); anything else (it could run code) is refused by name."""
-    with open(path, "rb") as f:
-        zipped = f.read(4) == b"PK\x03\x04"
-    if zipped and not zipfile.is_zipfile(path):  # the zip's central directory, at the very end, is missing
-        raise ValueError(f"{path}: truncated PyTorch checkpoint (incomplete download?)")
-    allowed = lightning_globals()  # for this load only (torch >= 2.5), else for the process (2.4): they are inert
-    try:
-        with (torch.serialization.safe_globals(allowed) if hasattr(torch.serialization, "safe_globals") else
-              torch.serialization.add_safe_globals(allowed) or contextlib.nullcontext()):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)  # mmap: no second copy
-    except Exception as e:  # one plain line, not torch's paragraph (with terminal colour codes) on weights_only
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split("WeightsUnpickler error:")[-1]
-        refused = re.search(r"GLOBAL ([\w.]+)|Unsupported class ([\w.]+)|but got <class '([\w.]+)'>", text)
-        if refused:
-            raise ValueError(f"{path}: pickles {next(filter(None, refused.groups()))}, which a weights-only load does "
-                             f"not run; use the .safetensors release of this model") from None
-        reason = next((line.strip() for line in text.splitlines() if line.strip()), "")[:200]
-        what = "PyTorch checkpoint" if zipped else "PyTorch file in the legacy (non-zip) format"
-        raise ValueError(f"{path}: unreadable {what} ({type(e).__name__}: {reason})") from None
-
-
 def flat(tree, prefix=""):
     """Nested dicts -> one dict of dotted names, tensors only: what a state dict is."""
     out = {}
@@ -165,7 +98,7 @@ def read_file(path):
     if head[8:9] == b"{":  # safetensors: its JSON header starts after the 8 bytes of its length
         return read_safetensors(path)
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save: a zip archive, or a bare pickle (legacy)
-        checkpoint = read_torch(path)
+        checkpoint = read_torch(path, lightning_globals())
         if not isinstance(checkpoint, dict):
             raise ValueError(f"{path}: holds a {type(checkpoint).__name__}, not a state dict of a Stable Diffusion model")
         if isinstance(checkpoint.get("state_dict"), dict):
@@ -378,26 +311,6 @@ def load_sd(path, device="cpu", weights="ema", vae=None):
     attends to."""
     separate = read_vae(vae, weights) if vae else None
     return build_sd(read_checkpoint(path), os.fspath(path), device, weights, separate)
-
-
-def write_safetensors(tensors, path, metadata=None):
-    """{name: tensor} -> a .safetensors file (the layout read_safetensors reads), written atomically (temp file
-    + rename). Data starts 8-byte aligned, as the reference writer does; metadata is a {str: str} dict."""
-    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-    header, offset = {}, 0
-    for key, t in tensors.items():
-        n = t.numel() * t.element_size()
-        header[key] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    if metadata:
-        header["__metadata__"] = metadata
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    with atomic_write(path) as tmp, open(tmp, "wb") as f:
-        f.write(len(text).to_bytes(8, "little") + text)
-        for t in tensors.values():
-            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return os.fspath(path)
 
 
 def save_sd(path, vae, unet, text_encoder, dtype=None):

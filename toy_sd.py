@@ -26,7 +26,7 @@ CLIP that was pretrained contrastively on 400M pairs, and a random tiny tower ha
 The UNet and the text tower see one category only, so that train.py --sd can learn AnomalyXFusion on a
 category they have never seen (cable, with --category bottle). Resumable: re-running the same command
 continues from <out>.train.pt (written atomically). Writes <out>.png: samples for a few captions, two per caption.
-Depends on ddpm.py (DDPM, guided_eps: the schedule and the DDIM sampler), train.py (EMA), cli.py (save_atomic),
+Depends on ddpm.py (DDPM, guided_eps: the schedule and the DDIM sampler), train.py (EMA), files.py (save_atomic),
 sd.py (save_sd, load_sd, SD's constants), clip.py, unet.py, vae.py, and toy.py and data.py (the toy world).
 """
 import argparse
@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import cli
 import clip
 import data
+import files
 import sd
 import toy
 from ddpm import DDPM, guided_eps
@@ -95,7 +95,7 @@ def load_world(category, seeds, size):
             captions.append(caption)
             anomalous.append(bad)
     world = dict(images=torch.stack(images), captions=captions, anomalous=torch.tensor(anomalous))
-    cli.save_atomic(world, cache)
+    files.save_atomic(world, cache)
     return world
 
 
@@ -243,7 +243,7 @@ def load_checkpoint(path, settings):
 
 def save_checkpoint(path, settings, stage, step, generator, **parts):
     """Everything a resume needs: the state_dict of every part, the step and the batch generator's state."""
-    cli.save_atomic(dict(settings=settings, stage=stage, step=step, rng=generator.get_state(),
+    files.save_atomic(dict(settings=settings, stage=stage, step=step, rng=generator.get_state(),
                          **{name: part.state_dict() for name, part in parts.items()}), path)
 
 

@@ -40,6 +40,7 @@ import axf
 import cli
 import config as settings
 import data
+import files
 import sd
 from vae import vae_loss
 
@@ -64,7 +65,7 @@ def save_checkpoint(path, step, config, model, optimizer, ema=None, generator=No
     Only rank 0 writes: every process holds the same."""
     if not cli.is_main():
         return
-    cli.save_atomic({"model": axf.model_state_dict(model), "optimizer": optimizer.state_dict(),
+    files.save_atomic({"model": axf.model_state_dict(model), "optimizer": optimizer.state_dict(),
                      "ema": ema.state_dict() if ema else None, "step": step, "config": config,
                      "rng": generator.get_state() if generator is not None else None, "torch_rng": rng_state(),
                      **extra}, path)

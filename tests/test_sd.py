@@ -2,7 +2,7 @@
 
 Parity numbers come from diffusers and transformers via tests/fixtures/make_sd_fixtures.py
 (sd_reference.pt); the weights are rebuilt here from the script's seeded generator, written as an
-original-layout SD file (safetensors by sd.write_safetensors, or a Lightning-style .ckpt) and
+original-layout SD file (safetensors by files.write_safetensors, or a Lightning-style .ckpt) and
 loaded with sd.load_sd. The full-size SD-1.5 layout (sd_layouts.json.gz) is checked on the meta device; so are
 the other layouts people download: diffusers folders (names as diffusers' save_pretrained writes them, stored in
 sd_layouts.json.gz), Lightning .ckpt files with an EMA copy and numpy scalars, a separate VAE.
@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 import axf
+import files
 import sd
 import unet as unet_module
 import vae as vae_module
@@ -61,7 +62,7 @@ def write(ref, path, weights, dtype=torch.float32):
     if path.suffix == ".ckpt":
         torch.save({"state_dict": tensors, "global_step": 840000, "epoch": 6}, path)
     else:
-        sd.write_safetensors(tensors, path, metadata={"format": "pt"})
+        files.write_safetensors(tensors, path, metadata={"format": "pt"})
     return path
 
 
@@ -211,7 +212,7 @@ def diffusers_folder(ref, folder, weights, kind="safetensors", parts=("unet", "v
         if kind == "bin":
             torch.save(tensors, file)
         else:
-            sd.write_safetensors({k: v.half() if kind == "fp16" else v for k, v in tensors.items()}, file)
+            files.write_safetensors({k: v.half() if kind == "fp16" else v for k, v in tensors.items()}, file)
     return folder
 
 
@@ -321,9 +322,9 @@ def test_reader_matches_the_safetensors_library(ref, tmp_path):
     bit for bit, and so does the test writer's output."""
     data, script, _ = ref
     (tmp_path / "ref.safetensors").write_bytes(data["safetensors_file"].numpy().tobytes())
-    sd.write_safetensors(data["safetensors_tensors"], tmp_path / "ours.safetensors")
+    files.write_safetensors(data["safetensors_tensors"], tmp_path / "ours.safetensors")
     for file in (tmp_path / "ref.safetensors", tmp_path / "ours.safetensors"):
-        got = sd.read_safetensors(file)
+        got = files.read_safetensors(file)
         assert got.keys() == data["safetensors_tensors"].keys()
         for name, want in data["safetensors_tensors"].items():
             assert got[name].dtype == want.dtype and torch.equal(got[name], want), name
@@ -333,9 +334,9 @@ def test_reader_maps_the_file_instead_of_reading_it(ref, tmp_path):
     """The tensors view one memory map of the file (a 4 GB file is not copied into memory): they share
     its buffer, and the file is never written."""
     path = tmp_path / "t.safetensors"
-    sd.write_safetensors({"a": torch.ones(1000), "b": torch.zeros(10)}, path)
+    files.write_safetensors({"a": torch.ones(1000), "b": torch.zeros(10)}, path)
     before = path.read_bytes()
-    tensors = sd.read_safetensors(path)
+    tensors = files.read_safetensors(path)
     a, b = tensors["a"], tensors["b"]
     assert a.untyped_storage().data_ptr() + 4000 == b.untyped_storage().data_ptr()  # consecutive in one map
     a.mul_(2)  # copy-on-write: the file keeps its bytes
@@ -431,7 +432,7 @@ def test_corrupted_safetensors_header(tmp_path):
 def test_files_that_are_not_sd1_say_what_they_are(ref, tmp_path, keys, what):
     """An incomplete, VAE-only, diffusers-layout, LoRA, ControlNet, textual-inversion, InstructPix2Pix, SD-2, SDXL
     or LDM-BERT file is named as such in one line."""
-    sd.write_safetensors({k: torch.zeros(s) for k, s in keys.items()}, tmp_path / "other.safetensors")
+    files.write_safetensors({k: torch.zeros(s) for k, s in keys.items()}, tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match=f"other.safetensors: {what}") as error:
         sd.load_sd(tmp_path / "other.safetensors")
     assert "\n" not in str(error.value)

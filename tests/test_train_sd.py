@@ -14,6 +14,7 @@ import clip
 import config
 import data
 import sample
+import files
 import sd
 import toy
 import train
@@ -74,7 +75,7 @@ def toy_root(tmp_path_factory):
 def sd_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sd")
     torch.manual_seed(2)  # a VAE alone, as vae-ft-mse-840000-ema-pruned.safetensors ships one (LDM names, no prefix)
-    vae = sd.write_safetensors(vae_module.to_sd(VAE(3, 32, (1, 2), 1, 4).state_dict()), folder / "vae.safetensors",
+    vae = files.write_safetensors(vae_module.to_sd(VAE(3, 32, (1, 2), 1, 4).state_dict()), folder / "vae.safetensors",
                                metadata={"format": "pt"})
     return {"txt2img": tiny_sd(folder / "tiny.safetensors"), "vae": Path(vae),
             "inpainting": tiny_sd(folder / "tiny-inpainting.ckpt", in_channels=9, seed=1)}
@@ -117,9 +118,9 @@ def sd_model(file, **overrides):
 
 def changed_copy(file, path, key=sd.SD_PREFIXES["UNet"] + "out.2.weight"):  # SD-1.x's name of conv_out
     """The SD file with one weight altered: same size, same header, another sha256."""
-    tensors = {k: v.clone() for k, v in sd.read_safetensors(file).items()}
+    tensors = {k: v.clone() for k, v in files.read_safetensors(file).items()}
     tensors[key].view(-1)[0] += 1
-    sd.write_safetensors(tensors, path, metadata={"format": "pt"})
+    files.write_safetensors(tensors, path, metadata={"format": "pt"})
     assert path.stat().st_size == file.stat().st_size
     return path
 
@@ -271,7 +272,7 @@ def test_a_separate_vae_is_used_recorded_and_checked(trained, sd_files, tmp_path
     assert checkpoint["config"]["sd_vae"] == str(file)
     assert checkpoint["sd_vae_file"]["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
     model, _ = axf.load_checkpoint(trained("none") / "axf.pt")
-    assert all(torch.equal(v, sd.read_safetensors(file)[k]) for k, v in vae_module.to_sd(model.vae.state_dict()).items())
+    assert all(torch.equal(v, files.read_safetensors(file)[k]) for k, v in vae_module.to_sd(model.vae.state_dict()).items())
     assert not torch.equal(model.vae.decoder.conv_out.weight, sd.load_sd(sd_files["txt2img"])[0].decoder.conv_out.weight)
     changed = changed_copy(file, tmp_path / "vae.safetensors", "decoder.conv_out.weight")
     checkpoint["config"]["sd_vae"] = str(changed)
