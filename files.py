@@ -5,10 +5,13 @@
     write_safetensors    its inverse
     atomic_write         a temporary file renamed onto the target: a kill never leaves half a file
     save_atomic          torch.save through atomic_write
+    remove_stale_temporaries   what atomic_write left behind when a run was killed mid-write
+    run_lock             one run at a time in an output folder
 
 Every script reads and writes weights through these (train.py, sample.py and evaluate.py their checkpoints,
 sd.py Stable Diffusion files). Depends on nothing of the project.
 """
+import fcntl  # Unix; the project runs on Linux (and macOS)
 import json
 import math
 import os
@@ -20,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+LOCK = ".axf_lock"  # run_lock's file in an output folder
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
@@ -120,3 +124,42 @@ def save_atomic(obj, path):
     """torch.save through atomic_write."""
     with atomic_write(path) as tmp:
         torch.save(obj, tmp)
+
+
+def remove_stale_temporaries(folder, names):
+    """Delete the temporary files atomic_write leaves beside `names` (files in `folder`) when a kill stops a write:
+    <name>.<pid>.tmp, as large as the checkpoint. Call it holding run_lock, so no other process is writing them."""
+    for name in names:
+        for tmp in Path(folder).glob(f"{glob_escape(name)}.*.tmp"):
+            if tmp.name[len(name) + 1:-4].isdigit() and tmp.is_file():
+                tmp.unlink()
+
+
+def glob_escape(name):
+    return re.sub(r"([*?[])", r"[\1]", name)
+
+
+@contextmanager
+def run_lock(folder, what="run"):
+    """Hold an exclusive lock on `folder` (the file .axf_lock in it) while the block runs; a second process that
+    asks for it is refused in one line. The operating system releases the lock when its process dies, so a
+    killed run leaves no stale lock; the file itself is deleted on the way out."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise ValueError(f"{folder}: another {what} ({holder}) is writing here; wait for it to end, or pass "
+                             f"another folder") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
