@@ -6,7 +6,10 @@ protocol stamp that makes a table citable. In reading order:
                                       (the few-shot real anomalies alone), `real+<method>` (both)
   EVAL_CONFIG, EVAL_PRESETS, evaluation_settings   sizes and budgets: toy (CPU, minutes), mvtec (one GPU)
   train_segmenter, classification_accuracy   downstream models: fixed epochs, the last one is reported
-  estimate_seconds, evaluate_method, markdown_table, toy_checks, main
+  estimate_seconds, evaluate_method, markdown_table, toy_checks
+  comma_list, output_files, write_results, main   the flags checked before any work (a malformed list, an --out
+                                      that is no .json file, a .md beside it that evaluate.py did not write:
+                                      one line each), the JSON and the table written atomically
 The metrics (auroc, ..., kid, fid, au_pro, ic_lpips, generation_metrics), the protocol stamp and the leak
 check live in metrics.py and are re-exported here. Protocol: train on a method's anomalies + the normal training
 images; test on the held-out two thirds of the real anomalies (data.few_shot_split) plus all good test images.
@@ -14,6 +17,7 @@ images; test on the held-out two thirds of the real anomalies (data.few_shot_spl
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -368,7 +372,8 @@ def parse_args(argv):
     arg("--data_root", default="data/mvtec", help="folder holding <category>/ in MVTec layout")
     arg("--toy", action="store_true", help="use the built-in toy dataset (made on first use)")
     arg("--preset", choices=sorted(EVAL_PRESETS), help="default: mvtec on a GPU for images >= 256 px, else toy")
-    arg("--out", help="result JSON, with a .md table beside it (default out/evaluate_<category>.json)")
+    arg("--out", help="result JSON, with a .md table beside it (default out/evaluate_<category>.json); a .md "
+        "there that evaluate.py did not write is never overwritten")
     arg("--inception", help="torchvision Inception-v3 state dict (IS, KID, FID), or 'random'")
     arg("--vgg", help="torchvision VGG16 state dict (LPIPS backbone for IC-LPIPS), or 'random'")
     arg("--resnet", help="torchvision ResNet-34 state dict for the classifier (default: from scratch)")
@@ -426,14 +431,69 @@ def anomaly_sets(methods, generated, ctx, cfg):
     return {m: sets[m] if m in sets else combine(real, sets[m.removeprefix("real+")]) for m in methods}
 
 
+# ----------------------------------------------------------------------------------------------
+# The command line: every flag checked before any work, results written whole and beside no one else's file.
+
+TABLE_MARK = "<!-- written by evaluate.py: a re-run may overwrite this table; it overwrites no other .md -->"
+
+
+def comma_list(flag, text, convert, example):
+    """A comma-separated flag's values: an empty item, a value `convert` refuses or a repeat is one line naming
+    the flag."""
+    items = [item.strip() for item in text.split(",")]
+    try:
+        values = [convert(item) for item in items]
+    except ValueError:
+        values = []
+    if not all(items) or not values or len(set(values)) != len(values):
+        kind = "integers" if convert is int else "names"
+        raise ValueError(f"{flag} {text!r}: expected distinct {kind} separated by commas, e.g. {flag} {example}")
+    return values
+
+
+def output_files(args):
+    """--out and the table beside it, checked before any work, since a refusal at the end would lose the results:
+    a .json file name in a folder that can be written, and a .md table beside it that is absent or written by
+    evaluate.py (its first line is TABLE_MARK): a user's notes.md is never overwritten."""
+    out = Path(args.out or f"out/evaluate_{args.category}.json")
+    table = out.with_suffix(".md")
+    if out.suffix.lower() != ".json" or out.is_dir():
+        raise ValueError(f"--out {out}: expected a .json file name (the table is written beside it as .md)")
+    existing = next(p for p in out.parents if p.exists())   # the folder it goes in, or the nearest one there is
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ValueError(f"--out {out}: {existing} is not a folder this process can write in")
+    if table.exists() and not written_by_evaluate(table):
+        raise ValueError(f"--out {out}: the table would overwrite {table}, which evaluate.py did not write; "
+                         f"move it, or pass another --out")
+    return out, table
+
+
+def written_by_evaluate(table):
+    """Whether a .md file is a table evaluate.py wrote: its first line is TABLE_MARK."""
+    try:
+        with open(table, encoding="utf-8") as f:
+            return f.readline().rstrip("\n") == TABLE_MARK
+    except (OSError, UnicodeDecodeError):   # a folder, unreadable, or not text
+        return False
+
+
+def write_results(out, table, results, text):
+    """The JSON and the marked table, each written whole or not at all (files.atomic_write)."""
+    for path, content in ((out, json.dumps(results, indent=2) + "\n"), (table, f"{TABLE_MARK}\n{text}")):
+        with files.atomic_write(path) as tmp:
+            tmp.write_text(content, encoding="utf-8")
+
+
 def main(argv=None):
     args, overrides = parse_args(argv)
     _said.clear()   # each run explains its nulls
-    device = cli.pick_device(args.device)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = comma_list("--methods", args.methods, str, "axf,draem,real")
     if set(methods) - set(METHODS):
         raise ValueError(f"--methods: unknown {sorted(set(methods) - set(METHODS))}; choose from {','.join(METHODS)}")
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [overrides.get("seed", EVAL_CONFIG["seed"])]
+    seeds = (comma_list("--seeds", args.seeds, int, "0,1,2") if args.seeds is not None
+             else [overrides.get("seed", EVAL_CONFIG["seed"])])
+    out, table_path = output_files(args)
+    device = cli.pick_device(args.device)
     start = time.time()
 
     category = data.load_category(toy.ensure_toy(args.category) if args.toy else Path(args.data_root) / args.category)
@@ -446,6 +506,8 @@ def main(argv=None):
     generated = read_anomalies(gen_anomalies, ctx["defects"], cfg["image_size"])
     sets = anomaly_sets(methods, generated, ctx, cfg)
 
+    if args.resnet:   # read now, not when the first method's segmenter has trained
+        build_resnet(len(ctx["defects"]), args.resnet)
     inception = load_inception(args.inception, device) if args.inception else None
     lpips = LPIPS(args.vgg).to(device) if args.vgg else None
     if inception is not None:   # the held-out anomalies' features, for KID and FID of every method
@@ -467,16 +529,13 @@ def main(argv=None):
     if args.toy:
         results["toy_checks"] = toy_checks(gen_anomalies, generated, category, cfg, device)
         table += "\ntoy checks of the generated anomalies: " + json.dumps(results["toy_checks"]) + "\n"
-    out = Path(args.out or f"out/evaluate_{args.category}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    out.with_suffix(".md").write_text(table)
-    print(table + f"\nwrote {out} and {out.with_suffix('.md')} in {time.time() - start:.0f} s")
+    write_results(out, table_path, results, table)
+    print(table + f"\nwrote {out} and {table_path} in {time.time() - start:.0f} s")
     return results
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, PermissionError, ValueError) as error:
         raise SystemExit(f"error: {error}")

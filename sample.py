@@ -19,9 +19,18 @@ data.load_category, evaluate.py and detector libraries (anomalib's MVTecAD reade
     train/good/       the dataset's normal training images (hard links where possible, else copies)
     test/good/        the dataset's good test images (so a detector can be scored on the anomalies)
     test/<defect>/NNN.png   ground_truth/<defect>/NNN_mask.png   prompt/<defect>/NNN.txt
-    .axf_samples.json the files sample.py wrote (a re-run deletes only those; it refuses any other
-                      non-empty folder, so it never deletes a dataset's own files)
-The preview grid goes beside it: <out_dir>_preview.png (e.g. samples/cable_preview.png).
+    .axf_samples.json the files sample.py wrote, the category and the data folder they were drawn on
+                      (a re-run deletes only those files; it refuses any other non-empty folder, so it never
+                      deletes a dataset's own files, and a folder of another category or data folder)
+The preview grid goes beside it: <out_dir>_preview.png (e.g. samples/cable_preview.png), never inside,
+since anomalib reads every image file under the category folder as a sample. sample.py overwrites a
+file of that name only if it wrote it (a PNG text chunk says so).
+
+Every flag, the checkpoint, the data and the output folder are checked before the first file is
+written; a refusal is one line and leaves the folder as it was. One run at a time writes into a
+folder (files.run_lock: a second one is refused). A manifest written before it recorded its category
+and data folder is taken for this run's when what it lists fits: the same normal images by name, and
+only defect types of this category.
 
 Each sample's noise comes from its own generator, seeded by --seed and its place in the plan, and under
 torchrun each process draws whole batches of the plan (the ones one process would draw): the folder is
@@ -29,26 +38,35 @@ the same, byte for byte, whatever the number of processes.
 """
 import argparse
 import json
+import math
 import os
 import re
 import shutil
 import sys
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 import axf
 import cli
 import data
+import files
 import toy
+from config import KEYS
 
 SAMPLING_KEYS = ("sampler", "sample_steps", "guidance_scale", "eta", "seed", "device")
 MANIFEST = ".axf_samples.json"  # not an image: MVTec readers (data.py, anomalib) skip it
 # the names sample.py writes into --out_dir, relative to it: the only ones a manifest may list
 OWN_NAME = re.compile(r"(train|test)/good/[^/\0]+|test/[^/\0]+/\d+\.png|ground_truth/[^/\0]+/\d+_mask\.png"
                       r"|prompt/[^/\0]+/\d+\.txt")
+# what sample.py itself leaves in a folder besides the files it lists: the lock, and a manifest's temporary
+# file when a kill stopped its writing (files.atomic_write)
+BOOKKEEPING = re.compile(re.escape(files.LOCK) + "|" + re.escape(MANIFEST) + r"\.\d+\.tmp")
+PREVIEW_MARK = ("Software", "AnomalyXFusion sample.py preview")  # a PNG text chunk: the previews sample.py wrote
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,56 +130,99 @@ def own_file_name(name):
 
 
 def read_manifest(out):
-    """The files the manifest of `out` lists, each checked to be a name sample.py writes and to lie inside `out`
-    (its folders resolved, links included): a manifest that names anything else is not sample.py's, and
-    the folder is refused before anything in it is touched."""
+    """The manifest of `out` (a dict, its "written" entries a set), each entry checked to be a name sample.py
+    writes and to lie inside `out` (its folders resolved, links included): a manifest that names anything
+    else is not sample.py's, and the folder is refused before anything in it is touched."""
     manifest = out / MANIFEST
     try:
-        written = json.loads(manifest.read_text(encoding="utf-8"))["written"]
+        content = json.loads(manifest.read_text(encoding="utf-8"))
+        written = content["written"]
+        if not isinstance(written, list):
+            raise TypeError(f"'written' is {type(written).__name__}, not a list")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
         raise ValueError(f"{manifest}: not a manifest sample.py wrote ({type(error).__name__}: {error}); pass a "
                          f"new or empty --out_dir") from None
     root = out.resolve()
-    for name in written if isinstance(written, list) else [written]:
+    for name in written:
         if not own_file_name(name) or not (out / name).parent.resolve().is_relative_to(root):
             raise ValueError(f"{manifest}: lists {name!r}, which is not a file sample.py writes inside {out}; "
                              f"sample.py deletes nothing it cannot prove its own: pass a new or empty --out_dir")
-    return set(written)
+    return dict(content, written=set(written))
 
 
-def open_output(out, defects, planned):
-    """The manifest of files sample.py wrote into `out` before, minus those it deletes now.
+def normal_files(category):
+    """The names the category's own normal images get in the output folder: train/good/<file>, test/good/<file>."""
+    return {f"{split}/good/{p.name}" for split, paths in (("train", category.train_good), ("test", category.test_good))
+            for p in paths}
 
-    A re-run replaces the normal images and the samples of `defects`; it deletes only files its
-    manifest lists, and only names sample.py writes, inside `out` (read_manifest). A non-empty folder
-    without a manifest is someone else's: refused; so is a folder where a file this run will write
-    (`planned`) exists and the manifest does not list it.
-    """
+
+def check_origin(manifest, out, origin, category):
+    """Refuse a folder of samples drawn on another category or data folder: a re-run replaces train/good and
+    test/good, and the defect folders of two categories would sit side by side. A manifest older than these
+    fields counts as this run's when what it lists fits: the same normal images by name, and only defect
+    types of this category."""
+    if "category" in manifest:
+        drawn = f"samples of {manifest['category']} drawn on {manifest.get('data_folder')}"
+        fits = (manifest["category"], manifest.get("data_folder")) == (origin["category"], origin["data_folder"])
+    else:
+        listed = manifest["written"]
+        drawn = "samples of another category or data folder (an older manifest, which did not record them)"
+        fits = ({f for f in listed if f.split("/")[1] == "good"} == normal_files(category)
+                and {f.split("/")[1] for f in listed} - {"good"} <= set(category.defects))
+    if not fits:
+        raise ValueError(f"{out} holds {drawn}; this run draws {origin['category']} on {origin['data_folder']}: "
+                         f"pass another --out_dir")
+
+
+def check_output(out, origin, category, planned):
+    """The files sample.py wrote into `out` before (its manifest), once `out` is proven a folder this run may fill;
+    it writes nothing. Refused: a file; a non-empty folder without a manifest (someone else's); a manifest of
+    another category or data folder; a file this run will write (`planned`) that exists and is not listed."""
+    if blocking := next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None):
+        raise ValueError(f"--out_dir {out}: {blocking} is a file, not a folder; pass a new or empty folder")
+    if out.resolve().is_relative_to(category.folder.resolve()):
+        raise ValueError(f"--out_dir {out} lies inside the data folder {category.folder}; pass a folder outside it")
     manifest = out / MANIFEST
-    if out.exists() and any(out.iterdir()) and not manifest.is_file():
+    others = [p for p in out.iterdir() if not BOOKKEEPING.fullmatch(p.name)] if out.is_dir() else []
+    if others and not manifest.is_file():
         raise ValueError(f"{out}: not empty and not written by sample.py (no {MANIFEST}); sample.py never "
                          f"deletes files it did not write: pass a new or empty --out_dir")
-    written = read_manifest(out) if manifest.is_file() else set()
-    for name in planned:
-        if (out / name).exists() and name not in written:
+    if not manifest.is_file():
+        return set()
+    content = read_manifest(out)
+    check_origin(content, out, origin, category)
+    for name in sorted(planned):
+        if (out / name).exists() and name not in content["written"]:
             raise ValueError(f"{out / name}: exists and sample.py did not write it; pass a new or empty --out_dir")
-    replaced = {f for f in written if f.split("/")[:2] in (["train", "good"], ["test", "good"])
-                or f.split("/")[1] in defects}
-    for name in replaced:
+    return content["written"]
+
+
+def fill_output(out, origin, category, planned, defects, checkpoint):
+    """Ready `out` for the samples, holding its lock: check it again (another run may have written since the
+    first check), delete the normal images and the samples of `defects` sample.py wrote before (only files
+    its manifest lists), write the manifest, then put in the category's normal images."""
+    written = check_output(out, origin, category, planned)
+    files.remove_stale_temporaries(out, [MANIFEST])
+    replaced = {f for f in written if f.split("/")[1] == "good" or f.split("/")[1] in defects}
+    for name in sorted(replaced):
         (out / name).unlink(missing_ok=True)
-    return written - replaced
+    # written before any other file, for every process: after a kill it lists every file written, so a
+    # re-run can replace them
+    write_manifest(out, (written - replaced) | planned, origin, checkpoint)
+    for split, paths in (("train", category.train_good), ("test", category.test_good)):
+        for p in paths:  # the category's own normal images: a detector trains and is scored on them
+            place(p, out / split / "good" / p.name)
 
 
-def place(source, target, written, out):
+def place(source, target):
     """Put a file into the folder: a hard link where the file system allows, else a copy."""
-    if target.exists():
+    if target.exists():  # checked under the lock already (check_output): never overwrite, whatever happened
         raise ValueError(f"{target}: exists and sample.py did not write it; pass a new or empty --out_dir")
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(source, target)
     except OSError:  # another file system, or links not allowed
         shutil.copyfile(source, target)
-    written.add(target.relative_to(out).as_posix())
 
 
 def save_png(tensor, path):
@@ -180,8 +241,42 @@ def save_sample(out, defect, index, image, mask, caption):
     (out / files[2]).write_text(caption + "\n", encoding="utf-8")
 
 
-def write_manifest(out, written, checkpoint):
-    (out / MANIFEST).write_text(json.dumps({"written": sorted(written), "checkpoint": str(checkpoint)}, indent=1))
+def write_manifest(out, written, origin, checkpoint):
+    """The manifest, written whole or not at all (files.atomic_write): a kill never leaves half of one."""
+    content = {"written": sorted(written), **origin, "checkpoint": str(checkpoint)}
+    with files.atomic_write(out / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(content, indent=1), encoding="utf-8")
+
+
+def preview_path(out):
+    """<out_dir>_preview.png beside the folder."""
+    out = out if out.name not in ("", "..") else Path(os.path.abspath(out))  # "." and ".." name no folder
+    return out.parent / f"{out.name}_preview.png"
+
+
+def check_preview(path):
+    """Refuse to overwrite a file at the preview's place that sample.py did not write (no PREVIEW_MARK)."""
+    if not path.exists():
+        return
+    try:
+        with Image.open(path) as image:
+            ours = image.info.get(PREVIEW_MARK[0]) == PREVIEW_MARK[1]
+    except OSError:  # a folder, or not an image
+        ours = False
+    if not ours:
+        raise ValueError(f"{path}: exists and sample.py did not write it (the preview of --out_dir goes there); "
+                         f"move it, or pass another --out_dir")
+
+
+def save_preview(rows, path):
+    """data.save_grid's picture, marked as sample.py's (PREVIEW_MARK) and written atomically."""
+    grid = data.save_grid(rows, path.with_name(f".{path.name}.{os.getpid()}.png"))  # the suffix names the format
+    mark = PngInfo()
+    mark.add_text(*PREVIEW_MARK)
+    with Image.open(grid) as image, files.atomic_write(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=mark)
+    grid.unlink()
+    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,11 +344,30 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.n < 1:
         raise ValueError(f"--n must be at least 1, got {args.n}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.prompt is not None and not args.prompt.strip():
+        raise ValueError("--prompt is empty; give a caption, or leave --prompt out for the few-shot captions")
     if args.similar_normals < 0:
         raise ValueError(f"--similar_normals must be 0 (any normal image) or more, got {args.similar_normals}")
     if bool(args.reference) != bool(args.reference_mask):
         raise ValueError("--reference and --reference_mask go together")
     return args
+
+
+def check_sampling(config):
+    """The sampling flags, checked before anything is written (the sampler meets them only after the folder
+    is filled): a known sampler, 1 to T DDIM steps, a finite guidance scale, eta in [0, 1]."""
+    T = config["num_diffusion_steps"]
+    if config["sampler"] not in KEYS["sampler"].choices:
+        raise ValueError(f"--sampler {config['sampler']}: choose {' or '.join(KEYS['sampler'].choices)}")
+    if not 1 <= config["sample_steps"] <= T:
+        raise ValueError(f"--sample_steps {config['sample_steps']}: this checkpoint has {T} diffusion steps "
+                         f"(num_diffusion_steps), so 1 to {T}")
+    if not math.isfinite(config["guidance_scale"]):
+        raise ValueError(f"--guidance_scale {config['guidance_scale']}: a finite number, e.g. 3")
+    if not 0 <= config["eta"] <= 1:
+        raise ValueError(f"--eta {config['eta']}: 0 (deterministic DDIM) to 1 (like DDPM)")
 
 
 def load_model(args):
@@ -263,6 +377,7 @@ def load_model(args):
     path = path / "axf.pt" if path.is_dir() else path  # a train.py --out_dir means its checkpoint
     model, checkpoint = axf.load_checkpoint(path, device="cpu", sd_path=args.sd)
     config = dict(model.config, **cli.config_overrides(args))
+    check_sampling(config)
     _, _, device = cli.init_distributed(config["device"])
     if args.category not in model.categories:
         raise ValueError(f"{path} was trained on {', '.join(model.categories)}, not on {args.category}")
@@ -284,10 +399,47 @@ def reference_textures(model, args, config, device):
     """Texture tokens from --reference and its mask (Eq. (3)), or None: each defect's learned ones."""
     if not args.reference:
         return None
+    for flag, path in (("--reference", args.reference), ("--reference_mask", args.reference_mask)):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{flag} {path}: no image file there")
     size = config["image_size"]
-    features = model.mif.encode_texture(data.read_image(args.reference, size)[None].to(device),
-                                    data.read_mask(Path(args.reference_mask), size)[None].to(device))
+    try:
+        image, mask = data.read_image(args.reference, size), data.read_mask(Path(args.reference_mask), size)
+    except OSError as error:  # PIL: not an image; its message names the file
+        raise ValueError(f"--reference / --reference_mask: {error}") from None
+    features = model.mif.encode_texture(image[None].to(device), mask[None].to(device))
     return axf.unit_tokens(features, config["num_tokens"])
+
+
+@contextmanager
+def writing_into(out, fill):
+    """Rank 0 holds the lock of `out` (files.run_lock: one run at a time) while every process writes into it,
+    and readies the folder with fill() first. Under torchrun every process stops with rank 0's refusal
+    instead of waiting for it."""
+    with ExitStack() as held:
+        refusal = None
+        if cli.is_main():
+            try:
+                held.enter_context(files.run_lock(out, "sample.py run"))
+                fill()
+            except ValueError as error:
+                refusal = error
+        if refusal := cli.gather(refusal)[0]:  # a collective: the others wait here for rank 0's folder
+            raise refusal
+        yield
+
+
+def draw_and_save(model, args, category, jobs, config, device, textures, out):
+    """Draw this process's samples into `out`; every process's figures for the report: the mean change inside
+    each mask, and in the toy world whether the caption's colour was drawn."""
+    inside, colours = [], []
+    for (defect, index, _, mask, caption), normal, image in draw(model, args.category, jobs, config, device,
+                                                                 args.batch_size, textures):
+        save_sample(out, defect, index, image, mask, caption)
+        inside.append((image - normal)[mask.expand_as(image) > 0].abs().mean().item())
+        if toy.caption_colour(caption) and (category.folder / "toy.json").exists():  # the toy world's own check
+            colours.append(toy.drawn_colour(image, mask) == toy.caption_colour(caption))
+    return (sum(lists, []) for lists in zip(*cli.gather((inside, colours))))
 
 
 def main(argv=None):
@@ -297,28 +449,17 @@ def main(argv=None):
     jobs = plan(category, few_shot, args, config["image_size"], torch.Generator().manual_seed(config["seed"]))
     textures = reference_textures(model, args, config, device)
     out = Path(args.out_dir or Path("samples") / args.category)
-    if cli.is_main():  # rank 0 readies the folder while the others wait
-        planned = {name for job in jobs for name in sample_files(job[0], job[1])}
-        written = open_output(out, {job[0] for job in jobs}, planned)
-        for split, paths in (("train", category.train_good), ("test", category.test_good)):
-            for p in paths:  # the category's own normal images: a detector trains and is scored on them
-                place(p, out / split / "good" / p.name, written, out)
-        # written before the samples, by rank 0 for every process: after a kill it still lists every file
-        # written, so a re-run can replace them
-        write_manifest(out, written | planned, path)
-        print(f"sampling {len(jobs)} anomalies with {path} ({config['sampler']}, {config['sample_steps']} steps, "
-              f"guidance {config['guidance_scale']}) into {out}")
-    cli.barrier()
-    inside, colours = [], []
-    for (defect, index, _, mask, caption), normal, image in draw(model, args.category, jobs, config, device,
-                                                                 args.batch_size, textures):
-        save_sample(out, defect, index, image, mask, caption)
-        inside.append((image - normal)[mask.expand_as(image) > 0].abs().mean().item())
-        if toy.caption_colour(caption) and (category.folder / "toy.json").exists():  # the toy world's own check
-            colours.append(toy.drawn_colour(image, mask) == toy.caption_colour(caption))
-    inside, colours = (sum(lists, []) for lists in zip(*cli.gather((inside, colours))))  # every process's
-    if cli.is_main():
-        report(jobs, inside, colours, out, config["image_size"])
+    origin = {"category": args.category, "data_folder": str(category.folder.resolve())}
+    planned = normal_files(category) | {name for job in jobs for name in sample_files(job[0], job[1])}
+    check_output(out, origin, category, planned)  # every process, before anything is written anywhere
+    check_preview(preview_path(out))
+    with writing_into(out, lambda: fill_output(out, origin, category, planned, {job[0] for job in jobs}, path)):
+        if cli.is_main():
+            print(f"sampling {len(jobs)} anomalies with {path} ({config['sampler']}, {config['sample_steps']} steps, "
+                  f"guidance {config['guidance_scale']}) into {out}")
+        inside, colours = draw_and_save(model, args, category, jobs, config, device, textures, out)
+        if cli.is_main():
+            report(jobs, inside, colours, out, config["image_size"])
     cli.finish_distributed()
 
 
@@ -327,7 +468,7 @@ def report(jobs, inside, colours, out, size):
     read = lambda path: data.read_image(path, size)
     preview = [[read(normal), mask, read(out / sample_files(defect, index)[0]), caption]
                for defect, index, normal, mask, caption in jobs if index < 4]
-    preview_path = data.save_grid(preview, out.parent / f"{out.name}_preview.png")
+    preview = save_preview(preview, preview_path(out))
     print(f"every changed pixel lies inside its saved mask; inside: mean |generated - normal| = "
           f"{sum(inside) / len(inside):.3f} (pixel values in [0, 1])")
     if colours:
@@ -337,11 +478,11 @@ def report(jobs, inside, colours, out, size):
     for job in jobs:
         counts[job[0]] = counts.get(job[0], 0) + 1
     print(f"wrote {len(jobs)} anomalies ({', '.join(f'{d}: {n}' for d, n in counts.items())}) "
-          f"to {out}; preview: {preview_path}")
+          f"to {out}; preview: {preview}")
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, PermissionError, ValueError) as error:
         sys.exit(f"error: {error}")

@@ -348,6 +348,8 @@ def test_pipeline_end_to_end_writes_rows_over_seeds_and_the_protocol_stamp(tmp_p
     _tiny_category(tmp_path, n_train=4)   # 4 normals: 2 segmenter steps, 1 classifier step a run
     generated = _tiny_category(tmp_path / "gen", n_train=1, n_good=0, per_defect=2, seed=1)
     out = tmp_path / "res" / "eval.json"
+    out.parent.mkdir()
+    out.with_suffix(".md").write_text(E.TABLE_MARK + "\nan older table\n")   # evaluate.py's own: replaced
     results = E.main(["--category", "widget", "--data_root", str(tmp_path), "--generated", str(generated),
                       "--out", str(out), "--device", "cpu", "--image_size", "32", "--seg_width", "2",
                       "--seg_epochs", "1", "--cls_epochs", "1", "--batch_size", "4", "--preset", "toy",
@@ -375,6 +377,27 @@ def test_pipeline_end_to_end_writes_rows_over_seeds_and_the_protocol_stamp(tmp_p
     assert "estimated time for the downstream models" in printed
     table = out.with_suffix(".md").read_text()
     assert "| real+axf |" in table and "Protocol: per defect type" in table and " ± " in table
+    assert table.splitlines()[0] == E.TABLE_MARK and "an older table" not in table
+
+
+@pytest.mark.parametrize("name, message", [
+    ("notes.json", "the table would overwrite .*notes.md, which evaluate.py did not write"),
+    ("table.md", "--out .*table.md: expected a .json file name"),
+    ("folder", "--out .*folder: expected a .json file name"),
+    ("folder.json", "--out .*folder.json: expected a .json file name"),
+], ids=["a_user_md_beside", "a_md", "a_folder", "a_folder_named_json"])
+def test_out_is_checked_before_any_work_and_overwrites_no_file_of_the_user(tmp_path, monkeypatch, name, message):
+    """--out must name a .json file, and the .md table beside it may replace only a table evaluate.py wrote (its
+    first line says so): anything else is refused in one line before the evaluation starts, the files as they were."""
+    (tmp_path / "notes.md").write_text("mine")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder.json").mkdir()
+    monkeypatch.setattr(E.data, "load_category", lambda *args: pytest.fail("the evaluation began"))
+    with pytest.raises(ValueError, match=message):
+        E.main(["--category", "widget", "--data_root", str(tmp_path), "--generated", str(tmp_path), "--device", "cpu",
+                "--out", str(tmp_path / name)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "folder.json", "notes.md"]
+    assert (tmp_path / "notes.md").read_text() == "mine" and not any((tmp_path / "folder").iterdir())
 
 
 def test_generated_folder_layouts_sample_py_and_anomalydiffusion(tmp_path):
@@ -417,8 +440,9 @@ def test_image_labels_come_from_the_test_set_not_from_the_mask():
     assert scores["image_auroc"] == 1.0
 
 
-def test_cli_errors_name_the_problem(tmp_path, capsys):
-    """A missing --generated, an unknown key or method, a wrong type or size, a missing folder are reported;
+def test_cli_errors_name_the_problem(tmp_path, capsys, monkeypatch):
+    """A missing --generated, an unknown key or method, a malformed list, a wrong type or size, a missing folder or
+    --resnet file (before any training) are reported;
     on a CPU without --preset the toy preset is picked and said."""
     folder = _tiny_category(tmp_path)
     base = ["--category", "widget", "--data_root", str(tmp_path), "--generated", str(folder), "--device", "cpu"]
@@ -430,6 +454,14 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
         E.main(base + ["--seg_epochs", "many"])
     with pytest.raises(ValueError, match="unknown \\['gan'\\]"):
         E.main(base + ["--methods", "draem,gan"])
+    for flag, value in (("--seeds", "0,,1"), ("--seeds", "0,one"), ("--seeds", "1,1"), ("--methods", "draem,,real")):
+        with pytest.raises(ValueError, match=f"{flag} '{value}': expected distinct"):
+            E.main(base + [flag, value])
+    monkeypatch.setattr(E, "train_segmenter", lambda *args: pytest.fail("the training began"))
+    generated = _tiny_category(tmp_path / "gen", n_train=1, n_good=0, per_defect=2, seed=1)
+    with pytest.raises(FileNotFoundError, match="nope.pth: ResNet-34 weights file not found"):
+        E.main(base[:4] + ["--generated", str(generated), "--resnet", str(tmp_path / "nope.pth"), "--image_size", "32"])
+    monkeypatch.undo()
     with pytest.raises(FileNotFoundError, match="nowhere/widget: MVTec category folder not found"):
         E.main(["--category", "widget", "--data_root", str(tmp_path / "nowhere"), "--generated", str(folder)])
     with pytest.raises(FileNotFoundError, match="nope: generated folder not found"):

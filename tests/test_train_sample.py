@@ -1,5 +1,6 @@
 """train.py and sample.py end to end on a tiny toy category: every stage, resuming, the output layout, errors."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import axf
 import clip
 import config
 import data
+import files
 import toy
 import sample
 import train
@@ -65,10 +67,13 @@ def sampled(trained, tmp_path_factory):
 
 
 def test_sampling_writes_one_mvtec_category_folder(sampled, toy_root):
-    """sample.py's output is one MVTec AD category, read back by data.load_category, with the preview beside it."""
+    """sample.py's output is one MVTec AD category, read back by data.load_category, with the preview beside it;
+    its manifest records the category and the data folder the samples were drawn on."""
     category, source = data.load_category(sampled), data.load_category(toy_root / "bottle")
     assert len(category.anomalies) == 2 * len(category.defects)
     assert (sampled.parent / "bottle_preview.png").is_file()
+    manifest = json.loads((sampled / sample.MANIFEST).read_text())
+    assert (manifest["category"], manifest["data_folder"]) == ("bottle", str((toy_root / "bottle").resolve()))
     assert len(category.train_good) == len(source.train_good) and len(category.test_good) == len(source.test_good)
     for anomaly in category.anomalies:
         assert anomaly.caption and (sampled / "prompt" / anomaly.defect).is_dir()
@@ -77,9 +82,15 @@ def test_sampling_writes_one_mvtec_category_folder(sampled, toy_root):
 def test_generated_folder_reads_as_a_detector_library_reads_it(sampled):
     """What anomalib's MVTec AD reader does: every image under the category is <split>/<label>/<file>, none
     resolves outside the folder, every test/<defect>/NNN.png has ground_truth/<defect>/NNN_mask.png of its size."""
+    read_as_anomalib_does(sampled)
+
+
+def read_as_anomalib_does(sampled):
+    """anomalib's make_mvtec_dataset takes every file with an image suffix, at any depth, for a sample."""
     root = sampled.resolve()
     images = [p for p in sampled.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")]
     for path in images:
+        assert len(path.relative_to(sampled).parts) == 3, path
         split, label, _ = path.relative_to(sampled).parts
         assert split in ("train", "test", "ground_truth") and (split != "train" or label == "good"), path
         assert path.resolve().is_relative_to(root) and not path.is_symlink(), path
@@ -153,6 +164,125 @@ def test_a_manifest_naming_files_outside_its_folder_deletes_nothing(trained, tmp
         sample.main(args)
     assert (victim / "precious.txt").read_text() == "mine" and (victim / "000.png").read_text() == "mine too"
     assert sorted(out.rglob("*")) == before
+
+
+def snapshot(folder):
+    """Every file under `folder` (links followed) with its bytes: what a refused run must leave as it was."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def loaded(trained):
+    return axf.load_checkpoint(trained / "axf.pt")
+
+
+@pytest.fixture
+def checkpoint_once(trained, loaded, monkeypatch):
+    """The tiny checkpoint read once for the tests' many sample.py runs; each run still checks everything else."""
+    monkeypatch.setattr(axf, "load_checkpoint", lambda *args, **kwargs: loaded)
+    return ["--category", "bottle", "--ckpt", str(trained), "--similar_normals", "0"]
+
+
+def test_sampling_refuses_a_folder_of_another_category_or_data_folder(sampled, toy_root, tmp_path, checkpoint_once):
+    """A re-run replaces train/good and test/good: into the samples of another category or data folder it would
+    mix them, so it is refused in one line naming both, the folder as it was. A manifest older than these
+    fields is taken for this run's only when what it lists fits this category."""
+    other_root = tmp_path / "copy"
+    shutil.copytree(toy_root / "bottle", other_root / "bottle")
+    before = snapshot(sampled)
+    with pytest.raises(ValueError, match=f"holds samples of bottle drawn on {toy_root.resolve() / 'bottle'}; this "
+                                         f"run draws bottle on {other_root.resolve() / 'bottle'}: pass another --out_dir"):
+        sample.main(checkpoint_once + ["--data_root", str(other_root), "--out_dir", str(sampled)])
+    assert snapshot(sampled) == before
+    older = tmp_path / "older"
+    shutil.copytree(sampled, older)
+    manifest = json.loads((older / sample.MANIFEST).read_text())
+    manifest = {"written": manifest["written"], "checkpoint": manifest["checkpoint"]}  # before the fields existed
+    (older / sample.MANIFEST).write_text(json.dumps(dict(manifest, written=manifest["written"] + [
+        "test/cable_swap/000.png"])))
+    before = snapshot(older)
+    with pytest.raises(ValueError, match="older manifest"):
+        sample.main(checkpoint_once + ["--out_dir", str(older)])
+    assert snapshot(older) == before
+    (older / sample.MANIFEST).write_text(json.dumps(manifest))
+    sample.main(checkpoint_once + ["--out_dir", str(older), "--n", "1", "--defect", "contamination"])
+    assert json.loads((older / sample.MANIFEST).read_text())["category"] == "bottle"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+    (["--sample_steps", "51"], "--sample_steps 51: this checkpoint has 50 diffusion steps"),
+    (["--eta", "2"], r"--eta 2.0: 0 \(deterministic DDIM\) to 1"),
+    (["--defect", "nope"], "--defect 'nope' is not a defect type of bottle"),
+    (["--reference", "FOLDER", "--reference_mask", "FOLDER"], "--reference .*: no image file there"),
+    (["--out_dir", "FILE"], "FILE is a file, not a folder"),
+    (["--out_dir", "FILE/samples"], "FILE is a file, not a folder"),
+    (["--out_dir", "LINK"], "LINK lies inside the data folder"),
+], ids=["batch_size", "sample_steps", "eta", "defect", "reference", "out_dir_file", "out_dir_in_a_file",
+        "out_dir_link_to_dataset"])
+def test_every_flag_is_checked_before_anything_is_written(checkpoint_once, toy_root, tmp_path, flags, message):
+    """A bad flag (here one of each kind) stops sample.py in one line before it writes a file: no half-filled
+    folder, no manifest of samples that do not exist, a file or a linked dataset folder as they were."""
+    (tmp_path / "LINK").symlink_to(toy_root / "bottle")
+    (tmp_path / "FILE").write_text("mine")
+    (tmp_path / "FOLDER").mkdir()
+    flags = [str(tmp_path / f) if f.startswith(("FOLDER", "FILE", "LINK")) else f for f in flags]
+    before, dataset = snapshot(tmp_path), snapshot(toy_root / "bottle")
+    out = ["--out_dir", str(tmp_path / "samples")] if "--out_dir" not in flags else []
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        sample.main(checkpoint_once + out + flags)
+    assert snapshot(tmp_path) == before and snapshot(toy_root / "bottle") == dataset
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE", "FOLDER", "LINK"]
+
+
+def test_the_manifest_is_written_whole_and_a_cut_one_is_named(checkpoint_once, tmp_path, monkeypatch):
+    """A kill while the manifest is written leaves no half manifest (only a temporary file, which the next run
+    clears), and a manifest cut by other means is refused in one line that names it."""
+    out, write_text = tmp_path / "samples", Path.write_text
+
+    def killed_halfway(path, text, *args, **kwargs):
+        if path.name.startswith(sample.MANIFEST):
+            write_text(path, text[:len(text) // 2], *args, **kwargs)
+            raise KeyboardInterrupt
+        return write_text(path, text, *args, **kwargs)
+
+    args = checkpoint_once + ["--out_dir", str(out), "--n", "1", "--defect", "contamination"]
+    monkeypatch.setattr(Path, "write_text", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        sample.main(args)
+    monkeypatch.setattr(Path, "write_text", write_text)
+    assert not (out / sample.MANIFEST).exists() and len(list(out.glob(sample.MANIFEST + ".*.tmp"))) == 1
+    sample.main(args)
+    assert not list(out.glob("*.tmp")) and "test/contamination/000.png" in json.loads(
+        (out / sample.MANIFEST).read_text())["written"]
+    (out / sample.MANIFEST).write_text((out / sample.MANIFEST).read_text()[:60])
+    before = snapshot(out)
+    with pytest.raises(ValueError, match=f"{out / sample.MANIFEST}: not a manifest sample.py wrote"):
+        sample.main(args)
+    assert snapshot(out) == before
+
+
+def test_a_second_run_into_the_same_folder_is_refused_and_the_lock_confuses_no_reader(sampled, checkpoint_once):
+    """While a run holds the folder's lock, another one is refused in one line and writes nothing; the lock's
+    file, inside the folder, is no file of the category for data.load_category or anomalib's reader."""
+    before = snapshot(sampled)
+    with files.run_lock(sampled, "sample.py run"):
+        with pytest.raises(ValueError, match="another sample.py run .* is writing here"):
+            sample.main(checkpoint_once + ["--out_dir", str(sampled), "--n", "2"])
+        assert snapshot(sampled) == {**before, Path(files.LOCK): (sampled / files.LOCK).read_bytes()}
+        assert len(data.load_category(sampled).anomalies) == 6
+        read_as_anomalib_does(sampled)
+    assert files.LOCK not in json.loads((sampled / sample.MANIFEST).read_text())["written"]
+
+
+def test_the_preview_overwrites_no_file_sample_py_did_not_write(checkpoint_once, tmp_path, sampled):
+    """The preview goes beside the folder, <out_dir>_preview.png: a file of that name that is not a preview
+    sample.py wrote (marked in the PNG) is refused up front, before the folder is made."""
+    (tmp_path / "samples_preview.png").write_bytes(b"mine")
+    with pytest.raises(ValueError, match="samples_preview.png: exists and sample.py did not write it"):
+        sample.main(checkpoint_once + ["--out_dir", str(tmp_path / "samples")])
+    assert (tmp_path / "samples_preview.png").read_bytes() == b"mine" and not (tmp_path / "samples").exists()
+    assert Image.open(sampled.parent / "bottle_preview.png").info["Software"] == sample.PREVIEW_MARK[1]
 
 
 def test_interrupted_training_resumes_to_the_weights_of_an_uninterrupted_run(trained, toy_root, tmp_path, monkeypatch, capsys):
