@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import data
 import toy
-from config import CONFIG, KEYS
+from config import CONFIG, KEYS, allowed_text
 
 
 def add_data_args(parser, several=False):
@@ -41,15 +41,24 @@ def parse_value(text, default):
     return type(default)(text)
 
 
+def value_parser(default):
+    """parse_value for one key, named after the type argparse names in its message ("invalid int value: 'x'")."""
+    parse = lambda text: parse_value(text, default)
+    parse.__name__ = type(default).__name__
+    return parse
+
+
 def add_config_args(parser, keys=None):
-    """A `--key value` flag for each config key (all but preset, or `keys`), with its help from config.KEYS."""
+    """A `--key value` flag for each config key (all but preset, or `keys`), with its help, default and allowed
+    values from config.KEYS (config.resolve checks them)."""
     group = parser.add_argument_group("config (toy preset defaults shown; a preset or checkpoint may change them)")
     for name in keys or [k for k in CONFIG if k != "preset"]:
         key = KEYS[name]
         shown = ",".join(map(str, key.default)) if isinstance(key.default, tuple) else key.default
-        group.add_argument(f"--{name}", type=lambda text, d=key.default: parse_value(text, d), default=None,
+        allowed = f" [allowed: {allowed_text(name)}]" if allowed_text(name) and not key.choices else ""
+        group.add_argument(f"--{name}", type=value_parser(key.default), default=None,
                            metavar=type(key.default).__name__.upper(),
-                           help=f"{key.help} (default: {shown})".replace("%", "%%"))
+                           help=f"{key.help} (default: {shown}){allowed}".replace("%", "%%"))
 
 
 def config_overrides(args):
@@ -60,37 +69,79 @@ def config_overrides(args):
 def category_names(args):
     """--category's names, sorted: one; several, comma-separated; or all: every toy category with --toy, else
     every folder under --data_root with a train/good/ (an MVTec category)."""
-    if args.category != "all":
-        return sorted({name.strip() for name in args.category.split(",") if name.strip()})
+    names = sorted({category_name(name) for name in args.category.split(",") if name.strip()})
+    if not names:
+        raise ValueError(f"--category {args.category!r} names no category; give one (e.g. bottle), several "
+                         f"separated by commas (bottle,cable), or all")
+    if "all" in names and len(names) > 1:
+        raise ValueError(f"--category {args.category}: all stands alone (every category); or list the names "
+                         f"without it")
+    if names != ["all"]:
+        return names
     if args.toy:
         return list(toy.TOY_CATEGORIES)
-    root = Path(args.data_root or "data/mvtec")
+    root = data_root(args)
     names = sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir()) if root.is_dir() else []
     if not names:
         raise FileNotFoundError(f"{root}: --category all found no category folder (<name>/train/good/) here")
     return names
 
 
+def category_name(text):
+    """One --category name as the folder name it is. A trailing slash, which a shell's tab completion adds to a
+    folder's name, is dropped. A path is refused: --data_root says where the categories are, and the name
+    becomes part of runs/<name> and of the checkpoint, where a path would put them elsewhere."""
+    name = text.strip().rstrip("/")
+    if name in ("", ".", ".."):
+        raise ValueError(f"--category {text}: give a category's folder name, e.g. bottle")
+    if "/" in name or os.sep in name:
+        folder = Path(name)
+        raise ValueError(f"--category {text}: give the category's folder name ({folder.name}) and the folder that "
+                         f"holds it as --data_root ({folder.parent})")
+    return name
+
+
+def data_root(args):
+    """The folder --data_root names (default data/mvtec): a file there is the user's slip."""
+    root = Path(args.data_root or "data/mvtec")
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"--data_root {root} is a file; give the folder that holds the category folders")
+    return root
+
+
 def category_folder(args, name=None):
     """The category folder the flags name (or `name`'s), validated whole (data.load_category) before any writing."""
-    name = name or args.category
+    name = category_name(name or args.category)
     if args.toy and args.data_root:
         raise ValueError("give either --toy or --data_root, not both")
     if args.toy:
         if name not in toy.TOY_CATEGORIES:
             raise ValueError(f"--toy has categories {', '.join(toy.TOY_CATEGORIES)}, not {name!r}")
         return toy.ensure_toy(name)
-    folder = Path(args.data_root or "data/mvtec") / name
+    root = data_root(args)
+    folder = root / name
+    if not folder.exists() and (root / "train" / "good").is_dir():
+        raise FileNotFoundError(f"--data_root {root} is a category folder itself; give the folder that holds it: "
+                                f"--data_root {root.parent} --category {root.name}")
     data.load_category(folder)  # raises one clear line on a missing folder or bad data
     return folder
 
 
 def pick_device(name):
+    """--device as a torch.device: auto (cuda when torch sees a GPU, else cpu), cpu, cuda or cuda:N."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's message lists two dozen device types this project does not run on
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: give auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but torch sees no CUDA GPU")
-    return torch.device(name)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA GPU(s), cuda:0 and up")
+    return device
 
 
 def uses_bf16(device, enabled=True):

@@ -131,6 +131,9 @@ def load_category(folder):
     """Read and validate a whole MVTec AD / LOCO (+ MVTec Caption) category folder; a problem is one line
     naming the file (or missing file) and what is wrong with it."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder}: a file, not a category folder (the MVTec layout: <category>/train/good/, "
+                         f"<category>/test/, ...)")
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: MVTec category folder not found; download MVTec AD from {MVTEC_AD_URL} "
                                 f"and the MVTec Caption prompts from {MVTEC_CAPTION_URL}, or pass --toy")
@@ -350,4 +353,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (OSError, ValueError) as error:  # a bad flag or folder: one line, no traceback
+        raise SystemExit(f"error: {error}")

@@ -13,10 +13,12 @@ What this file holds, in reading order:
   caption_colour, drawn_colour       did a generator draw the colour its caption names?
 Depends on numpy, pillow and torch only.
 """
+import fcntl  # Unix; the project runs on Linux (and macOS)
 import json
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -179,16 +181,50 @@ def _toy_sample(category, size, rng, defect=None, i=0):
 
 
 def make_toy(root, category, size=128, seed=0):
-    """Write <root>/<category> in the exact MVTec + MVTec Caption layout; deterministic for (size, seed)."""
+    """Write <root>/<category> in the exact MVTec + MVTec Caption layout; deterministic for (size, seed). An
+    existing toy category is replaced, a folder that is not one is refused."""
     if category not in TOY_CATEGORIES:
         raise ValueError(f"--category {category!r}: the toy world has {', '.join(TOY_CATEGORIES)}")
     if size < 32:
         raise ValueError(f"--size {size}: toy images need at least 32 px for a small chip to show")
-    root = Path(root)
-    folder, tmp = root / category, root / f".{category}.tmp{os.getpid()}"
+    with _writing(root, category):
+        return _write_toy(Path(root), category, size, seed)
+
+
+def ensure_toy(category, root=TOY_ROOT, size=128, seed=0):
+    """The toy category folder, generated on first use (or when size / seed changed).
+
+    Two processes may ask for it at once (two runs started together on a fresh clone): one generates it, the
+    other waits for it (_writing) and then finds it made, so it uses that world and never replaces it under
+    the first one's reads."""
+    folder = Path(root) / category
+    if _toy_matches(folder, category, size, seed):
+        return folder
+    with _writing(root, category):
+        if _toy_matches(folder, category, size, seed):  # made by the process we waited for
+            return folder
+        return _write_toy(Path(root), category, size, seed)
+
+
+@contextmanager
+def _writing(root, category):
+    """Hold <root>/.<category>.lock while a category is written: a second process waits here. The operating
+    system releases the lock when its process dies, so a killed run blocks no one."""
+    Path(root).mkdir(parents=True, exist_ok=True)
+    with open(Path(root) / f".{category}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _write_toy(root, category, size, seed):
+    """make_toy's work, holding the category's lock: every file into a temporary folder beside the category,
+    renamed into place when complete, so no one ever sees half a category."""
+    folder, tmp, old = root / category, root / f".{category}.tmp{os.getpid()}", root / f".{category}.old{os.getpid()}"
     if folder.exists() and not (folder / "toy.json").is_file():
         raise FileExistsError(f"{folder}: exists and is not a toy category (no toy.json); refusing to overwrite")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # what a killed run left: with the lock held, no other process is writing these
+    for leftover in [*root.glob(f".{category}.tmp*"), *root.glob(f".{category}.old*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
     save = lambda arr, path: (path.parent.mkdir(parents=True, exist_ok=True), Image.fromarray(arr).save(path))
     for split, n, k in (("train", TOY_COUNTS["train"], 0), ("test", TOY_COUNTS["test_good"], 1)):
         for i in range(n):
@@ -202,25 +238,16 @@ def make_toy(root, category, size=128, seed=0):
             (tmp / "prompt" / defect).mkdir(parents=True, exist_ok=True)
             (tmp / "prompt" / defect / f"{i:03d}.txt").write_text(caption + "\n", encoding="utf-8")
     (tmp / "toy.json").write_text(json.dumps(dict(category=category, size=size, seed=seed, version=1)))
-    shutil.rmtree(folder, ignore_errors=True)
-    try:
-        os.replace(tmp, folder)  # atomic: a killed run never leaves a half-written category behind
-    except OSError:  # another process finished the same category first
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not _toy_matches(folder, category, size, seed):
-            raise
+    if folder.exists():  # renamed away whole, then deleted: a kill never leaves half an old world under its name
+        os.replace(folder, old)
+    os.replace(tmp, folder)  # atomic: a killed run never leaves a half-written category behind
+    shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
 def _toy_matches(folder, category, size, seed):
     marker, want = Path(folder) / "toy.json", dict(category=category, size=size, seed=seed, version=1)
     return marker.is_file() and json.loads(marker.read_text()) == want
-
-
-def ensure_toy(category, root=TOY_ROOT, size=128, seed=0):
-    """The toy category folder, generated on first use (or when size / seed changed)."""
-    folder = Path(root) / category
-    return folder if _toy_matches(folder, category, size, seed) else make_toy(root, category, size, seed)
 
 
 def caption_colour(caption):

@@ -27,11 +27,14 @@ process would draw and keeps its share (cli.share), so N processes take the same
 Re-running the same command resumes: a finished stage is skipped, an unfinished one continues from its
 last checkpoint (model, optimiser, EMA, step, RNG) and reaches the weights an uninterrupted run would. A
 resume may change budgets (more --steps) but not the networks (config.py's fixed keys) or the categories.
-Checkpoints are written atomically. Only the few-shot third of each defect type's anomalies is ever read.
+One run at a time in an --out_dir (a lock; a second is refused). Every flag, folder and size is checked before
+anything is written. Checkpoints are written atomically. Only the few-shot third of each defect type's
+anomalies is ever read.
 """
 import argparse
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -49,6 +52,7 @@ KL_WEIGHT = 1e-6         # LDM kl-f8's: the latent stays close to a plain autoen
 MASK_LR = 1e-3           # stage 2: a small conv autoencoder on binary masks
 ANOMALY_FRACTION = 0.75  # of each stage-3 batch: the few-shot anomalies are what the model must learn
 GRAD_CLIP = 1.0
+STAGE_FILES = ("vae.pt", "mask_ae.pt", "axf.pt")  # the checkpoints in --out_dir, one a stage
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,6 +162,9 @@ def load_training_set(folders, config):
     size, categories, few_shots, normals = config["image_size"], {}, [], []
     for folder in folders:
         category = data.load_category(folder)
+        if not category.anomalies:  # its batches would draw from nothing, and it has no defect type to learn
+            raise ValueError(f"{folder}: no anomalous images (test/<defect>/*.png); train.py learns each defect type "
+                             f"from its few-shot anomalies, so leave {category.name} out of --category")
         categories[category.name] = category.defects
         few_shots.append(data.few_shot_split(category.anomalies)[0])
         normals.append(category.train_good)
@@ -487,6 +494,33 @@ def refuse_sd_switch(out_dir, config):
                              f"resume it the same way or pass a new --out_dir")
 
 
+def check_out_dir(out_dir):
+    """--out_dir must be a folder, or not yet exist (it is made, with the folders above it)."""
+    for folder in (out_dir, *out_dir.parents):
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"--out_dir {out_dir}: {folder} is a file; give a folder, new or of an earlier "
+                             f"train.py run")
+
+
+@contextmanager
+def holding(out_dir):
+    """The output folder, held for the whole run: a second train.py run on it is refused in one line (the two
+    would interleave their stages' checkpoints). Only rank 0 writes, so under torchrun only rank 0 holds it, for
+    all the processes. Holding it, the temporary files a kill during a checkpoint's write left are removed (at
+    Stable Diffusion sizes, GBs each)."""
+    if not cli.is_main():
+        yield
+        return
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a read-only place: say which flag, not only the system's word
+        raise ValueError(f"--out_dir {out_dir}: cannot make it ({error.strerror}); give a folder you can write to") \
+            from None
+    with files.run_lock(out_dir, "train.py run"):
+        files.remove_stale_temporaries(out_dir, STAGE_FILES)
+        yield
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_data_args(parser, several=True)
@@ -503,6 +537,8 @@ def main(argv=None):
         if config[key] % world_size:
             raise ValueError(f"--{key} {config[key]} does not split into {world_size} equal shares, one a process")
     names = cli.category_names(args)
+    out_dir = Path(args.out_dir or Path("runs") / ("all" if args.category == "all" else "+".join(names)))
+    check_out_dir(out_dir)
     with cli.main_first():  # checks every dataset before anything is written; rank 0 writes the toy world
         folders = [cli.category_folder(args, name) for name in names]
     torch.manual_seed(config["seed"])  # before any network is built: a resumed run builds the same ones
@@ -516,22 +552,21 @@ def main(argv=None):
         print(f"{config['sd']}: UNet ({sum(p.numel() for p in backbone['unet'].parameters()):,} parameters, "
               f"{backbone['unet'].conv_in.in_channels} input channels), text encoder and VAE{vae_from}; "
               f"--train_unet {config['train_unet']}")
-    out_dir = Path(args.out_dir or Path("runs") / ("all" if args.category == "all" else "+".join(names)))
     print(f"config: {config}")
     train = load_training_set(folders, config)
     for name, n, m in zip(names, train["num_normals"], train["num_anomalies"]):
         print(f"{name}: {n} normal images, {m} few-shot anomalies of {len(train['categories'][name])} defect types")
     print(f"device {device}" + (f", {world_size} processes" if world_size > 1 else ""))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    refuse_sd_switch(out_dir, config)
-    vae = backbone["vae"] if backbone else train_vae(train, config, out_dir, device)  # SD's VAE: no stage 1
-    mask_encoder = pretrain_mask_encoder(train, config, out_dir, device)
-    train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, backbone)
+    with holding(out_dir):  # the first write: the folder is made if new
+        refuse_sd_switch(out_dir, config)
+        vae = backbone["vae"] if backbone else train_vae(train, config, out_dir, device)  # SD's VAE: no stage 1
+        mask_encoder = pretrain_mask_encoder(train, config, out_dir, device)
+        train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, backbone)
     cli.finish_distributed()
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:  # a missing file, a folder in use, a bad value: one line, no traceback
         sys.exit(f"error: {error}")
