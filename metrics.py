@@ -450,3 +450,42 @@ def bench_rows(device, n=100, size=256, n_real=14, n_centres=7, inception="rando
                                                   fid(real_pool, pool)))
     timed("ic_lpips", lambda: ic_lpips(generated, real[:n_centres], lpips))
     return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparing runs: every comparison gives n, the sample std and the paired difference with its 95% interval
+
+# Student's t: the 0.975 quantile for 1..30 degrees of freedom (beyond, t_975's series)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_975(df):
+    """The 0.975 quantile of Student's t with df degrees of freedom: a 95% two-sided interval's half-width in
+    standard errors. A table to 30, then the Cornish-Fisher series around the normal's 1.95996."""
+    if df < 1:
+        raise ValueError(f"t_975 needs at least 1 degree of freedom, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def mean_std(values):
+    """(n, mean, sample std with ddof=1; None for one value): what a cell of a results table says."""
+    values = [float(v) for v in values]
+    n, mean = len(values), sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return n, mean, std
+
+
+def paired_difference(a, b):
+    """b - a over paired runs (the same seeds): (n, mean difference, its 95% interval (low, high)); the interval
+    is None for one pair. An interval that holds 0 reads "not distinguishable"."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired_difference needs two equally long, non-empty lists, got {len(a)} and {len(b)}")
+    n, mean, std = mean_std([y - x for x, y in zip(a, b)])
+    if std is None:
+        return n, mean, None
+    half = t_975(n - 1) * std / math.sqrt(n)
+    return n, mean, (mean - half, mean + half)

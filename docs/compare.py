@@ -1,0 +1,82 @@
+"""Rows of toy runs side by side: each metric's mean, sample std (ddof=1) and n per category and row, and the
+paired difference between successive rows (the same categories and seeds) with its 95% interval.
+
+    python docs/compare.py results/mask_channel on off          # rows named in the result files
+    python docs/compare.py results/table6 none text text+mif text+ddf all
+
+Reads <dir>/<category>-<row>-s<seed>.json (evaluate.py --toy) and, for the mean |generated - normal| inside
+the masks, sample.py's line in runs/<name>/<category>/<row>-s<seed>/log.txt. Prints a markdown table.
+"""
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from metrics import mean_std, paired_difference  # noqa: E402
+
+METRICS = {  # name -> value of one run's result (a fraction in [0, 1]) or None where the run lacks it
+    "colour drawn (recall)": lambda r, log: r["toy_checks"]["colour_named_is_drawn"],
+    "defect type (recall)": lambda r, log: r["toy_checks"]["defect_type_recognised"],
+    "colour drawn (control)": lambda r, log: r["toy_checks"].get("control", {}).get("colour_named_is_drawn"),
+    "defect type (control)": lambda r, log: r["toy_checks"].get("control", {}).get("defect_type_recognised"),
+    "pixel AP": lambda r, log: r["axf"]["segmentation"]["pixel_ap"],
+    "pixel AU-PRO": lambda r, log: r["axf"]["segmentation"]["pixel_au_pro"],
+    "mean abs change inside": lambda r, log: inside_change(log),
+}
+
+
+def inside_change(log):
+    found = re.findall(r"mean \|generated - normal\| = ([\d.]+)", log)
+    return float(found[-1]) if found else None
+
+
+def runs(folder, category, row):
+    """{seed: {metric: value}} of the finished runs of one category and row."""
+    found = {}
+    for path in folder.glob(f"{category}-{row}-s*.json"):
+        seed = int(path.stem.rsplit("-s", 1)[1])
+        log = Path("runs") / folder.name / category / f"{row}-s{seed}" / "log.txt"
+        result, text = json.loads(path.read_text()), log.read_text() if log.exists() else ""
+        found[seed] = {name: get(result, text) for name, get in METRICS.items()}
+    return found
+
+
+def cell(values, scale):
+    n, mean, std = mean_std([scale * v for v in values])
+    return f"{mean:.1f} (n=1)" if std is None else f"{mean:.1f} ± {std:.1f} (n={n})"
+
+
+def difference(a, b, scale):
+    n, mean, interval = paired_difference([scale * v for v in a], [scale * v for v in b])
+    if interval is None:
+        return f"{mean:+.1f} (n=1)"
+    verdict = "not distinguishable" if interval[0] <= 0 <= interval[1] else "higher" if mean > 0 else "lower"
+    return f"{mean:+.1f} [{interval[0]:+.1f}, {interval[1]:+.1f}] (n={n}): {verdict}"
+
+
+def main(folder, rows):
+    folder = Path(folder)
+    categories = sorted({p.name.split("-")[0] for p in folder.glob("*-s*.json")})
+    table = {(c, row): runs(folder, c, row) for c in categories for row in rows}
+    print(f"| metric | category | {' | '.join(rows)} | " + " | ".join(f"{a} → {b}" for a, b in zip(rows, rows[1:])) + " |")
+    print("| --- " * (2 + 2 * len(rows) - 1) + "|")
+    for name in METRICS:
+        scale = 1 if name.startswith("mean abs") else 100
+        for c in categories + ["pooled"]:
+            cs = categories if c == "pooled" else [c]
+            # a category's runs, as (category, seed) -> value, where the value exists
+            per_row = [{(k, s): v[name] for k in cs for s, v in table[k, row].items() if v[name] is not None}
+                       for row in rows]
+            if not any(per_row):
+                continue
+            cells = [cell(list(r.values()), scale) if r else "" for r in per_row]
+            diffs = []
+            for a, b in zip(per_row, per_row[1:]):
+                shared = sorted(a.keys() & b.keys())
+                diffs.append(difference([a[k] for k in shared], [b[k] for k in shared], scale) if shared else "")
+            print(f"| {name} | {c} | " + " | ".join(cells + diffs) + " |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
