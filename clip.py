@@ -18,7 +18,6 @@ nothing is downloaded. Depends on torch, torchvision, ftfy, regex, pillow.
 import gzip
 import html
 import os
-import warnings
 import zipfile
 from functools import lru_cache
 
@@ -29,6 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision import transforms
 from torchvision.transforms import functional as TF
+
+import files
 
 # CLIP's image statistics (OpenAI's `_transform`), used by `preprocess` and `normalize_images`
 MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -337,8 +338,28 @@ class CLIP(nn.Module):
 # Loading OpenAI checkpoints
 
 
+def model_sizes(sd):
+    """CLIP's arguments, read off a state dict's tensor shapes and key counts."""
+    vision_width, _, _, vision_patch_size = sd["visual.conv1.weight"].shape
+    grid_size = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)  # positions = grid**2 + class token
+    transformer_width = sd["ln_final.weight"].shape[0]
+    return dict(
+        embed_dim=sd["text_projection"].shape[1],
+        image_resolution=vision_patch_size * grid_size,
+        vision_layers=len([k for k in sd if k.startswith("visual.") and k.endswith(".attn.in_proj_weight")]),
+        vision_width=vision_width, vision_patch_size=vision_patch_size,
+        context_length=sd["positional_embedding"].shape[0],
+        vocab_size=sd["token_embedding.weight"].shape[0],
+        transformer_width=transformer_width,
+        transformer_heads=transformer_width // 64,  # as OpenAI: the head width is always 64
+        transformer_layers=len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}),
+    )
+
+
 def build_model(state_dict):
-    """A CLIP whose every size is read from the checkpoint's tensor shapes, loaded strictly, in eval mode."""
+    """A CLIP whose every size is read from the checkpoint's tensor shapes, loaded strictly, in eval mode. It is
+    built on the meta device first: a state dict whose sizes describe a bigger model than its tensors (a missing,
+    extra or misshapen tensor) is refused before any memory is taken."""
     sd = dict(state_dict)
     if "visual.proj" not in sd:
         if any(k.startswith("visual.layer1") for k in sd):
@@ -346,20 +367,27 @@ def build_model(state_dict):
         raise ValueError("not a CLIP checkpoint: no 'visual.proj' tensor among its keys")
     for key in ["input_resolution", "context_length", "vocab_size"]:  # extra entries of the TorchScript archives
         sd.pop(key, None)
-    vision_width, _, _, vision_patch_size = sd["visual.conv1.weight"].shape
-    vision_layers = len([k for k in sd if k.startswith("visual.") and k.endswith(".attn.in_proj_weight")])
-    grid_size = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)  # positions = grid**2 + class token
-    transformer_width = sd["ln_final.weight"].shape[0]
-    model = CLIP(
-        embed_dim=sd["text_projection"].shape[1],
-        image_resolution=vision_patch_size * grid_size,
-        vision_layers=vision_layers, vision_width=vision_width, vision_patch_size=vision_patch_size,
-        context_length=sd["positional_embedding"].shape[0],
-        vocab_size=sd["token_embedding.weight"].shape[0],
-        transformer_width=transformer_width,
-        transformer_heads=transformer_width // 64,  # as OpenAI: the head width is always 64
-        transformer_layers=len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks")}),
-    )
+    try:
+        sizes = model_sizes(sd)
+    except (IndexError, TypeError, ValueError):  # a tensor with too few dimensions, a grid without positions, ...
+        raise ValueError("not a CLIP state dict of one model (its tensors' shapes give no sizes)") from None
+    layers = sizes["vision_layers"], sizes["transformer_layers"]
+    with torch.device("meta"):  # shapes without memory
+        per_block = len(ResidualAttentionBlock(64, 1).state_dict())
+        if per_block * sum(layers) > len(sd):  # layer counts are key counts: each key could make a layer
+            raise ValueError(f"not a CLIP state dict of one model ({layers[0]} + {layers[1]} layers of {per_block} "
+                             f"tensors, but {len(sd)} tensors)")
+        try:
+            expected = {k: v.shape for k, v in CLIP(**sizes).state_dict().items()}
+        except Exception as e:  # sizes no CLIP has (a width of 0, a patch of 0, ...)
+            raise ValueError(f"not a CLIP state dict of one model (its sizes {sizes} build none: "
+                             f"{type(e).__name__}: {next(iter(str(e).splitlines()), '')[:200]})") from None
+    missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
+    misshapen = [k for k in expected.keys() & sd.keys() if sd[k].shape != expected[k]]
+    if missing or unexpected or misshapen:
+        raise ValueError(f"not a CLIP state dict of one model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                         f"misshapen {sorted(misshapen)[:3]})")
+    model = CLIP(**sizes)
     model.load_state_dict(sd, strict=True)  # copies fp16 tensors into the fp32 parameters
     return model.eval()
 
@@ -422,25 +450,23 @@ def to_hf_text(state_dict):
 
 
 def _read_state_dict(path):
-    """The state dict of an OpenAI TorchScript archive or of a plain torch.save'd state dict."""
+    """The state dict of an OpenAI TorchScript archive or of a plain torch.save'd state dict, read by files.py's
+    readers: weights-only, and refused in one line if it claims more memory than the file holds."""
+    files.refuse_special_file(path, "a CLIP checkpoint")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: CLIP checkpoint not found")
-    try:  # OpenAI's released files are TorchScript archives
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
-            return torch.jit.load(path, map_location="cpu").state_dict()
-    except Exception:
-        pass
-    try:  # weights_only: a checkpoint is data, never code to run
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        with open(path, "rb") as f:
-            zip_header = f.read(4) == b"PK\x03\x04"  # both formats are zip archives
-        if zip_header and not zipfile.is_zipfile(path):  # the central directory at the end is missing
-            raise ValueError(f"{path}: truncated or corrupted checkpoint (incomplete download?)") from None
-        if not zip_header:
-            raise ValueError(f"{path}: not a PyTorch checkpoint (neither a TorchScript archive nor a torch.save file)") from None
-        raise ValueError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04":  # both formats are zip archives
+        if not zipfile.is_zipfile(path):  # the central directory at the end is missing
+            raise ValueError(f"{path}: truncated or corrupted checkpoint (incomplete download?)")
+        with zipfile.ZipFile(path) as archive:
+            torchscript = any(name.endswith("/constants.pkl") for name in archive.namelist())
+        if torchscript:  # OpenAI's released files
+            return files.read_torchscript(path)
+    elif head[:1] != b"\x80":  # a pickle starts with its protocol; before torch 1.6, torch.save wrote a bare one
+        raise ValueError(f"{path}: not a PyTorch checkpoint (neither a TorchScript archive nor a torch.save file)")
+    return files.read_torch(path, advice="a CLIP checkpoint holds only tensors: save its state_dict() with torch.save")
 
 
 def load(path, device="cpu"):

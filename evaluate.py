@@ -218,11 +218,9 @@ def segmentation_metrics(model, test, cfg, device):
 
 def build_resnet(num_classes, path=None):
     """torchvision ResNet-34, from scratch or from an ImageNet state dict (its fc head replaced)."""
-    if path is not None and not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: ResNet-34 weights file not found (--resnet)")
+    sd = None if path is None else files.read_state_dict(path, "ResNet-34", "--resnet")
     model = torchvision.models.resnet34(weights=None, num_classes=num_classes)
     if path is not None:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
         missing, unexpected = model.load_state_dict({k: v for k, v in sd.items() if not k.startswith("fc.")},
                                                     strict=False)   # the new head stays at its fresh init
         if unexpected or set(missing) != {"fc.weight", "fc.bias"}:
@@ -324,8 +322,11 @@ def toy_checks(gen_anomalies, generated, category, cfg, device, steps=1500, judg
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], len(category.defects))).to(device)
     kept = Path(judge_root) / (f"judge_{category.name}_{S}px_{steps}steps_batch{cfg['batch_size']}_seed{cfg['seed']}"
                                f"_{seeds}worlds.pt")
-    if kept.exists():
-        judge.load_state_dict(torch.load(kept, map_location=device, weights_only=True))
+    if kept.exists():  # written here before; read as any weights file, so that a damaged one is said in one line
+        try:
+            judge.load_state_dict(files.read_state_dict(kept, "toy judge", "delete it to train the judge again"))
+        except RuntimeError:  # torch lists every key; the file is another judge's
+            raise ValueError(f"{kept}: not this judge's weights; delete it to train the judge again") from None
     else:
         fresh = [a for seed in range(1, seeds + 1) for a in data.load_category(
             toy.ensure_toy(category.name, Path(judge_root) / f"seed{seed}", seed=seed)).anomalies]

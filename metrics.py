@@ -25,6 +25,8 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
+import files
+
 HERE = Path(__file__).parent
 LPIPS_LIN = HERE / "lpips_vgg_lin.pth"   # official LPIPS v0.1 linear layers (vgg.pth of lpips 0.1.4, BSD-2)
 
@@ -146,14 +148,23 @@ def load_inception(path, device):
                     nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
         return model.eval().to(device)
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: Inception-v3 weights file not found (--inception)")
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = files.read_state_dict(path, "Inception-v3", "--inception")
+    if "fc.weight" not in sd:
+        raise ValueError(f"{path}: not a torchvision Inception-v3 state dict (no fc.weight) (--inception)")
     model = torchvision.models.inception_v3(
         weights=None, num_classes=sd["fc.weight"].shape[0], init_weights=False, transform_input=False,
         aux_logits=any(k.startswith("AuxLogits.") for k in sd))
-    model.load_state_dict(sd)
+    load_strictly(model, sd, path, "Inception-v3", "--inception")
     return model.eval().to(device)
+
+
+def load_strictly(module, sd, path, network, flag):
+    """module.load_state_dict(sd), strictly, with a mismatch said in one line (torch's message lists every key)."""
+    try:
+        module.load_state_dict(sd)
+    except RuntimeError as e:
+        reason = " ".join(str(e).split())[:300]
+        raise ValueError(f"{path}: not a torchvision {network} state dict ({flag}): {reason}") from None
 
 
 @torch.no_grad()
@@ -243,8 +254,8 @@ class LPIPS(nn.Module):
 
     def __init__(self, vgg_path=None, lin_path=LPIPS_LIN):
         super().__init__()
-        if vgg_path not in (None, "random") and not Path(vgg_path).is_file():
-            raise FileNotFoundError(f"{vgg_path}: VGG16 weights file not found (--vgg)")
+        if vgg_path not in (None, "random"):
+            sd = files.read_state_dict(vgg_path, "VGG16", "--vgg")
         # torchvision's vgg16().features (config "D"), without building the 120M-parameter classifier
         with torch.random.fork_rng(devices=[]):   # "random" (or no file): seeded, comparable within one table
             torch.manual_seed(0)
@@ -254,13 +265,16 @@ class LPIPS(nn.Module):
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
         if vgg_path not in (None, "random"):
-            sd = torch.load(vgg_path, map_location="cpu", weights_only=True)
             # a full torchvision vgg16 state dict ("features.0.weight", ...) or its features alone
             sd = {k.removeprefix("features."): v for k, v in sd.items() if not k.startswith("classifier.")}
-            self.features.load_state_dict(sd)
-        lin = torch.load(lin_path, map_location="cpu", weights_only=True)   # keys lin{k}.model.1.weight
+            load_strictly(self.features, sd, vgg_path, "VGG16", "--vgg")
+        lin = files.read_state_dict(lin_path, "LPIPS", "its linear layers")   # keys lin{k}.model.1.weight
         for k, layer in enumerate(self.lins):
-            layer.weight.data.copy_(lin[f"lin{k}.model.1.weight"])
+            weight = lin.get(f"lin{k}.model.1.weight")
+            if weight is None or weight.shape != layer.weight.shape:
+                raise ValueError(f"{lin_path}: not LPIPS's linear layers (lin{k}.model.1.weight: "
+                                 f"{None if weight is None else list(weight.shape)}, expected {list(layer.weight.shape)})")
+            layer.weight.data.copy_(weight)
             if layer.weight.min() < 0:   # LPIPS training clamps them at 0; the embedding below needs it
                 raise ValueError(f"{lin_path}: negative LPIPS weights in lin{k}")
         self.eval().requires_grad_(False)

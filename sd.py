@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 import clip
-from files import read_safetensors, read_torch, save_atomic, write_safetensors
+from files import read_safetensors, read_torch, refuse_special_file, save_atomic, write_safetensors
 import unet as unet_module
 import vae as vae_module
 from unet import UNet
@@ -86,6 +86,7 @@ def flat(tree, prefix=""):
 def read_file(path):
     """One weights file -> its flat state dict: .safetensors by read_safetensors, a torch.save file (.ckpt, .bin,
     .pt) by read_torch, unwrapped from Lightning's {"state_dict": ...}; anything else is named in one line."""
+    refuse_special_file(path, "a Stable Diffusion file")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(100)
@@ -121,6 +122,8 @@ def diffusers_files(folder, parts=tuple(DIFFUSERS_FILES)):
         sub, *names = DIFFUSERS_FILES[part]
         where = folder if parts == ("VAE",) and not (folder / sub).is_dir() else folder / sub
         names += [Path(n).with_suffix(".fp16" + Path(n).suffix).name for n in names]
+        for name in names:
+            refuse_special_file(where / name, f"a diffusers {part} file")
         files[part] = next((where / n for n in names if (where / n).is_file()), None)
         if files[part] is None:
             raise FileNotFoundError(f"{folder}: a folder without {where.relative_to(folder) / names[0]} (nor "
@@ -131,6 +134,7 @@ def diffusers_files(folder, parts=tuple(DIFFUSERS_FILES)):
 def read_checkpoint(path):
     """An SD file or a diffusers folder -> one flat state dict in the single file's (original) layout."""
     path = os.fspath(path)
+    refuse_special_file(path, "a Stable Diffusion file or folder")
     if os.path.isdir(path):  # each part renamed by its module's rule; transformers' text names are the file's own
         rules = {"UNet": unet_module.from_diffusers, "VAE": vae_module.from_diffusers, "text encoder": dict}
         return {SD_PREFIXES[part] + k: v for part, file in diffusers_files(path).items()
@@ -212,16 +216,21 @@ def split(state_dict, prefixes, name):
 
 def fill(module, tensors, name, part, device):
     """Copy tensors (in the module's own names) into a module built on the meta device: the same key set,
-    one shape check per tensor; allocated on `device` (uninitialised: every tensor is then overwritten)."""
-    own = module.to_empty(device=device).state_dict(keep_vars=True)
+    one shape check per tensor, both on the meta device, so that a file whose sizes describe a network bigger than
+    its tensors is refused before any memory is taken; then allocated on `device` (uninitialised: every tensor is
+    then overwritten)."""
+    own = module.state_dict(keep_vars=True)
     own.pop("scale_factor", None)  # the VAE's: not in SD files
     missing, unexpected = sorted(own.keys() - tensors.keys()), sorted(tensors.keys() - own.keys())
     if missing or unexpected:
         raise ValueError(f"{name}: its {part} does not have SD-1.x's layout (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for key, p in own.items():
+        if tensors[key].shape != p.shape:
+            raise ValueError(f"{name}: {part} tensor {key} has shape {list(tensors[key].shape)}, expected {list(p.shape)}")
+    own = module.to_empty(device=device).state_dict(keep_vars=True)
+    own.pop("scale_factor", None)
     with torch.no_grad():
         for key, p in own.items():
-            if tensors[key].shape != p.shape:
-                raise ValueError(f"{name}: {part} tensor {key} has shape {list(tensors[key].shape)}, expected {list(p.shape)}")
             p.copy_(tensors[key])  # casts F16 / BF16 to the module's fp32
     return module.eval()
 
@@ -261,13 +270,27 @@ BUILDERS = {"UNet": (unet_module.from_sd, unet_sizes, UNet), "VAE": (vae_module.
 def build(part, tensors, name, device):
     """One network from its tensors (in the file's names, prefix removed): renamed, sized, filled."""
     rename, sizes_of, Module = BUILDERS[part]
-    tensors = rename(tensors)
+    try:
+        tensors = rename(tensors)
+    except KeyError as e:  # a text encoder's q_proj without its k_proj or v_proj
+        raise ValueError(f"{name}: not a complete Stable Diffusion 1.x {part} (no tensor {e} after renaming)") from None
+    except RuntimeError:  # its q, k and v projections do not stack into one in_proj
+        raise ValueError(f"{name}: not a Stable Diffusion 1.x {part} (its q, k and v projections differ in shape)") from None
     try:
         sizes = sizes_of(tensors)
     except (KeyError, IndexError) as e:
         raise ValueError(f"{name}: not a complete Stable Diffusion 1.x {part} (no tensor {e} after renaming)") from None
-    with torch.device("meta"):  # no memory and no random init: every tensor comes from the file
-        model = Module(**sizes)
+    except (ValueError, ZeroDivisionError):  # a shape with too few dimensions, or a width of 0
+        raise ValueError(f"{name}: not a Stable Diffusion 1.x {part} (its tensors' shapes give no sizes)") from None
+    blocks = sizes.get("num_res_blocks", 0) * len(sizes.get("channel_mult", ()))
+    if 8 * blocks > len(tensors):  # a block has 8 tensors or more; the UNet's count is read off a key's index
+        raise ValueError(f"{name}: its {part} claims {blocks:,} residual blocks but holds {len(tensors):,} tensors")
+    try:
+        with torch.device("meta"):  # no memory and no random init: every tensor comes from the file
+            model = Module(**sizes)
+    except Exception as e:  # sizes no such network has (a width GroupNorm cannot split, ...)
+        raise ValueError(f"{name}: not a Stable Diffusion 1.x {part} (its sizes {sizes} build none: "
+                         f"{type(e).__name__}: {next(iter(str(e).splitlines()), '')[:200]})") from None
     model = fill(model, tensors, name, part, device)
     model.sd_sizes = sizes  # what was read off the shapes; `python sd.py --sd FILE` prints it
     if part == "VAE":
@@ -279,6 +302,7 @@ def read_vae(path, weights="ema"):
     """A separate VAE -> its tensors in LDM's names: vae-ft-mse-840000-ema-pruned.safetensors / .ckpt (encoder.*, ...
     maybe under first_stage_model.), a diffusers AutoencoderKL file or folder (or a pipeline's vae/)."""
     path = Path(path)
+    refuse_special_file(path, "a VAE file or folder")
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such VAE file or folder (e.g. vae-ft-mse-840000-ema-pruned.safetensors)")
     state = read_file(diffusers_files(path, ("VAE",))["VAE"] if path.is_dir() else path)
@@ -366,6 +390,7 @@ def sd_file(path, parts=tuple(SD_PREFIXES), chunk=1 << 24):
     """What names an SD file (or folder: the part files it reads) in a checkpoint: its path, size in bytes and
     sha256 (~3 s for SD-1.5's 4 GB). parts=("VAE",) for a separate VAE."""
     path = Path(path)
+    refuse_special_file(path, "a Stable Diffusion file or folder")
     files = list(diffusers_files(path, parts).values()) if path.is_dir() else [path]
     digest = hashlib.sha256()
     for file in files:
@@ -379,6 +404,7 @@ def check_sd_file(path, saved, parts=tuple(SD_PREFIXES)):
     """Raise one clear line unless `path` is the very file a checkpoint was trained on (same size and hash)."""
     wanted = f"{saved['path']} ({saved['size']:,} bytes, sha256 {saved['sha256'][:16]}...)"
     what, flag = ("VAE file", "--sd_vae") if parts == ("VAE",) else ("Stable Diffusion file", "--sd")
+    refuse_special_file(path, f"the {what}")
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: missing; this checkpoint was trained on the {what} {wanted}: "
                                 f"pass {flag} with where that file is now")

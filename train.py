@@ -80,15 +80,18 @@ def load_stage(path, total, config, categories, depends_on=None):
     networks or other categories is refused: loading it would drop or mismatch weights. depends_on: the
     config keys (name prefixes) the stage's network depends on; the others may differ, so that runs of other
     switches (Table 6's rows) can share a finished VAE and mask encoder."""
+    files.refuse_special_file(path, "a checkpoint")
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: a full UNet is not read twice
+    state = axf.read_checkpoint(path)  # weights-only, every field checked; memory-mapped: a full UNet is not read twice
     changed = settings.architecture_changes(state["config"], config, depends_on)
     if state.get("categories") != categories:
         changed.insert(0, f"categories {','.join(state.get('categories', ['?']))} -> {','.join(categories)}")
     if changed:
         raise ValueError(f"{path} was trained with another architecture ({'; '.join(changed)}); "
                          f"resume with the same settings or pass a new --out_dir")
+    if "clip" in state:  # axf.pt: its CLIP, data folders and SD files' identities too
+        axf.checked_extras(state, config, path)
     print(f"resuming from {path} at step {state['step']}" if state["step"] < total
           else f"{path}: complete at step {state['step']}")
     return state
@@ -487,8 +490,11 @@ def refuse_sd_switch(out_dir, config):
     """Before stage 1: a run made with --sd is not continued without it, nor one made without it with it
     (its stage 1 would be trained, or skipped, before stage 2's checkpoint said so)."""
     path = out_dir / "mask_ae.pt"  # every run has one
+    files.refuse_special_file(path, "a checkpoint")
     if path.exists():
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"].get("sd", "")
+        saved = axf.read_checkpoint(path)["config"].get("sd", "")
+        if not isinstance(saved, str):
+            raise ValueError(f"{path}: its config's sd is not a file name; {axf.NOT_TRAIN_PY}")
         if bool(saved) != bool(config["sd"]):
             raise ValueError(f"{path} was trained {'with --sd ' + saved if saved else 'without --sd'}; "
                              f"resume it the same way or pass a new --out_dir")

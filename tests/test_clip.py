@@ -4,6 +4,7 @@ Parity numbers come from OpenAI's reference code via tests/fixtures/make_clip_fi
 (clip_reference.json); the weights are rebuilt here from the script's seeded generator."""
 import importlib.util
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -386,3 +387,61 @@ def test_from_hf_text_maps_transformers_names_and_stacks_q_k_v():
                 hf[f"text_model.encoder.layers.{i}.self_attn.{name}_proj.{kind}"] = t
     converted = clip.from_hf_text(hf)
     assert converted.keys() == ours.keys() and all(torch.equal(converted[k], v) for k, v in ours.items())
+
+
+# ----------------------------------------------------------------------------- files that claim more than they hold
+
+
+def not_built_outside_meta(monkeypatch):
+    """Fail the test if a CLIP is built anywhere but on the meta device (where it takes no memory)."""
+    init = clip.CLIP.__init__
+
+    def checked(self, *args, **kwargs):
+        assert torch.empty(()).is_meta, "a CLIP was built before the file was checked"
+        init(self, *args, **kwargs)
+    monkeypatch.setattr(clip.CLIP, "__init__", checked)
+
+
+def test_a_state_dict_whose_tensor_repeats_one_number_is_refused_before_building(tmp_path, monkeypatch):
+    """torch.zeros(1).expand(N, width) takes 4 bytes in the file; a token embedding of N rows once built."""
+    sd = dict(tiny_checkpoint(), **{"token_embedding.weight": torch.zeros(1).expand(1_000_000, 64)})
+    torch.save(sd, tmp_path / "clip.pt")
+    not_built_outside_meta(monkeypatch)
+    with pytest.raises(ValueError, match=r"clip.pt: tensor token_embedding.weight claims shape \[1000000, 64\]"):
+        clip.load(str(tmp_path / "clip.pt"))
+
+
+def test_layer_keys_that_claim_more_layers_than_tensors_are_refused_before_building(tmp_path, monkeypatch):
+    """Layer counts are key counts: a thousand one-number keys would build a thousand layers."""
+    sd = dict(tiny_checkpoint(), **{f"transformer.resblocks.{i}.ln_1.weight": torch.zeros(1) for i in range(1, 1000)})
+    torch.save(sd, tmp_path / "clip.pt")
+    sd = tiny_checkpoint()
+    sd["transformer.resblocks.0.mlp.c_fc.weight"] = torch.zeros(256, 1)  # the width read elsewhere says [256, 64]
+    torch.save(sd, tmp_path / "misshapen.pt")
+    not_built_outside_meta(monkeypatch)
+    with pytest.raises(ValueError, match=r"clip.pt: not a CLIP state dict of one model \(1 \+ 1000 layers of 12 "
+                                         r"tensors, but 1037 tensors\)"):
+        clip.load(str(tmp_path / "clip.pt"))
+    with pytest.raises(ValueError, match=r"misshapen.pt: not a CLIP state dict of one model \(missing \[\], "
+                                         r"unexpected \[\], misshapen \['transformer.resblocks.0.mlp.c_fc.weight'\]\)"):
+        clip.load(str(tmp_path / "misshapen.pt"))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit's deprecation notice
+def test_a_torchscript_archive_is_checked_like_a_state_dict(tmp_path, monkeypatch):
+    """An OpenAI-style archive whose buffer repeats one number is refused after torch.jit.load (which builds only
+    what the file holds); one whose code runs when it loads (a __setstate__ could build tensors of any size) is
+    refused before torch.jit.load is called."""
+    torch.manual_seed(0)
+    archive = Archive(clip.CLIP(**TINY).eval())
+    archive.register_buffer("vocab_size", torch.zeros(1).expand(1_000_000))
+    torch.jit.save(torch.jit.trace(archive, torch.ones(())), str(tmp_path / "ViT-tiny.pt"))
+    not_built_outside_meta(monkeypatch)
+    with pytest.raises(ValueError, match=r"ViT-tiny.pt: tensor vocab_size claims shape \[1000000\]"):
+        clip.load(str(tmp_path / "ViT-tiny.pt"))
+    with zipfile.ZipFile(tmp_path / "code.pt", "w") as forged:  # the entries torch.jit.save writes, code with a hook
+        forged.writestr("code/constants.pkl", b"\x80\x02).")
+        forged.writestr("code/code/__torch__/model.py", "def __setstate__(self, state: Tuple[Tensor]) -> None:\n")
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: pytest.fail("torch.jit.load ran the archive"))
+    with pytest.raises(ValueError, match=r"code.pt: a TorchScript archive whose code runs when it loads"):
+        clip.load(str(tmp_path / "code.pt"))

@@ -8,6 +8,7 @@ the other layouts people download: diffusers folders (names as diffusers' save_p
 sd_layouts.json.gz), Lightning .ckpt files with an EMA copy and numpy scalars, a separate VAE.
 """
 import importlib.util
+import os
 import re
 import runpy
 import sys
@@ -21,6 +22,7 @@ import torch
 import torch.nn as nn
 
 import axf
+import clip
 import files
 import sd
 import unet as unet_module
@@ -513,3 +515,58 @@ def test_save_sd_refuses_what_load_sd_would_misread(tmp_path):
     add_lora(unet, 2)
     with pytest.raises(ValueError, match="merge_lora"):
         sd.save_sd(tmp_path / "x.safetensors", vae, unet, text)
+
+
+# ----------------------------------------------------------------------------- files that claim more than they hold
+
+
+def test_a_ckpt_whose_text_encoder_repeats_one_number_is_refused_before_building(ref, tmp_path, monkeypatch):
+    """torch.save stores torch.zeros(1).expand(N, 64) in a few bytes: a file of kilobytes would build (and fill) a
+    text encoder of N x 64 parameters. It is refused as it is read, naming the file and the tensor."""
+    key = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+    weights = dict(tiny_weights(ref, 4), **{key: torch.zeros(1).expand(4_000_000, 64)})
+    path = write(ref, tmp_path / "forged.ckpt", weights)
+    monkeypatch.setattr(sd, "build", lambda *a: pytest.fail("a network was built"))
+    with pytest.raises(ValueError) as error:
+        sd.load_sd(path)
+    assert str(error.value).startswith(f"{path}: tensor state_dict.{key} claims shape [4000000, 64] (1,024,000,000 "
+                                       f"bytes) but holds 4 bytes"), error.value
+
+
+def test_sizes_that_describe_a_bigger_network_than_the_tensors_are_refused_before_any_memory(ref, tmp_path, monkeypatch):
+    """A shape read for the sizes (the text encoder's vocabulary: token_embedding's rows) that the other tensors do
+    not match is refused on the meta device, before the module is allocated; so is a UNet whose block count, read
+    off a key's index, exceeds its tensors (a million blocks from two keys)."""
+    key = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+    path = write(ref, tmp_path / "narrow.safetensors", dict(tiny_weights(ref, 4), **{key: torch.zeros(1_000_000, 1)}))
+    monkeypatch.setattr(clip.CLIP, "to_empty", lambda *a, **k: pytest.fail("memory was allocated"), raising=False)
+    with pytest.raises(ValueError, match=r"narrow.safetensors: text encoder tensor token_embedding.weight has shape "
+                                         r"\[1000000, 1\], expected \[1000000, 128\]"):
+        sd.load_sd(path)
+    monkeypatch.undo()
+    state = {k: v for k, v in meta_state_dict(ref[2]["sd15"]).items() if not re.search(r"input_blocks\.\d+\.0\.op\.", k)}
+    state["model.diffusion_model.input_blocks.1000001.0.op.weight"] = torch.empty(1, device="meta")
+    state["model.diffusion_model.input_blocks.1000002.0.in_layers.2.weight"] = torch.empty(640, device="meta")
+    rename, sizes, _ = sd.BUILDERS["UNet"]
+    monkeypatch.setitem(sd.BUILDERS, "UNet", (rename, sizes, lambda **k: pytest.fail("a UNet was built")))
+    with pytest.raises(ValueError, match=r"sd15: its UNet claims 2,000,000 residual blocks but holds 682 tensors"):
+        sd.build_sd(state, "sd15", device="meta")
+
+
+def test_a_pipe_or_a_device_is_refused_wherever_an_sd_file_goes(ref, tmp_path):
+    """--sd <(cat file) gives /dev/fd/N, a link to a pipe; a named pipe without a writer would block a reader for
+    ever. Each place a file is read from refuses one in a line, without waiting on it."""
+    from test_files import without_blocking
+    pipe = tmp_path / "pipe.safetensors"
+    os.mkfifo(pipe)
+    (tmp_path / "link").symlink_to(pipe)
+    folder = diffusers_folder(ref, tmp_path / "pipeline", tiny_weights(ref, 4), parts=("vae", "text_encoder"))
+    (folder / "unet").mkdir()
+    os.mkfifo(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    real = write(ref, tmp_path / "tiny.safetensors", tiny_weights(ref, 4))
+    for call, path in ((sd.load_sd, pipe), (sd.load_sd, tmp_path / "link"), (sd.read_file, pipe),
+                       (lambda vae: sd.load_sd(real, vae=vae), pipe), (sd.sd_file, pipe),
+                       (lambda path: sd.check_sd_file(path, {"path": "x", "size": 1, "sha256": "0" * 64}), pipe),
+                       (sd.load_sd, folder)):
+        error = without_blocking(call, path)
+        assert isinstance(error, ValueError) and "a pipe, not a file" in str(error) and "\n" not in str(error), error
