@@ -389,7 +389,8 @@ def glob_escape(name):
 def run_lock(folder, what="run"):
     """Hold an exclusive lock on `folder` (the file .axf_lock in it) while the block runs; a second process that
     asks for it is refused in one line. The operating system releases the lock when its process dies, so a
-    killed run leaves no stale lock; the file itself is deleted on the way out."""
+    killed run leaves no stale lock. The empty file stays: deleting it would let a process that opened it just
+    before and a later one lock two different files."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK
@@ -408,4 +409,4 @@ def run_lock(folder, what="run"):
         try:
             yield
         finally:
-            path.unlink(missing_ok=True)
+            f.truncate(0)

@@ -342,6 +342,7 @@ def parse_args(argv):
     parser.add_argument("--batch_size", type=int, default=16, help="samples per sampler call (default: 16)")
     cli.add_config_args(parser, SAMPLING_KEYS)
     args = parser.parse_args(argv)
+    args.category = cli.category_name(args.category)  # bottle/ (tab completion) is bottle; a path is refused
     if args.n < 1:
         raise ValueError(f"--n must be at least 1, got {args.n}")
     if args.batch_size < 1:

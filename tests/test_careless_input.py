@@ -14,6 +14,7 @@ import axf
 import config
 import data
 import files
+import files
 import toy
 import train
 from test_train_sample import TINY
@@ -248,7 +249,7 @@ def test_a_run_removes_the_temporary_files_a_killed_checkpoint_write_left(root, 
         (out / name).write_text("x")
     with pytest.raises(Stop):
         run(root, out)
-    assert sorted(p.name for p in out.iterdir()) == ["axf.pt.backup.tmp", "notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [files.LOCK, "axf.pt.backup.tmp", "notes.txt"]
 
 
 # ---------------------------------------------------------------------------------------------- the toy world
