@@ -30,6 +30,7 @@ import config as settings
 import metrics
 import train
 import sd
+import training
 from sd import SD_SCALE_FACTOR
 from unet import UNet
 from vae import VAE
@@ -366,9 +367,9 @@ def fake_training_set(config, num_anomalies=6, num_normals=16):
 def time_training_step(model, config, label, device, repeats, say):
     """One row: train.axf_step itself (optimiser and EMA as train.py makes them), 2 warm-up steps, `repeats` timed;
     the peak memory counts from before the first step (AdamW allocates its moments there)."""
-    groups = train.parameter_groups(model, config)
-    optimizer = cli.adamw(groups, lr=config["lr"], weight_decay=0.0)
-    ema = train.EMA(model, config["ema_decay"])
+    groups = model.parameter_groups()
+    optimizer = training.adamw(groups, lr=config["lr"], weight_decay=0.0)
+    ema = training.EMA(model, config["ema_decay"])
     train_set, latents = fake_training_set(config)
     generator, steps = torch.Generator().manual_seed(config["seed"] + 2), itertools.count()
     step = lambda: train.axf_step(model, optimizer, ema, train.make_batch(train_set, latents, config, generator), config,
@@ -463,7 +464,7 @@ def bench_sd_train(device, quick, sizes=None):
     (none; lora at CONFIG's rank 32; full; and full without checkpointing, for comparison) with the sd preset's
     settings: batch 8 at 256 px (32x32x4 latents), bf16 autocast, gradient checkpointing, e_t spliced into the text
     encoder (and appended, mode none). Each step is train.axf_step itself: a batch of cached latents, the loss (CLIP
-    features cached, MIF, DDF, text encoder, UNet, Eq. (17)), clipping, AdamW (train.parameter_groups, cli.adamw) and the
+    features cached, MIF, DDF, text encoder, UNet, Eq. (17)), clipping, AdamW (train.parameter_groups, training.adamw) and the
     EMA. Peak memory is CUDA's max allocated since the mode's model was built: every weight (UNet, VAE, text encoder,
     and the ViT-L/14 CLIP of Eq. (1) and (3), as --clip ViT-L-14.pt holds it), AdamW's moments, the EMA, activations. Then,
     on mode none's model: the spliced text encoder's forward + backward to e_t next to the UNet's (what the splice

@@ -52,6 +52,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 import axf
+import checkpoints
 import cli
 import data
 import files
@@ -376,7 +377,7 @@ def load_model(args):
     process's GPU), and the category to draw on."""
     path = Path(args.ckpt or Path("runs") / args.category)
     path = path / "axf.pt" if path.is_dir() else path  # a train.py --out_dir means its checkpoint
-    model, checkpoint = axf.load_checkpoint(path, device="cpu", sd_path=args.sd)
+    model, checkpoint = checkpoints.load_checkpoint(path, device="cpu", sd_path=args.sd)
     config = dict(model.config, **cli.config_overrides(args))
     check_sampling(config)
     _, _, device = cli.init_distributed(config["device"])

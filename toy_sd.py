@@ -18,7 +18,7 @@ their captions ("a photo of a normal bottle", "A large red contamination lies in
   3. LDM      unet.py in SD-1.x's layout at toy widths (8 heads, as load_sd assumes) and a small CLIP text
               tower (clip.py, text only), ε-prediction on the scaled latents with SD's scaled_linear
               schedule (ddpm.DDPM), 10% of captions dropped to "" (classifier-free guidance), EMA weights
-  4. file     the EMA weights (train.EMA over both) written by sd.save_sd as an SD-1.x single file (original
+  4. file     the EMA weights (training.EMA over both) written by sd.save_sd as an SD-1.x single file (original
               key layout), checked by reading it back with sd.load_sd
 
 The text tower is trained together with the UNet, as LDM trained its BERT text encoder: SD's is a frozen
@@ -26,7 +26,7 @@ CLIP that was pretrained contrastively on 400M pairs, and a random tiny tower ha
 The UNet and the text tower see one category only, so that train.py --sd can learn AnomalyXFusion on a
 category they have never seen (cable, with --category bottle). Resumable: re-running the same command
 continues from <out>.train.pt (written atomically). Writes <out>.png: samples for a few captions, two per caption.
-Depends on ddpm.py (DDPM, guided_eps: the schedule and the DDIM sampler), train.py (EMA), files.py (save_atomic),
+Depends on ddpm.py (DDPM, guided_eps: the schedule and the DDIM sampler), training.py (EMA), files.py (save_atomic),
 sd.py (save_sd, load_sd, SD's constants), clip.py, unet.py, vae.py, and toy.py and data.py (the toy world).
 """
 import argparse
@@ -43,8 +43,9 @@ import data
 import files
 import sd
 import toy
+import training
 from ddpm import DDPM, guided_eps
-from train import EMA
+from training import EMA
 from unet import UNet
 from vae import VAE, vae_loss
 

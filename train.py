@@ -40,11 +40,13 @@ from pathlib import Path
 import torch
 
 import axf
+import checkpoints
 import cli
 import config as settings
 import data
 import files
 import sd
+import training
 from vae import vae_loss
 
 # The recipe's constants: no user and no row of the paper needs to change them
@@ -53,99 +55,6 @@ MASK_LR = 1e-3           # stage 2: a small conv autoencoder on binary masks
 ANOMALY_FRACTION = 0.75  # of each stage-3 batch: the few-shot anomalies are what the model must learn
 GRAD_CLIP = 1.0
 STAGE_FILES = ("vae.pt", "mask_ae.pt", "axf.pt")  # the checkpoints in --out_dir, one a stage
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints, RNG and the EMA
-
-
-def rng_state():
-    """The global RNGs: the CPU's and the current GPU's (each process's own, alike in all of them)."""
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-
-
-def save_checkpoint(path, step, config, model, optimizer, ema=None, generator=None, **extra):
-    """Everything a resume needs, written atomically: the trained weights, optimiser, EMA, step, config, RNGs.
-    Only rank 0 writes: every process holds the same."""
-    if not cli.is_main():
-        return
-    files.save_atomic({"model": axf.model_state_dict(model), "optimizer": optimizer.state_dict(),
-                     "ema": ema.state_dict() if ema else None, "step": step, "config": config,
-                     "rng": generator.get_state() if generator is not None else None, "torch_rng": rng_state(),
-                     **extra}, path)
-
-
-def load_stage(path, total, config, categories, depends_on=None):
-    """The stage's last checkpoint, if any; says in one line whether it resumes or is complete. One of other
-    networks or other categories is refused: loading it would drop or mismatch weights. depends_on: the
-    config keys (name prefixes) the stage's network depends on; the others may differ, so that runs of other
-    switches (Table 6's rows) can share a finished VAE and mask encoder."""
-    files.refuse_special_file(path, "a checkpoint")
-    if not path.exists():
-        return None
-    state = axf.read_checkpoint(path)  # weights-only, every field checked; memory-mapped: a full UNet is not read twice
-    changed = settings.architecture_changes(state["config"], config, depends_on)
-    if state.get("categories") != categories:
-        changed.insert(0, f"categories {','.join(state.get('categories', ['?']))} -> {','.join(categories)}")
-    if changed:
-        raise ValueError(f"{path} was trained with another architecture ({'; '.join(changed)}); "
-                         f"resume with the same settings or pass a new --out_dir")
-    if "clip" in state:  # axf.pt: its CLIP, data folders and SD files' identities too
-        axf.checked_extras(state, config, path)
-    print(f"resuming from {path} at step {state['step']}" if state["step"] < total
-          else f"{path}: complete at step {state['step']}")
-    return state
-
-
-def restore(state, total, model, optimizer, ema=None, generator=None, where="checkpoint"):
-    """Put a checkpoint (or None: a new stage) back and return its step: the weights, and for an unfinished
-    stage the optimiser and EMA (on the device of the weights they belong to) and both RNGs."""
-    if state is None:
-        return 0
-    axf.load_weights(model, state["model"], where)
-    if state["step"] < total:
-        optimizer.load_state_dict(state["optimizer"])  # it casts its state to its parameters' device
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        if generator is not None:
-            generator.set_state(state["rng"])
-        torch.set_rng_state(state["torch_rng"]["cpu"])
-        if state["torch_rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["torch_rng"]["cuda"])
-    return state["step"]
-
-
-class EMA:
-    """An exponential moving average of the trainable weights; the samples come from it."""
-
-    def __init__(self, model, decay):
-        self.decay = decay
-        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    @torch.no_grad()
-    def update(self, model, step):
-        # warm-up (LDM's): early on the average would mostly remember the random initialisation
-        decay = min(self.decay, (1 + step) / (10 + step))
-        params = dict(model.named_parameters())
-        # shadow += (1 - decay) * (weight - shadow) for every tensor at once: one call, not a Python loop
-        torch._foreach_lerp_(list(self.shadow.values()), [params[n].detach() for n in self.shadow], 1 - decay)
-
-    def swap(self, model):
-        """Exchange the model's weights with the averaged ones (call twice to swap back)."""
-        params = dict(model.named_parameters())
-        for n, shadow in self.shadow.items():
-            current = params[n].detach().clone()
-            params[n].data.copy_(shadow)
-            shadow.copy_(current)
-
-    def state_dict(self):
-        return self.shadow
-
-    def load_state_dict(self, shadow):
-        """Saved averages, moved onto the device of the weights they average (a checkpoint is read on the CPU)."""
-        if shadow.keys() != self.shadow.keys():
-            raise ValueError("the saved EMA averages other weights than this model's")
-        self.shadow = {n: v.to(self.shadow[n].device, self.shadow[n].dtype) for n, v in shadow.items()}
 
 
 def log_step(bar, **logs):
@@ -244,9 +153,9 @@ def vae_batch(train, config, device):
 def train_vae(train, config, out_dir, device):
     path, total = out_dir / "vae.pt", config["vae_steps"]
     vae = axf.build_vae(config).to(device)
-    optimizer = cli.adamw(vae.parameters(), lr=config["vae_lr"])
-    state = load_stage(path, total, config, train["categories"], depends_on=("image_size", "vae_"))
-    step = restore(state, total, vae, optimizer, where=path)
+    optimizer = training.adamw(vae.parameters(), lr=config["vae_lr"])
+    state = checkpoints.load_stage(path, total, config, train["categories"], depends_on=("image_size", "vae_"))
+    step = checkpoints.restore(state, total, vae, optimizer, where=path)
     loss_of = cli.distributed(vae, lambda vae, *batch: vae_loss(vae, *batch)[0], device)  # DDP under torchrun
     # the posterior sample's ε, drawn as DiagonalGaussian.sample would draw it: in the latent's dtype
     S = config["image_size"] // axf.latent_factor(config)
@@ -271,7 +180,7 @@ def train_vae(train, config, out_dir, device):
                 vae.measure_scale_factor(torch.cat([vae.encode(x.to(device) * 2 - 1).mode() for x in all_images]))
             print(f"vae: latent scale factor {vae.scale_factor.item():.4f}")
         if step % config["checkpoint_every"] == 0 or step == total:
-            save_checkpoint(path, step, config, vae, optimizer, categories=train["categories"])
+            checkpoints.save_checkpoint(path, step, config, vae, optimizer, categories=train["categories"])
     bar.close()
     return vae
 
@@ -283,10 +192,10 @@ def train_vae(train, config, out_dir, device):
 def pretrain_mask_encoder(train, config, out_dir, device):
     path, total = out_dir / "mask_ae.pt", config["mask_steps"]
     autoencoder = axf.build_mask_autoencoder(config).to(device)
-    optimizer = cli.adamw(autoencoder.parameters(), lr=MASK_LR)
+    optimizer = training.adamw(autoencoder.parameters(), lr=MASK_LR)
     generator = torch.Generator().manual_seed(config["seed"] + 1)
-    state = load_stage(path, total, config, train["categories"], depends_on=("image_size", "mask_"))
-    step = restore(state, total, autoencoder, optimizer, generator=generator, where=path)
+    state = checkpoints.load_stage(path, total, config, train["categories"], depends_on=("image_size", "mask_"))
+    step = checkpoints.restore(state, total, autoencoder, optimizer, generator=generator, where=path)
     loss_of = cli.distributed(autoencoder, lambda autoencoder, masks: autoencoder.loss(masks), device)
     bar = cli.progress(total, "2/3 mask encoder", initial=step)
     while step < total:
@@ -300,7 +209,7 @@ def pretrain_mask_encoder(train, config, out_dir, device):
         step += 1
         log_step(bar, bce=f"{cli.mean_over_processes(loss).item():.4f}", iou=f"{logs['mask_iou']:.3f}")
         if step % config["checkpoint_every"] == 0 or step == total:
-            save_checkpoint(path, step, config, autoencoder, optimizer, generator=generator,
+            checkpoints.save_checkpoint(path, step, config, autoencoder, optimizer, generator=generator,
                             categories=train["categories"])
     bar.close()
     return autoencoder.encoder
@@ -374,18 +283,6 @@ def make_batch(train, latents, config, generator):
     return z, masks, captions, defect_ids, is_anomaly, masked
 
 
-def parameter_groups(model, config):
-    """The UNet's trained weights (LoRA, full fine-tuning, a widened conv_in) at unet_lr; the conditioning
-    (MIF, DDF, mask encoder, texture and null tokens) at lr. On a from-scratch UNet both are lr."""
-    unet_lr = config["unet_lr"] if config["sd"] else config["lr"]
-    groups = {"unet": [], "conditioning": []}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            groups["unet" if name.startswith("unet.") else "conditioning"].append(p)
-    return [{"params": groups["unet"], "lr": unet_lr, "base_lr": unet_lr},
-            {"params": groups["conditioning"], "lr": config["lr"], "base_lr": config["lr"]}]
-
-
 @torch.no_grad()
 def preview(model, ema, train, config, path, device):
     """A grid of normal | mask | generated (EMA weights) | caption; each anomaly's mask on a normal image of its
@@ -410,8 +307,7 @@ def axf_step(model, optimizer, ema, batch, config, step, device, loss_of=None):
     Every process has the whole batch; it draws the loss's t, ε and dropped conditions for the whole batch
     too (the global RNG, seeded alike) and keeps its share of both. loss_of: model.loss through DDP
     (cli.distributed), which averages the shares' gradients; default: model.loss, one process."""
-    for group in optimizer.param_groups:  # linear warm-up of the learning rate
-        group["lr"] = group["base_lr"] * min(1.0, (step + 1) / max(1, config["warmup_steps"]))
+    training.warm_up(optimizer, step, config["warmup_steps"])
     draws = model.loss_draws(batch[0].shape, device)
     z, masks, captions, defect_ids, is_anomaly, masked, *draws = cli.share((*batch, *draws))
     with cli.autocast(device, config["bf16"]):
@@ -428,7 +324,7 @@ def axf_step(model, optimizer, ema, batch, config, step, device, loss_of=None):
 
 def train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, backbone=None):
     path, total = out_dir / "axf.pt", config["steps"]
-    state = load_stage(path, total, config, train["categories"])
+    state = checkpoints.load_stage(path, total, config, train["categories"])
     if state and config["sd"]:  # the trained weights belong to one SD file (and VAE)
         sd.check_sd_file(config["sd"], state["sd_file"])
         if config["sd_vae"]:
@@ -436,13 +332,13 @@ def train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, bac
     if state and state["step"] >= total:
         return
     model = assemble_model(train, vae, mask_encoder, clip_model, config, device, backbone)
-    groups = parameter_groups(model, config)
+    groups = model.parameter_groups()
     print(f"trainable: {sum(p.numel() for p in groups[0]['params']):,} UNet and "
           f"{sum(p.numel() for p in groups[1]['params']):,} conditioning parameters")
-    optimizer = cli.adamw(groups, lr=config["lr"], weight_decay=0.0)
-    ema = EMA(model, config["ema_decay"])
+    optimizer = training.adamw(groups, lr=config["lr"], weight_decay=0.0)
+    ema = training.EMA(model, config["ema_decay"])
     generator = torch.Generator().manual_seed(config["seed"] + 2)
-    step = restore(state, total, model, optimizer, ema, generator, where=path)
+    step = checkpoints.restore(state, total, model, optimizer, ema, generator, where=path)
     loss_of = cli.distributed(model, lambda model, *batch, **k: model.loss(*batch, **k), device)  # DDP under torchrun
     latents = encode_training_set(model, train, device)
     extra = {"categories": train["categories"], "data_folders": train["folders"],
@@ -458,21 +354,13 @@ def train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, bac
         losses.append(cli.mean_over_processes(loss).item())
         log_step(bar, loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
         if step % config["checkpoint_every"] == 0 or step == total:
-            save_checkpoint(path, step, config, model, optimizer, ema, generator, **extra)
+            checkpoints.save_checkpoint(path, step, config, model, optimizer, ema, generator, **extra)
         if (step % config["preview_every"] == 0 or step == total) and cli.is_main():
             preview(model, ema, train, config, out_dir / f"preview_{step:06d}.png", device)
     bar.close()
     if cli.is_main():
         print(f"anomalyxfusion: {total} steps, {time.time() - started:.0f} s this run, saved {path} "
-              f"({path.stat().st_size / 2 ** 20:.1f} MiB); peak memory {peak_memory(device)}")
-
-
-def peak_memory(device):
-    """The most memory this run held: CUDA's max allocated, else the process's max resident set (Linux)."""
-    if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB (CUDA max allocated)"
-    import resource
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB (process max resident set)"
+              f"({path.stat().st_size / 2 ** 20:.1f} MiB); peak memory {training.peak_memory(device)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -492,9 +380,9 @@ def refuse_sd_switch(out_dir, config):
     path = out_dir / "mask_ae.pt"  # every run has one
     files.refuse_special_file(path, "a checkpoint")
     if path.exists():
-        saved = axf.read_checkpoint(path)["config"].get("sd", "")
+        saved = checkpoints.read_checkpoint(path)["config"].get("sd", "")
         if not isinstance(saved, str):
-            raise ValueError(f"{path}: its config's sd is not a file name; {axf.NOT_TRAIN_PY}")
+            raise ValueError(f"{path}: its config's sd is not a file name; {checkpoints.NOT_TRAIN_PY}")
         if bool(saved) != bool(config["sd"]):
             raise ValueError(f"{path} was trained {'with --sd ' + saved if saved else 'without --sd'}; "
                              f"resume it the same way or pass a new --out_dir")

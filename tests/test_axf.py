@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import axf
+import checkpoints
 import cli
 import clip
 import config
@@ -78,7 +79,7 @@ def test_centred_captions_have_zero_mean_and_each_caption_counts_once():
     context = model.condition(captions, masks, ids, t)
     model.mif.text_mean.zero_()
     assert not torch.allclose(context, model.condition(captions, masks, ids, t))  # the centring reaches e_t
-    assert "mif.text_mean" in axf.model_state_dict(model)  # saved with the checkpoint
+    assert "mif.text_mean" in checkpoints.model_state_dict(model)  # saved with the checkpoint
 
 
 def test_aggregator_is_permutation_equivariant():

@@ -8,10 +8,12 @@ import torch
 import torch.multiprocessing
 
 import axf
+import checkpoints
 import cli
 import data
 import sample
 import toy
+import training
 import train
 from helpers import Killed, die_in_step, torchrun
 from test_train_sample import TINY
@@ -65,7 +67,7 @@ def two_processes(toy_root, tmp_path_factory):
 def test_one_model_of_three_categories_draws_each_of_them(one_process, tmp_path):
     """The checkpoint names its categories; per category a "good" row and one texture row per defect type, and
     a caption mean of its own; sample.py --category X --ckpt RUN writes X's usual one-category folder."""
-    model, checkpoint = axf.load_checkpoint(one_process / "axf.pt")
+    model, checkpoint = checkpoints.load_checkpoint(one_process / "axf.pt")
     assert list(checkpoint["categories"]) == ["bottle", "cable", "pill"]
     assert model.rows[4] == ("cable", "good") and len(model.rows) == 4 + 4 + 3 == len(model.mif.texture_tokens)
     assert len(model.mif.text_mean) == 3 and torch.cdist(model.mif.text_mean, model.mif.text_mean).triu(1).sum() > 0
@@ -109,7 +111,7 @@ def outputs(run, g=torch.Generator().manual_seed(0)):
         results["mask_ae"] = autoencoder.decoder(autoencoder.encoder(masks))
         z, t = torch.randn(4, 4, 16, 16, generator=g), torch.tensor([3, 12, 25, 49])
         for use_ema in (True, False):
-            model, _ = axf.load_checkpoint(run / "axf.pt", use_ema=use_ema)
+            model, _ = checkpoints.load_checkpoint(run / "axf.pt", use_ema=use_ema)
             rows = torch.linspace(0, len(model.rows) - 1, 4).long()  # texture rows of the first and last categories
             captions = ["A small red contamination lies inside the bottle", "The green cable is replaced by a "
                         "repeated gray cable", "A yellow spot is on the pill", ""]

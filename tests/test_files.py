@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import axf
+import checkpoints
 import clip
 import config
 import files
@@ -177,10 +178,10 @@ def test_every_reader_refuses_a_pipe_or_a_device_without_waiting_on_it(tmp_path)
     os.mkfifo(pipe)
     link = tmp_path / "63"  # what `--flag <(cat file)` passes: /dev/fd/63, a link to a pipe
     link.symlink_to(pipe)
-    readers = [files.read_torch, files.read_safetensors, files.read_torchscript, clip.load, axf.load_checkpoint,
+    readers = [files.read_torch, files.read_safetensors, files.read_torchscript, clip.load, checkpoints.load_checkpoint,
                lambda path: metrics.load_inception(path, "cpu"), metrics.LPIPS,
                lambda path: files.read_state_dict(path, "ResNet-34", "--resnet"),
-               lambda path: train.load_stage(path, 1, {}, {})]
+               lambda path: checkpoints.load_stage(path, 1, {}, {})]
     for reader in readers:
         for path in (pipe, link):
             error = without_blocking(reader, path)
@@ -206,7 +207,7 @@ def hand_made_checkpoint(tmp_path, **config_overrides):
     categories = {"toy": ["crack"]}
     model = axf.AnomalyXFusion(settings, random_clip, categories)
     settings.update(config_overrides)
-    return {"model": axf.model_state_dict(model), "optimizer": {}, "ema": None, "step": 4, "config": settings,
+    return {"model": checkpoints.model_state_dict(model), "optimizer": {}, "ema": None, "step": 4, "config": settings,
             "rng": None, "torch_rng": {"cpu": torch.get_rng_state(), "cuda": None}, "categories": categories,
             "data_folders": {"toy": str(tmp_path)}, "sd_file": None, "sd_vae_file": None,
             "clip": random_clip.state_dict()}
@@ -228,7 +229,7 @@ def built_on_meta_only(monkeypatch):
 def test_a_hand_made_checkpoint_loads(tmp_path):
     """The forgeries below differ from this one by one field."""
     torch.save(hand_made_checkpoint(tmp_path), tmp_path / "axf.pt")
-    model, _ = axf.load_checkpoint(tmp_path / "axf.pt")
+    model, _ = checkpoints.load_checkpoint(tmp_path / "axf.pt")
     assert model.categories == {"toy": ["crack"]}
 
 
@@ -249,8 +250,8 @@ def test_a_config_that_claims_a_bigger_model_than_its_tensors_is_refused_before_
     allocate them. The model is built on the meta device and compared first; T is range-checked (no tensor holds it)."""
     torch.save(hand_made_checkpoint(tmp_path, **overrides), tmp_path / "axf.pt")
     built_on_meta_only(monkeypatch)
-    refused(axf.load_checkpoint, tmp_path / "axf.pt", match=f"{tmp_path / 'axf.pt'}: ")
-    refused(axf.load_checkpoint, tmp_path / "axf.pt", match=what)
+    refused(checkpoints.load_checkpoint, tmp_path / "axf.pt", match=f"{tmp_path / 'axf.pt'}: ")
+    refused(checkpoints.load_checkpoint, tmp_path / "axf.pt", match=what)
 
 
 def test_a_checkpoint_tensor_that_repeats_one_number_is_refused_before_building(tmp_path, monkeypatch):
@@ -258,7 +259,7 @@ def test_a_checkpoint_tensor_that_repeats_one_number_is_refused_before_building(
     checkpoint["model"]["null_context"] = torch.zeros(1).expand(1, 10 ** 6, 32)
     torch.save(checkpoint, tmp_path / "axf.pt")
     devices = built_on_meta_only(monkeypatch)
-    refused(axf.load_checkpoint, tmp_path / "axf.pt", match="axf.pt: tensor model.null_context claims shape [1, 1000000, 32]")
+    refused(checkpoints.load_checkpoint, tmp_path / "axf.pt", match="axf.pt: tensor model.null_context claims shape [1, 1000000, 32]")
     assert devices == []  # refused as it was read
 
 
@@ -270,9 +271,9 @@ def test_a_pickled_class_is_named_with_advice_that_fits(tmp_path, monkeypatch):
     checkpoint = hand_made_checkpoint(tmp_path)
     checkpoint["config"]["unet"] = Config()
     torch.save(checkpoint, tmp_path / "axf.pt")
-    for load in (axf.load_checkpoint, lambda path: train.load_stage(path, 4, checkpoint["config"], {"toy": ["crack"]})):
+    for load in (checkpoints.load_checkpoint, lambda path: checkpoints.load_stage(path, 4, checkpoint["config"], {"toy": ["crack"]})):
         refused(load, tmp_path / "axf.pt", match=f"{tmp_path / 'axf.pt'}: pickles test_files.Config, which a "
-                                                 f"weights-only load does not run; {axf.NOT_TRAIN_PY}")
+                                                 f"weights-only load does not run; {checkpoints.NOT_TRAIN_PY}")
 
 
 @pytest.mark.parametrize("change, what", [
@@ -292,17 +293,17 @@ def test_a_hand_made_checkpoint_is_refused_in_one_line(tmp_path, change, what):
     checkpoint = hand_made_checkpoint(tmp_path)
     change(checkpoint)
     torch.save(checkpoint, tmp_path / "axf.pt")
-    refused(axf.load_checkpoint, tmp_path / "axf.pt", match=f"{tmp_path / 'axf.pt'}: {what}")
+    refused(checkpoints.load_checkpoint, tmp_path / "axf.pt", match=f"{tmp_path / 'axf.pt'}: {what}")
 
 
 def test_an_empty_checkpoint_or_a_stages_is_named(tmp_path):
     (tmp_path / "axf.pt").write_bytes(b"")
-    refused(axf.load_checkpoint, tmp_path / "axf.pt", match="axf.pt: an empty file (0 bytes")
+    refused(checkpoints.load_checkpoint, tmp_path / "axf.pt", match="axf.pt: an empty file (0 bytes")
     checkpoint = hand_made_checkpoint(tmp_path)
     del checkpoint["clip"], checkpoint["data_folders"], checkpoint["sd_file"], checkpoint["sd_vae_file"]
     for name, state in (("vae.pt", axf.build_vae(checkpoint["config"]).state_dict()),
                         ("mask_ae.pt", axf.build_mask_autoencoder(checkpoint["config"]).state_dict())):
         torch.save(dict(checkpoint, model=state), tmp_path / name)
         stage = "stage-1 checkpoint (the VAE" if name == "vae.pt" else "stage-2 checkpoint (the mask autoencoder"
-        refused(axf.load_checkpoint, tmp_path / name, match=f"{name}: train.py's {stage} alone, {name}), not the model: "
+        refused(checkpoints.load_checkpoint, tmp_path / name, match=f"{name}: train.py's {stage} alone, {name}), not the model: "
                                                             f"pass axf.pt or the run folder")

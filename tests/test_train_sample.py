@@ -10,11 +10,13 @@ import torch
 from PIL import Image
 
 import axf
+import checkpoints
 import clip
 import config
 import data
 import files
 import toy
+import training
 import sample
 import train
 from helpers import kill_after_two_steps_and_resume
@@ -54,7 +56,7 @@ def test_training_writes_every_stage_and_a_preview(trained):
 
 def test_checkpoint_loads_by_itself_with_its_config(trained):
     """sample.py needs no size flags: the checkpoint carries its config, defects and the random CLIP."""
-    model, checkpoint = axf.load_checkpoint(trained / "axf.pt")
+    model, checkpoint = checkpoints.load_checkpoint(trained / "axf.pt")
     assert model.config["unet_channels"] == 32 and model.rows[0] == ("bottle", "good")
     assert model.categories["bottle"] == data.load_category(Path(checkpoint["data_folders"]["bottle"])).defects
 
@@ -173,13 +175,13 @@ def snapshot(folder):
 
 @pytest.fixture(scope="module")
 def loaded(trained):
-    return axf.load_checkpoint(trained / "axf.pt")
+    return checkpoints.load_checkpoint(trained / "axf.pt")
 
 
 @pytest.fixture
 def checkpoint_once(trained, loaded, monkeypatch):
     """The tiny checkpoint read once for the tests' many sample.py runs; each run still checks everything else."""
-    monkeypatch.setattr(axf, "load_checkpoint", lambda *args, **kwargs: loaded)
+    monkeypatch.setattr(checkpoints, "load_checkpoint", lambda *args, **kwargs: loaded)
     return ["--category", "bottle", "--ckpt", str(trained), "--similar_normals", "0"]
 
 
@@ -342,15 +344,15 @@ def test_resume_puts_optimiser_and_ema_state_on_the_training_device():
     """A checkpoint is read on the CPU; resuming on a GPU must move the EMA and optimiser state there, or the
     first EMA update mixes devices. The meta device stands in for the GPU: no GPU is needed to test it."""
     model = torch.nn.Linear(3, 2)
-    optimizer, ema = torch.optim.AdamW(model.parameters()), train.EMA(model, 0.9)
+    optimizer, ema = torch.optim.AdamW(model.parameters()), training.EMA(model, 0.9)
     model(torch.rand(4, 3)).sum().backward()
     optimizer.step()
     ema.update(model, 0)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.state_dict(), "step": 1,
-             "rng": None, "torch_rng": train.rng_state()}
+             "rng": None, "torch_rng": checkpoints.rng_state()}
     on_device = torch.nn.Linear(3, 2, device="meta")
-    optimizer_there, ema_there = torch.optim.AdamW(on_device.parameters()), train.EMA(on_device, 0.9)
-    assert train.restore(state, 2, on_device, optimizer_there, ema_there, where="test") == 1
+    optimizer_there, ema_there = torch.optim.AdamW(on_device.parameters()), training.EMA(on_device, 0.9)
+    assert checkpoints.restore(state, 2, on_device, optimizer_there, ema_there, where="test") == 1
     assert all(v.device.type == "meta" for v in ema_there.shadow.values())
     assert all(v.device.type == "meta" for s in optimizer_there.state.values() for k, v in s.items() if k != "step")
     ema_there.update(on_device, 1)  # mixes no devices
@@ -360,15 +362,15 @@ def test_ema_warms_up_then_averages_and_checkpoints_load_the_averaged_weights(tr
     """The EMA's decay is (1 + step) / (10 + step) until it reaches ema_decay; load_checkpoint samples from the EMA."""
     model = torch.nn.Linear(1, 1, bias=False)
     torch.nn.init.zeros_(model.weight)
-    ema = train.EMA(model, decay=0.99)
+    ema = training.EMA(model, decay=0.99)
     model.weight.data.fill_(1.0)
     ema.update(model, 0)  # decay 1/10: the average moves 90% of the way
     assert ema.shadow["weight"].item() == pytest.approx(0.9)
     ema.update(model, 10_000)  # decay capped at 0.99
     assert ema.shadow["weight"].item() == pytest.approx(0.9 + 0.1 * 0.01)
     checkpoint = torch.load(trained / "axf.pt", weights_only=True)
-    averaged, _ = axf.load_checkpoint(trained / "axf.pt")
-    raw, _ = axf.load_checkpoint(trained / "axf.pt", use_ema=False)
+    averaged, _ = checkpoints.load_checkpoint(trained / "axf.pt")
+    raw, _ = checkpoints.load_checkpoint(trained / "axf.pt", use_ema=False)
     name = "unet.conv_in.weight"
     assert not torch.equal(checkpoint["ema"][name], checkpoint["model"][name])
     assert torch.equal(averaged.state_dict()[name], checkpoint["ema"][name])
@@ -481,14 +483,14 @@ def test_help_explains_config_keys_with_axf_help(capsys):
 def test_prompt_and_reference_say_when_their_ablation_switch_is_off(trained, monkeypatch, capsys):
     """--prompt without semantic tokens steers nothing, and --reference without MIF has no texture tokens to set:
     sample.py says so instead of silently ignoring them."""
-    load_checkpoint = axf.load_checkpoint
+    load_checkpoint = checkpoints.load_checkpoint
 
     def ablated(*a, **k):
         model, checkpoint = load_checkpoint(*a, **k)
         model.config["use_text"] = model.config["use_mif"] = False
         return model, checkpoint
 
-    monkeypatch.setattr(axf, "load_checkpoint", ablated)
+    monkeypatch.setattr(checkpoints, "load_checkpoint", ablated)
     args = ["--category", "bottle", "--ckpt", str(trained)]
     with pytest.raises(ValueError, match="--reference sets the texture tokens .* use_mif False"):
         sample.main(args + ["--reference", "a.png", "--reference_mask", "a_mask.png"])

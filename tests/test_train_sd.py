@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import axf
+import checkpoints
 import clip
 import config
 import data
@@ -193,7 +194,7 @@ def test_conditioning_trains_through_the_frozen_networks(name, trained):
 def test_sampling_changes_pixels_only_inside_the_mask(name, trained, toy_root):
     """Eq. (16) on an SD backbone: loaded with its SD file, the model draws inside the mask, and every pixel
     outside it is the normal image's, exactly (the saved mask is the whole ground truth)."""
-    model, _ = axf.load_checkpoint(trained(name) / "axf.pt")
+    model, _ = checkpoints.load_checkpoint(trained(name) / "axf.pt")
     assert model.unet.conv_in.in_channels == (9 if name == "inpainting" else 5)
     assert model.reads_masked_image == (name == "inpainting")
     normals, masks, captions, ids = few_shot_batch(toy_root)
@@ -226,13 +227,13 @@ def test_another_sd_file_is_refused_and_a_missing_one_named(trained, sd_files, t
     path = trained("lora") / "axf.pt"
     changed = changed_copy(sd_files["txt2img"], tmp_path / "changed.safetensors")
     with pytest.raises(ValueError) as error:
-        axf.load_checkpoint(path, sd_path=changed)
+        checkpoints.load_checkpoint(path, sd_path=changed)
     message = str(error.value)
     assert message.startswith(f"{changed} is not the Stable Diffusion file this checkpoint was trained on"), message
     assert str(sd_files["txt2img"].resolve()) in message and "\n" not in message
     missing = tmp_path / "nope.safetensors"
     with pytest.raises(FileNotFoundError, match=re.escape(f"{missing}: missing")):
-        axf.load_checkpoint(path, sd_path=missing)
+        checkpoints.load_checkpoint(path, sd_path=missing)
 
 
 def test_a_moved_sd_file_loads_from_where_it_is_now(trained, sd_files, tmp_path):
@@ -243,11 +244,11 @@ def test_a_moved_sd_file_loads_from_where_it_is_now(trained, sd_files, tmp_path)
     checkpoint["config"]["sd"], checkpoint["sd_file"]["path"] = gone, gone
     torch.save(checkpoint, tmp_path / "axf.pt")
     with pytest.raises(FileNotFoundError, match=re.escape(gone) + ".*pass --sd"):
-        axf.load_checkpoint(tmp_path / "axf.pt")
+        checkpoints.load_checkpoint(tmp_path / "axf.pt")
     moved = tmp_path / "moved.safetensors"
     shutil.copy(sd_files["txt2img"], moved)
-    model, _ = axf.load_checkpoint(tmp_path / "axf.pt", sd_path=moved)
-    original, _ = axf.load_checkpoint(trained("lora") / "axf.pt")
+    model, _ = checkpoints.load_checkpoint(tmp_path / "axf.pt", sd_path=moved)
+    original, _ = checkpoints.load_checkpoint(trained("lora") / "axf.pt")
     assert model.config["sd"] == str(moved)
     for (name, a), b in zip(model.state_dict().items(), original.state_dict().values()):
         assert torch.equal(a, b), name
@@ -271,14 +272,14 @@ def test_a_separate_vae_is_used_recorded_and_checked(trained, sd_files, tmp_path
     file = sd_files["vae"]
     assert checkpoint["config"]["sd_vae"] == str(file)
     assert checkpoint["sd_vae_file"]["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
-    model, _ = axf.load_checkpoint(trained("none") / "axf.pt")
+    model, _ = checkpoints.load_checkpoint(trained("none") / "axf.pt")
     assert all(torch.equal(v, files.read_safetensors(file)[k]) for k, v in vae_module.to_sd(model.vae.state_dict()).items())
     assert not torch.equal(model.vae.decoder.conv_out.weight, sd.load_sd(sd_files["txt2img"])[0].decoder.conv_out.weight)
     changed = changed_copy(file, tmp_path / "vae.safetensors", "decoder.conv_out.weight")
     checkpoint["config"]["sd_vae"] = str(changed)
     torch.save(checkpoint, tmp_path / "axf.pt")
     with pytest.raises(ValueError, match=f"{changed} is not the VAE file this checkpoint was trained on"):
-        axf.load_checkpoint(tmp_path / "axf.pt")
+        checkpoints.load_checkpoint(tmp_path / "axf.pt")
     assert "--sd_vae" in config.architecture_changes(checkpoint["config"], dict(checkpoint["config"], sd_vae=""))[0]
     with pytest.raises(ValueError, match="sd_vae replaces the VAE of an --sd file"):
         config.resolve("toy", dict(sd_vae=str(file)))
