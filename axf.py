@@ -7,7 +7,7 @@ What this file holds, in reading order:
   AnomalyXFusion   the whole model: the loss (Eq. (17)) and blended sampling (Eq. (16))
   builders         one per network from the config; CLIP
 On a pretrained Stable Diffusion file (train.py --sd) the VAE and UNet come from the file, and e_t reaches
-its UNet through its frozen text encoder: that adapter is sd.py's, called through one hook (`sd_context`).
+its UNet through its frozen text encoder: that adapter is the SD code's, called through one hook (`sd_adapter`).
 """
 import math
 
@@ -123,24 +123,24 @@ class MultiModalInFusion(nn.Module):
         return self.clip.encode_image(pixels).float().to(self.text_mean.device)
 
     @torch.no_grad()
-    def init_textures(self, defect_ids, images, masks):
+    def init_textures(self, texture_ids, images, masks):
         """Eq. (3): each defect's texture tokens start from the mean CLIP feature of its examples."""
         features = self.encode_texture(images, masks)
-        for row in defect_ids.unique():
-            mean = features[defect_ids == row].mean(0, keepdim=True)
+        for row in texture_ids.unique():
+            mean = features[texture_ids == row].mean(0, keepdim=True)
             self.texture_tokens.data[row] = unit_tokens(mean, self.num_tokens)[0]
 
-    def forward(self, captions, masks, defect_ids, textures=None):
-        """e_X [B, n, d], or None when every modality is off. defect_ids: texture-token rows [B] (one category:
-        defect_ids()). textures: optional [B, k, d] texture tokens (from a reference image, Eq. (3)) instead
+    def forward(self, captions, masks, texture_ids, textures=None):
+        """e_X [B, n, d], or None when every modality is off. texture_ids: each sample's row of the texture tokens
+        [B] (texture_ids()). textures: optional [B, k, d] texture tokens (from a reference image, Eq. (3)) instead
         of the learned ones."""
         parts = []
         if self.use_text:  # Eq. (1): e_sem [B, k, d]
-            mean = self.text_mean[self.row_category[defect_ids]]  # [B, d]: each sample's category's mean
+            mean = self.text_mean[self.row_category[texture_ids]]  # [B, d]: each sample's category's mean
             parts.append(unit_tokens(self.encode_captions(captions) - mean, self.num_tokens))
         if self.use_mif:
             parts.append(self.location(self.mask_encoder(masks)))  # Eq. (2): e_loc [B, k, d]
-            parts.append(self.texture_tokens[defect_ids] if textures is None else textures)  # Eq. (3): e_tex
+            parts.append(self.texture_tokens[texture_ids] if textures is None else textures)  # Eq. (3): e_tex
         if not parts:
             return None
         e_mul = torch.cat(parts, dim=1)  # Eq. (4): e_mul [B, n, d]
@@ -180,39 +180,34 @@ def latent_mask(mask, factor):
     return F.max_pool2d(mask, factor) if factor > 1 else mask
 
 
-def defect_ids(names, defects):
-    """The one defect-id convention within a category: 0 is "good" (normal images), defect type i of the
-    category's sorted list (data.Category.defects) is i + 1."""
-    rows = ["good"] + list(defects)
-    return torch.tensor([rows.index(name) for name in names], dtype=torch.long)
-
-
 def texture_rows(categories):
-    """The texture-token rows of a model of `categories` {name: sorted defect types}: per category, in order,
-    "good" then its defect types, as defect_ids numbers them. One category: row i is its defect id i."""
+    """The rows of the texture tokens of a model of `categories` {name: sorted defect types}, one per (category,
+    defect type): per category, in order, "good" (its normal images) then its defect types."""
     return [(name, defect) for name, defects in categories.items() for defect in ["good", *defects]]
 
 
-def row_ids(rows, category, names):
-    """The texture-token rows [B] of one category's defect types (names; "good" for a normal image)."""
+def texture_ids(rows, category, names):
+    """The texture ids [B] of one category's defect types (names; "good" for a normal image): their rows. One
+    category: "good" is 0 and defect type i of its sorted list (data.Category.defects) is i + 1."""
     return torch.tensor([rows.index((category, name)) for name in names], dtype=torch.long)
 
 
 class AnomalyXFusion(nn.Module):
     """VAE + UNet + MIF + DDF (paper Fig. 1) of categories {name: sorted defect types}. vae, unet, mask_encoder:
-    trained or pretrained networks (default: fresh; the VAE is frozen); sd_context: sd.TextEncoderContext."""
+    trained or pretrained networks (default: fresh; the VAE is frozen); sd_adapter: on a Stable Diffusion UNet, the
+    module that turns e_t into its context (the SD code's TextEncoderContext)."""
 
-    def __init__(self, config, clip_model, categories, vae=None, unet=None, mask_encoder=None, sd_context=None):
+    def __init__(self, config, clip_model, categories, vae=None, unet=None, mask_encoder=None, sd_adapter=None):
         super().__init__()
         self.config, self.categories = dict(config), {name: list(d) for name, d in categories.items()}
-        self.rows = texture_rows(self.categories)  # [(category, defect)], one per texture-token row
+        self.texture_rows = texture_rows(self.categories)  # [(category, defect)]: what each texture id is
         self.vae = (build_vae(config) if vae is None else vae).requires_grad_(False)
         self.unet = build_unet(config) if unet is None else unet
         self.unet.gradient_checkpointing = config["gradient_checkpointing"]
-        row_categories = [list(self.categories).index(c) for c, _ in self.rows]  # each row's category index
+        row_categories = [list(self.categories).index(c) for c, _ in self.texture_rows]  # each row's category index
         self.mif = MultiModalInFusion(config, clip_model, row_categories, mask_encoder)
         self.ddf = DynamicDifFusion(config["context_dim"]) if config["use_ddf"] else None
-        self.sd_context, self.ddpm, self.latent_factor = sd_context, build_ddpm(config), latent_factor(config)
+        self.sd_adapter, self.ddpm, self.latent_factor = sd_adapter, build_ddpm(config), latent_factor(config)
         # the empty condition: guidance's unconditional branch, and the context of Table 6's first row
         n = self.mif.num_context or config["num_tokens"]
         self.null_context = nn.Parameter(torch.randn(1, n, config["context_dim"]) * 0.02)
@@ -220,22 +215,22 @@ class AnomalyXFusion(nn.Module):
         channels, latent = self.unet.conv_in.in_channels, self.unet.conv_out.out_channels
         self.reads_mask, self.reads_masked_image = channels > latent, channels == 2 * latent + 1
 
-    def x_embedding(self, captions, masks, defect_ids, textures=None):
+    def x_embedding(self, captions, masks, texture_ids, textures=None):
         """e_X [B, n, d] (Eq. (1)-(5)); the null context when every modality is off."""
-        e_x = self.mif(captions, masks, defect_ids, textures)
-        return self.null_context.expand(len(defect_ids), -1, -1) if e_x is None else e_x
+        e_x = self.mif(captions, masks, texture_ids, textures)
+        return self.null_context.expand(len(texture_ids), -1, -1) if e_x is None else e_x
 
     def context(self, e_x, t, drop=None, captions=None):
         """The cross-attention context e_t [B, n, d] (Eq. (13)-(15)); drop: bool [B], conditions made the null one
-        (classifier-free guidance). On an SD UNet (sd_context), e_t joins the caption's prompt."""
+        (classifier-free guidance). On an SD UNet (sd_adapter), e_t joins the caption's prompt."""
         if drop is not None:
             e_x = torch.where(drop[:, None, None], self.null_context.expand_as(e_x), e_x)
         e_t = self.ddf(e_x, t) if self.ddf is not None else e_x  # Eq. (14): e_t = f_phi(e_X, t)
-        return e_t if self.sd_context is None else self.sd_context(e_t, captions, drop)
+        return e_t if self.sd_adapter is None else self.sd_adapter(e_t, captions, drop)
 
-    def condition(self, captions, masks, defect_ids, t, textures=None, drop=None):
+    def condition(self, captions, masks, texture_ids, t, textures=None, drop=None):
         """The UNet's context from the raw conditions: context(x_embedding(...), t, drop, captions)."""
-        return self.context(self.x_embedding(captions, masks, defect_ids, textures), t, drop, captions)
+        return self.context(self.x_embedding(captions, masks, texture_ids, textures), t, drop, captions)
 
     def unet_input(self, x_t, region, masked_latents=None):
         """What the UNet reads. Deviation: besides x_t, the latent mask (as SD's inpainting model does): Eq. (16)
@@ -262,21 +257,26 @@ class AnomalyXFusion(nn.Module):
             images = images * (1 - grey_masks) + 0.5 * grey_masks
         return self.vae.encode_latents(images * 2 - 1, sample=False)
 
-    def loss_draws(self, shape, device, generator=None):
-        """The loss's timesteps t [B], noise ε [shape] and dropped conditions [B]: under DDP every process draws
-        them for the whole batch and keeps its own rows, the numbers one process would use."""
-        t = torch.randint(0, self.ddpm.num_steps, (shape[0],), device=device, generator=generator)
-        noise = torch.randn(shape, device=device, generator=generator)
-        drop = torch.rand(shape[0], device=device, generator=generator) < self.config["cond_dropout"]
-        return t, noise, drop
+    def draw_noise(self, latents, generator=None):
+        """What Eq. (17) draws for each latent [B, C, h, w] (DDPM's Algorithm 1): a timestep t ~ U{0..T-1}, noise
+        ε ~ N(0, I), and whether its condition is dropped to the null one (classifier-free guidance)."""
+        B, device = len(latents), latents.device
+        t = torch.randint(0, self.ddpm.num_steps, (B,), device=device, generator=generator)
+        noise = torch.randn(latents.shape, device=device, generator=generator)
+        drop = torch.rand(B, device=device, generator=generator) < self.config["cond_dropout"]
+        return dict(t=t, noise=noise, drop=drop)
 
-    def loss(self, latents, masks, captions, defect_ids, is_anomaly, generator=None, masked_latents=None, draws=None):
-        """The ε-prediction loss of Eq. (17); draws: loss_draws' (t, noise, drop), by default drawn here. Normal
-        images count every latent cell alike: they teach the object itself. Deviation: anomalous images count
-        their mask fully and the rest by `outside_loss_weight`, spending the gradient on the defect."""
-        t, noise, drop = draws if draws is not None else self.loss_draws(latents.shape, latents.device, generator)
+    def loss(self, latents, masks, captions, texture_ids, is_anomaly, t=None, noise=None, drop=None,
+             masked_latents=None, generator=None):
+        """The ε-prediction loss of Eq. (17). t, noise, drop: draw_noise's, drawn here when not given (train.py
+        draws them with its batch, so that under DDP every process draws the same numbers for the whole batch).
+        Normal images count every latent cell alike: they teach the object itself. Deviation: anomalous images
+        count their mask fully and the rest by `outside_loss_weight`, spending the gradient on the defect."""
+        if t is None:
+            draws = self.draw_noise(latents, generator)
+            t, noise, drop = draws["t"], draws["noise"], draws["drop"]
         x_t = self.ddpm.q_sample(latents, t, noise)  # Eq. (10)
-        context = self.condition(captions, masks, defect_ids, t, drop=drop)
+        context = self.condition(captions, masks, texture_ids, t, drop=drop)
         region = latent_mask(masks, self.latent_factor)
         eps = self.unet(self.unet_input(x_t, region, masked_latents), t, context)
         outside = self.config["outside_loss_weight"]
@@ -285,7 +285,12 @@ class AnomalyXFusion(nn.Module):
         error = ((eps.float() - noise) ** 2 * weight).sum((1, 2, 3)) / (weight.sum((1, 2, 3)) * latents.shape[1])
         return error.mean()
 
-    def guided_eps(self, x_t, region, t, e_x, guidance_scale, captions=None, masked_latents=None):
+    def forward(self, *args, **kwargs):
+        """The training loss (loss): DDP, which train.py wraps the model in under torchrun, averages the gradients
+        of what forward() computes."""
+        return self.loss(*args, **kwargs)
+
+    def predict_noise(self, x_t, region, t, e_x, guidance_scale, captions=None, masked_latents=None):
         """ε with classifier-free guidance (ddpm.guided_eps). The unconditional branch is the dropped condition,
         as in training; DDF runs once for both branches."""
         drop = torch.arange(2 * len(e_x), device=e_x.device) >= len(e_x)
@@ -293,7 +298,7 @@ class AnomalyXFusion(nn.Module):
         return guided_eps(self.unet, self.unet_input(x_t, region, masked_latents), t, *both.chunk(2), guidance_scale)
 
     @torch.no_grad()
-    def sample(self, normal_images, masks, captions, defect_ids, textures=None, sampler="ddim", steps=50,
+    def sample(self, normal_images, masks, captions, texture_ids, textures=None, sampler="ddim", steps=50,
                guidance_scale=3.0, eta=0.0, generator=None, callback=None):
         """Draw anomalies into normal images [B, 3, S, S] inside masks [B, 1, S, S] (Eq. (16)).
 
@@ -305,7 +310,7 @@ class AnomalyXFusion(nn.Module):
         z0 = self.encode_images(normal_images)
         masked_latents = self.encode_images(normal_images, masks) if self.reads_masked_image else None
         region = latent_mask(masks, self.latent_factor)
-        e_x = self.x_embedding(captions, masks, defect_ids, textures)  # Eq. (1)-(5): once per batch
+        e_x = self.x_embedding(captions, masks, texture_ids, textures)  # Eq. (1)-(5): once per batch
         # one fixed noise for the background: its latent at step t is q_sample(z0, t, known_noise), one forward
         # trajectory (Eq. (10)), so the background moves smoothly from noise to z0 instead of flickering
         known_noise = randn(z0.shape, generator, device)
@@ -316,7 +321,7 @@ class AnomalyXFusion(nn.Module):
         x = region * x + (1 - region) * self.ddpm.q_sample(z0, at(timesteps[0][0]), known_noise)
         for step, step_prev in timesteps:
             t, t_prev = at(step), at(step_prev)
-            eps = self.guided_eps(x, region, t, e_x, guidance_scale, captions, masked_latents).float()
+            eps = self.predict_noise(x, region, t, e_x, guidance_scale, captions, masked_latents).float()
             x_model = self.ddpm.reverse_step(eps, t, t_prev, x, sampler, eta, generator)  # Eq. (15)
             # Deviation: Eq. (16) prints the background at ᾱ_t, but the step has moved to t_prev: both halves must
             # be at one noise level, or their border is a seam the next step reads

@@ -338,7 +338,7 @@ def sd_train_model(sizes, clip_model, mode, context, checkpointing, device):
     vae.scale_factor.fill_(SD_SCALE_FACTOR)
     vae.sd_sizes, unet.sd_sizes = sizes["vae"], sizes["unet"]
     backbone = dict(vae=vae, unet=sd.adapt_sd_unet(unet, mode, config["lora_rank"]),
-                    sd_context=sd.TextEncoderContext(text, config).to(device))
+                    sd_adapter=sd.TextEncoderContext(text, config).to(device))
     config.update(sd.file_sizes(backbone))  # as train.py sets them from the file
     model = axf.AnomalyXFusion(config, clip_model, {"bench": ["crack", "hole"]}, **backbone).to(device)
     model.mif.clip.cpu()  # as train.assemble_model leaves it once its features are cached
@@ -404,7 +404,7 @@ def sd_train_rows(rows, sizes, clip_model, mode, context, checkpointing, device,
     # what the splice adds to every step: the frozen text encoder's forward + backward to e_t, next to the UNet's
     batch = fake_training_set(config, num_anomalies=B)[0]
     masks, captions = batch["masks"].to(device), batch["captions"]
-    adapter = model.sd_context
+    adapter = model.sd_adapter
     tokens = adapter.prompt_tokens(captions, model.mif.num_context).to(device)  # [B, 77]
     width = adapter.text_encoder.token_embedding.weight.shape[1]
     e_t = torch.randn(B, model.mif.num_context, width, device=device, requires_grad=True)

@@ -83,8 +83,8 @@ def trained_keys(model):
     """The state-dict keys a checkpoint holds: all but those of the networks rebuilt from their own files (CLIP,
     an SD file's), of which only the weights that train (an SD UNet's LoRA or conv_in) are kept."""
     from_files = ("mif.clip.",) if isinstance(model, AnomalyXFusion) else ()
-    if getattr(model, "sd_context", None) is not None:
-        from_files += ("vae.", "unet.", "sd_context.text_encoder.")
+    if getattr(model, "sd_adapter", None) is not None:
+        from_files += ("vae.", "unet.", "sd_adapter.text_encoder.")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     return [k for k in model.state_dict() if not k.startswith(from_files) or k in trainable]
 
@@ -154,7 +154,21 @@ def read_checkpoint(path):
             raise ValueError(f"{path}: has no {key!r}; not a checkpoint written by train.py")
         if not check(checkpoint[key]):
             raise ValueError(f"{path}: its {key!r} is not {what}; not a checkpoint written by train.py")
+    for key in ("model", "ema"):  # weights saved under the names of an older version of this code
+        if checkpoint[key]:
+            checkpoint[key] = {today_name(name): tensor for name, tensor in checkpoint[key].items()}
     return checkpoint
+
+
+RENAMED = {"sd_context.": "sd_adapter."}  # a module's name then -> now (the prefix of its weights' keys)
+
+
+def today_name(key):
+    """A saved weight's key under today's module names."""
+    for old, new in RENAMED.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
 
 
 def refuse_stage_checkpoint(checkpoint, path):
@@ -171,11 +185,8 @@ def checked_config(checkpoint, path):
     build reads checked for its type and range: sizes no tensor holds (T, the image size, block counts) could
     otherwise make it allocate any amount."""
     config = checkpoint["config"]
-    config.setdefault("unet_mask_input", True)  # a checkpoint older than the key: its UNet reads the mask
-    if config.get("sd"):
-        config.setdefault("sd_vae", ""), config.setdefault("sd_weights", "raw")  # a checkpoint older than these keys
-    for name, key in settings.KEYS.items():  # a key the saved config lacks is older than it: that run had its default
-        config.setdefault(name, key.default)
+    for name in settings.KEYS:  # a key the saved config lacks is older than it: the value that run had
+        config[name] = settings.saved_value(config, name)
 
     def refuse(name, what):
         raise ValueError(f"{path}: its config's {name} is not {what}; {NOT_TRAIN_PY}")

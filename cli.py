@@ -4,7 +4,8 @@
   anything is written;
 - every key of config.py as a `--key value` flag, typed like its default, with its help;
 - the device, bf16 autocast, progress bars that also read well in a log file;
-- several processes (torchrun): the process group, this process's share of a batch, DDP.
+- several processes (torchrun): the process group, which process writes, gathering values (train.py wraps its
+  models in DDP itself).
 """
 import argparse
 import os
@@ -14,13 +15,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
 import toy
-from config import CONFIG, KEYS, allowed_text
+from config import CONFIG, KEYS, PRESETS, allowed_text, default_preset
 
 
 def add_data_args(parser, several=False):
@@ -48,22 +47,33 @@ def value_parser(default):
     return parse
 
 
-def add_config_args(parser, keys=None):
-    """A `--key value` flag for each config key (all but preset, or `keys`), with its help, default and allowed
-    values from config.KEYS (config.resolve checks them)."""
-    group = parser.add_argument_group("config (toy preset defaults shown; a preset or checkpoint may change them)")
-    for name in keys or [k for k in CONFIG if k != "preset"]:
-        key = KEYS[name]
-        shown = ",".join(map(str, key.default)) if isinstance(key.default, tuple) else key.default
+def add_config_args(parser, keys=None, defaults=CONFIG, title="config (the toy preset's defaults)"):
+    """A `--key value` flag for each config key (or `keys`), with its help, allowed values (config.KEYS;
+    config.resolve checks them) and its value in `defaults` (a resolved preset: what the run would take)."""
+    group = parser.add_argument_group(title)
+    for name in keys or list(KEYS):
+        key, default = KEYS[name], defaults[name]
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         allowed = f" [allowed: {allowed_text(name)}]" if allowed_text(name) and not key.choices else ""
         group.add_argument(f"--{name}", type=value_parser(key.default), default=None,
                            metavar=type(key.default).__name__.upper(),
                            help=f"{key.help} (default: {shown}){allowed}".replace("%", "%%"))
 
 
+def chosen_preset(argv):
+    """The preset a command line will run (--preset, else config.default_preset of --toy and --sd), read before
+    the whole command line is: --help then shows that preset's defaults."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for flag in ("--preset", "--sd"):
+        parser.add_argument(flag)
+    parser.add_argument("--toy", action="store_true")
+    known, _ = parser.parse_known_args(argv)
+    return known.preset if known.preset in PRESETS else default_preset(known.toy, known.sd)
+
+
 def config_overrides(args):
     """The CONFIG keys the user gave on the command line."""
-    return {k: v for k in CONFIG if k != "preset" and (v := getattr(args, k, None)) is not None}
+    return {k: v for k in KEYS if (v := getattr(args, k, None)) is not None}
 
 
 def category_names(args):
@@ -180,9 +190,9 @@ class LogLines:
 
 # ----------------------------------------------------------------------------------------------
 # Several processes: `torchrun --nproc_per_node N train.py ...` starts N copies of the script, one per
-# GPU (or N on a CPU), and sets RANK, WORLD_SIZE and LOCAL_RANK. Every process draws the whole batch,
-# the one a single process would draw, and keeps its share; DDP averages the shares' gradients, so N
-# processes take the steps one process would (up to the order of float sums).
+# GPU (or N on a CPU), and sets RANK, WORLD_SIZE and LOCAL_RANK. Here: the process group, and which process
+# writes; how train.py shares a batch and wraps its models in DDP is train.py's (share, data_parallel), how
+# sample.py splits its batches is sample.py's (draw).
 
 
 def init_distributed(device_name="auto"):
@@ -236,48 +246,6 @@ def gather(value):
     values = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
     return values
-
-
-def share(batch):
-    """This process's share of a batch every process drew whole: rows r*b .. (r+1)*b - 1 of each tensor or list
-    (b = its length / world_size; None stays None). One process keeps the whole batch."""
-    def rows(x):
-        b = len(x) // world_size()
-        return x[rank() * b:(rank() + 1) * b]
-    return tuple(None if x is None else rows(x) for x in batch)
-
-
-class LossOf(nn.Module):
-    """loss(model, *args) as a module's forward(): DDP averages the gradients of what its forward() computes."""
-
-    def __init__(self, model, loss):
-        super().__init__()
-        self.model, self.loss = model, loss
-
-    def forward(self, *args, **kwargs):
-        return self.loss(self.model, *args, **kwargs)
-
-
-def distributed(model, loss, device):
-    """loss(model, *batch) as a callable on this process's share of a batch; under torchrun through DDP, which
-    averages the gradients of the equal shares: the whole batch's mean loss. What does not train (frozen CLIP,
-    on the CPU; a frozen VAE or SD UNet) and the buffers are alike in every process already: DDP ignores them."""
-    module = LossOf(model, loss)
-    if not dist.is_initialized():
-        return module
-    alike = [f"model.{n}" for n, p in model.named_parameters() if not p.requires_grad]
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-        module, alike + [f"model.{n}" for n, _ in model.named_buffers()])
-    return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
-
-
-def mean_over_processes(value):
-    """A logged number (a loss on this process's share) averaged over the processes: the whole batch's."""
-    if not dist.is_initialized():
-        return value
-    value = value.detach().clone()
-    dist.all_reduce(value)
-    return value / dist.get_world_size()
 
 
 def finish_distributed():

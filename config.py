@@ -25,12 +25,10 @@ class Key:
 
 
 KEYS = dict(
-    preset=Key("toy", "toy (a CPU, minutes), mvtec (one GPU, 256 px) or sd (with --sd FILE)",
-               choices=("toy", "mvtec", "sd")),
     seed=Key(0, "seeds the weights' initialisation, the batches and the sampler's noise",
              range="0 <= x <= 4294967295"),
     device=Key("auto", "auto picks cuda when present, else cpu"),
-    bf16=Key(True, "bf16 autocast on CUDA and on CPUs with AMX (Intel Sapphire Rapids and newer); False: fp32"),
+    bf16=Key(True, "bf16 autocast on CUDA and on CPUs that multiply bf16 natively (AMX, AVX512-BF16); False: fp32"),
     image_size=Key(64, "images are resized to this many px square; a power of two (the mask encoder halves it to "
                        "8x8 features)", fixed=True, range=">= 16"),
     # the KL autoencoder (vae.py): each level but the last halves the image, 64 px -> 16x16x4 latents
@@ -67,16 +65,16 @@ KEYS = dict(
                         "UNet, which learns where the mask is only through Eq. (16)'s blend and MIF's location "
                         "tokens", fixed=True),
     # stage 1 (VAE) and stage 2 (mask autoencoder)
-    vae_steps=Key(1000, "stage 1 steps; fewer and the VAE decodes a cut wire back to a whole one", range=">= 1"),
+    vae_steps=Key(1000, "stage 1 steps per category; fewer and the VAE decodes a cut wire back to a whole one", range=">= 1"),
     vae_batch_size=Key(8, "stage 1 and 2 batch size (half normal images, half anomalies)", range=">= 2"),
     vae_lr=Key(1e-3, "stage 1 learning rate", range="> 0"),
     vae_defect_weight=Key(10.0, "extra L1 weight of few-shot defect pixels: the VAE must encode defects",
                           range=">= 0"),
     vae_colour_blobs=Key(0.5, "share of the VAE's normal images given a blob of a random colour",
                          range="0 <= x <= 1"),
-    mask_steps=Key(300, "stage 2 steps", range=">= 1"),
+    mask_steps=Key(300, "stage 2 steps per category", range=">= 1"),
     # stage 3 (AnomalyXFusion)
-    steps=Key(900, "stage 3 steps", range=">= 1"),
+    steps=Key(900, "stage 3 steps per category", range=">= 1"),
     batch_size=Key(16, "stage 3 batch size", range=">= 1"),
     lr=Key(5e-4, "stage 3 learning rate of the conditioning (and of a from-scratch UNet)", range="> 0"),
     warmup_steps=Key(100, "steps of linear learning-rate warm-up; 0: none", range=">= 0"),
@@ -132,6 +130,12 @@ PRESETS = {
         context_dim=768, mask_steps=2000, steps=5000, batch_size=8, lr=1e-4, unet_lr=1e-5, warmup_steps=500,
         ema_decay=0.9999, checkpoint_every=500, preview_every=1000),
 }
+
+
+def default_preset(toy, sd_file=""):
+    """The preset a run gets unless --preset names one: toy on the toy world, sd on a Stable Diffusion file (--sd),
+    mvtec otherwise."""
+    return "toy" if toy else "sd" if sd_file else "mvtec"
 
 
 def resolve(preset, overrides=None):
@@ -247,11 +251,24 @@ def architecture_changes(saved, current, depends_on=None):
     with one of `depends_on`, if given: the keys one stage's network depends on), and whether the run is on a
     Stable Diffusion file (--sd) and a separate VAE (--sd_vae) at all (which files they are, sd.check_sd_file
     checks by hash)."""
-    # a key the saved config lacks is older than it: that run had its default
-    changes = [f"{name} {saved.get(name, key.default)!r} -> {current[name]!r}" for name, key in KEYS.items()
+    changes = [f"{name} {saved_value(saved, name)!r} -> {current[name]!r}" for name, key in KEYS.items()
                if key.fixed and (depends_on is None or name.startswith(depends_on))
-               and saved.get(name, key.default) != current[name]]
+               and saved_value(saved, name) != current[name]]
     for name in ("sd_vae", "sd"):
         if bool(saved.get(name)) != bool(current[name]):
             changes.insert(0, f"--{name} {saved.get(name) or '(none)'} -> {current[name] or '(none)'}")
     return changes
+
+
+# What a run had before a key existed, where that is not the key's default today: a checkpoint it saved lacks the
+# key and must read as the run it was (its UNet read the mask)
+OLDER_VALUES = {"unet_mask_input": True}
+
+
+def saved_value(saved, name):
+    """A saved config's value of a key; for a config saved before the key existed, what that run had."""
+    if name in saved:
+        return saved[name]
+    if name == "sd_weights" and saved.get("sd"):
+        return "raw"  # before the key, a Stable Diffusion file's UNet was read as its raw weights
+    return OLDER_VALUES.get(name, KEYS[name].default)

@@ -93,7 +93,7 @@ def focal_loss(logits, mask, gamma=2.0):
 def read_anomalies(anomalies, defects, size):
     return (torch.stack([data.read_image(a.image, size) for a in anomalies]),
             torch.stack([data.read_mask(a, size) for a in anomalies]),
-            axf.defect_ids([a.defect for a in anomalies], defects) - 1)  # train.py's ids less "good"
+            torch.tensor([defects.index(a.defect) for a in anomalies]))  # each anomaly's defect type, as a class
 
 
 def draem_anomalies(normals, counts, g, size):

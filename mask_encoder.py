@@ -79,6 +79,11 @@ class MaskAutoencoder(nn.Module):
         iou = (predicted * mask).sum() / union.clamp(min=1)
         return loss, {"mask_bce": loss.item(), "mask_iou": iou.item()}
 
+    def forward(self, mask):
+        """The loss: DDP, which train.py wraps the autoencoder in under torchrun, averages the gradients of what
+        forward() computes."""
+        return self.loss(mask)
+
 
 class LocationTokens(nn.Module):
     """E_CNN of Eq. (2): features [B, C, 8, 8] -> k location tokens [B, k, d]."""

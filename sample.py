@@ -299,12 +299,12 @@ def draw(model, category, jobs, config, device, batch_size, textures=None):
         batch = jobs[start:start + batch_size]
         normals = torch.stack([data.read_image(j[2], size) for j in batch]).to(device)
         masks = torch.stack([j[3] for j in batch]).to(device)
-        defect_ids = axf.row_ids(model.rows, category, [j[0] for j in batch]).to(device)
+        texture_ids = axf.texture_ids(model.texture_rows, category, [j[0] for j in batch]).to(device)
         # seed << 32: seed 1's first sample is not seed 0's second
         generators = [torch.Generator(device).manual_seed((config["seed"] << 32) + i)
                       for i in range(start, start + len(batch))]
         with cli.autocast(device, config["bf16"]):
-            images = model.sample(normals, masks, [j[4] for j in batch], defect_ids,
+            images = model.sample(normals, masks, [j[4] for j in batch], texture_ids,
                                   textures=None if textures is None else textures.expand(len(batch), -1, -1),
                                   sampler=config["sampler"], steps=config["sample_steps"],
                                   guidance_scale=config["guidance_scale"], eta=config["eta"], generator=generators)

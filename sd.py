@@ -10,7 +10,7 @@ file may replace the file's own. Anything else is refused in one line that says 
 Then what train.py --sd needs to use such a file: load_backbone (the networks AnomalyXFusion takes from it)
 and file_sizes (its sizes, for the config), adapt_sd_unet (the mask channel, what trains), sd_file /
 check_sd_file (the file's identity in a checkpoint), and TextEncoderContext: how e_t reaches the pretrained
-UNet, the one hook axf.AnomalyXFusion calls (its `sd_context`).
+UNet, the one hook axf.AnomalyXFusion calls (its `sd_adapter`).
 """
 import hashlib
 import os
@@ -365,14 +365,14 @@ def save_sd(path, vae, unet, text_encoder, dtype=None):
 
 def load_backbone(config, device="cpu"):
     """The networks AnomalyXFusion takes from config["sd"] (and config["sd_vae"]): {vae, unet (adapted),
-    sd_context}, the keyword arguments of axf.AnomalyXFusion. The file's own sizes are file_sizes(); the config
+    sd_adapter}, the keyword arguments of axf.AnomalyXFusion. The file's own sizes are file_sizes(); the config
     is not changed here."""
     vae, unet, text = load_sd(config["sd"], device, config["sd_weights"], config["sd_vae"] or None)
     f = 2 ** (len(vae.sd_sizes["channel_mult"]) - 1) * 2 ** (len(unet.sd_sizes["channel_mult"]) - 1)
     if config["image_size"] % f:
         raise ValueError(f"image_size {config['image_size']} must be a multiple of {f} for {config['sd']}")
     unet = adapt_sd_unet(unet, config["train_unet"], config["lora_rank"], config["unet_mask_input"])
-    return dict(vae=vae, unet=unet, sd_context=TextEncoderContext(text, config).to(device))
+    return dict(vae=vae, unet=unet, sd_adapter=TextEncoderContext(text, config).to(device))
 
 
 def file_sizes(backbone):

@@ -38,15 +38,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 import axf
 import checkpoints
 import cli
-import config as settings
 import data
 import files
 import sd
 import training
+from config import PRESETS, default_preset, resolve
 from vae import vae_loss
 
 # The recipe's constants: no user and no row of the paper needs to change them
@@ -55,6 +57,7 @@ MASK_LR = 1e-3           # stage 2: a small conv autoencoder on binary masks
 ANOMALY_FRACTION = 0.75  # of each stage-3 batch: the few-shot anomalies are what the model must learn
 GRAD_CLIP = 1.0
 STAGE_FILES = ("vae.pt", "mask_ae.pt", "axf.pt")  # the checkpoints in --out_dir, one a stage
+STAGE_STEPS = ("vae_steps", "mask_steps", "steps")  # each stage's budget, per category
 
 
 def log_step(bar, **logs):
@@ -63,14 +66,48 @@ def log_step(bar, **logs):
 
 
 # ----------------------------------------------------------------------------------------------
+# Several processes (torchrun): every process draws the whole batch that one process would draw (the same
+# seeds, the same RNG calls), keeps its share of the rows, and DDP averages the shares' gradients in
+# backward(). N processes thus take the steps of one, up to the order of float sums. One process: no DDP.
+
+
+def share(batch):
+    """This process's rows of a batch that every process drew whole (a dict of tensors and lists; None stays
+    None): rows r*b .. (r+1)*b - 1, b = the batch size / the number of processes. One process: the batch."""
+    rank, n = cli.rank(), cli.world_size()
+    cut = lambda x: x if x is None or n == 1 else x[rank * len(x) // n:(rank + 1) * len(x) // n]
+    return {name: cut(value) for name, value in batch.items()}
+
+
+def data_parallel(model, device):
+    """The model as the loop calls it: under torchrun wrapped in DDP, which averages the gradients of what its
+    forward() computes over the processes; one process: the model itself. What does not train (the frozen CLIP,
+    kept on the CPU; a frozen VAE or SD UNet) and the buffers are alike in every process: DDP ignores them."""
+    if cli.world_size() == 1:
+        return model
+    alike = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, alike)
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def mean_over_processes(loss):
+    """A logged loss (of this process's share) averaged over the processes: the whole batch's."""
+    if cli.world_size() == 1:
+        return loss.item()
+    loss = loss.detach().clone()
+    dist.all_reduce(loss)
+    return loss.item() / cli.world_size()
+
+
+# ----------------------------------------------------------------------------------------------
 # The training set: every image decoded once and kept in memory
 
 
 def load_training_set(folders, config):
     """The normal training images and the few-shot anomalies of each category folder, one category after the
-    other, as tensors at the config's image size; each image's texture-token row (axf.texture_rows: its
-    category's "good" row for a normal image), each anomaly's category index, and how many images each
-    category has (draw_balanced)."""
+    other, as tensors at the config's image size; each image's texture id (its row of the texture tokens,
+    axf.texture_rows: its category's "good" row for a normal image), each anomaly's category index, and how many
+    images each category has (draw_balanced)."""
     size, categories, few_shots, normals = config["image_size"], {}, [], []
     for folder in folders:
         category = data.load_category(folder)
@@ -85,13 +122,13 @@ def load_training_set(folders, config):
     return {
         "categories": categories, "folders": {name: str(folder) for name, folder in zip(categories, folders)},
         "normals": torch.stack([data.read_image(p, size) for paths in normals for p in paths]),  # [N, 3, S, S]
-        "normal_rows": torch.tensor([rows.index((name, "good")) for name, paths in zip(categories, normals)
-                                     for _ in paths]),  # [N]
+        "normal_texture_ids": torch.tensor([rows.index((name, "good")) for name, paths in zip(categories, normals)
+                                            for _ in paths]),  # [N]
         "images": torch.stack([data.read_image(a.image, size) for a in few_shot]),  # [M, 3, S, S]
         "masks": torch.stack([data.read_mask(a, size) for a in few_shot]),  # [M, 1, S, S]
         "captions": [a.caption for a in few_shot],
-        "defect_ids": torch.tensor([rows.index((name, a.defect)) for name, anomalies in zip(categories, few_shots)
-                                    for a in anomalies]),  # [M], the texture-token rows
+        "texture_ids": torch.tensor([rows.index((name, a.defect)) for name, anomalies in zip(categories, few_shots)
+                                     for a in anomalies]),  # [M]
         "anomaly_categories": torch.tensor([c for c, anomalies in enumerate(few_shots) for _ in anomalies]),  # [M]
         "num_normals": [len(paths) for paths in normals], "num_anomalies": [len(a) for a in few_shots],
     }
@@ -151,29 +188,28 @@ def vae_batch(train, config, device):
 
 
 def train_vae(train, config, out_dir, device):
-    path, total = out_dir / "vae.pt", config["vae_steps"]
+    path, total = out_dir / "vae.pt", config["vae_steps"] * len(train["categories"])
     vae = axf.build_vae(config).to(device)
     optimizer = training.adamw(vae.parameters(), lr=config["vae_lr"])
     state = checkpoints.load_stage(path, total, config, train["categories"], depends_on=("image_size", "vae_"))
     step = checkpoints.restore(state, total, vae, optimizer, where=path)
-    loss_of = cli.distributed(vae, lambda vae, *batch: vae_loss(vae, *batch)[0], device)  # DDP under torchrun
+    parallel_vae, autocast = data_parallel(vae, device), cli.autocast(device, config["bf16"])
     # the posterior sample's ε, drawn as DiagonalGaussian.sample would draw it: in the latent's dtype
     S = config["image_size"] // axf.latent_factor(config)
     dtype = torch.bfloat16 if cli.uses_bf16(device, config["bf16"]) else torch.float32
     bar = cli.progress(total, "1/3 vae", initial=step)
     while step < total:
-        # every process draws the whole batch and its ε from the global RNG (seeded alike), then keeps its share
-        images, weights = vae_batch(train, config, device)
+        images, weights = vae_batch(train, config, device)  # the whole batch in every process (share keeps rows)
         noise = torch.randn(len(images), axf.LATENT_CHANNELS, S, S, device=device, dtype=dtype)
         weight_sum = weights.expand_as(images).sum() / cli.world_size()  # the whole batch's weighted mean, in shares
-        images, weights, noise = cli.share((images, weights, noise))
-        with cli.autocast(device, config["bf16"]):
-            loss = loss_of(images, KL_WEIGHT, weights, noise, weight_sum)
+        batch = share(dict(images=images, weights=weights, noise=noise))
+        with autocast:
+            loss, _ = vae_loss(parallel_vae, batch["images"], KL_WEIGHT, batch["weights"], batch["noise"], weight_sum)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         step += 1
-        log_step(bar, loss=f"{cli.mean_over_processes(loss).item():.4f}")
+        log_step(bar, loss=f"{mean_over_processes(loss):.4f}")
         if step == total:  # LDM's 0.18215 was found the same way: scaled latents get unit std
             with torch.no_grad():
                 all_images = torch.cat([train["normals"], train["images"]]).split(64)
@@ -190,27 +226,27 @@ def train_vae(train, config, out_dir, device):
 
 
 def pretrain_mask_encoder(train, config, out_dir, device):
-    path, total = out_dir / "mask_ae.pt", config["mask_steps"]
+    path, total = out_dir / "mask_ae.pt", config["mask_steps"] * len(train["categories"])
     autoencoder = axf.build_mask_autoencoder(config).to(device)
     optimizer = training.adamw(autoencoder.parameters(), lr=MASK_LR)
     generator = torch.Generator().manual_seed(config["seed"] + 1)
     state = checkpoints.load_stage(path, total, config, train["categories"], depends_on=("image_size", "mask_"))
     step = checkpoints.restore(state, total, autoencoder, optimizer, generator=generator, where=path)
-    loss_of = cli.distributed(autoencoder, lambda autoencoder, masks: autoencoder.loss(masks), device)
+    parallel_autoencoder = data_parallel(autoencoder, device)
     bar = cli.progress(total, "2/3 mask encoder", initial=step)
     while step < total:
         # jittered real masks and Perlin blobs (data.py); the whole batch in every process, each keeps its share
         masks = torch.stack([data.sample_mask(config["image_size"], generator, real_masks=train["masks"])
                              for _ in range(config["vae_batch_size"])]).to(device)
-        loss, logs = loss_of(*cli.share((masks,)))
+        loss, logs = parallel_autoencoder(share(dict(masks=masks))["masks"])  # its forward is its loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         step += 1
-        log_step(bar, bce=f"{cli.mean_over_processes(loss).item():.4f}", iou=f"{logs['mask_iou']:.3f}")
+        log_step(bar, bce=f"{mean_over_processes(loss):.4f}", iou=f"{logs['mask_iou']:.3f}")
         if step % config["checkpoint_every"] == 0 or step == total:
             checkpoints.save_checkpoint(path, step, config, autoencoder, optimizer, generator=generator,
-                            categories=train["categories"])
+                                        categories=train["categories"])
     bar.close()
     return autoencoder.encoder
 
@@ -226,7 +262,7 @@ def assemble_model(train, vae, mask_encoder, clip_model, config, device, backbon
     model = axf.AnomalyXFusion(config, clip_model, train["categories"], mask_encoder=mask_encoder, **networks)
     model = model.to(device)
     if model.mif.use_mif:
-        model.mif.init_textures(train["defect_ids"].to(device), train["images"].to(device), train["masks"].to(device))
+        model.mif.init_textures(train["texture_ids"].to(device), train["images"].to(device), train["masks"].to(device))
     if model.mif.use_text and config["center_text"]:
         for c in range(len(train["categories"])):
             model.mif.center_captions([caption for caption, k in zip(train["captions"], train["anomaly_categories"])
@@ -254,10 +290,11 @@ def encode_training_set(model, train, device):
     return latents
 
 
-def make_batch(train, latents, config, generator):
-    """A batch of cached latents: ANOMALY_FRACTION few-shot anomalies, the rest normal images (draw_balanced).
-    -> latents, masks, captions, defect ids, is_anomaly, and the masked images' latents (an inpainting
-    UNet's input; a normal image's mask is empty: its masked latent is its latent) or None.
+def make_batch(train, latents, config, generator, device):
+    """A batch of cached latents on the device: ANOMALY_FRACTION few-shot anomalies, the rest normal images
+    (draw_balanced), as the keyword arguments of AnomalyXFusion.loss: latents, masks, captions, texture ids,
+    is_anomaly, and the masked images' latents (an inpainting UNet's input; a normal image's mask is empty: its
+    masked latent is its latent) or None.
 
     Image and mask are rolled together by whole latent cells (up to an eighth of the latent's side), so
     the few anomalies are seen at many positions without resampling anything.
@@ -276,11 +313,12 @@ def make_batch(train, latents, config, generator):
     shifts = torch.randint(-most, most + 1, (B, 2), generator=generator)
     roll = lambda x, scale: torch.stack([xi.roll(tuple((s * scale).tolist()), (1, 2)) for xi, s in zip(x, shifts)])
     z, masks = roll(z, 1), roll(masks, factor)
-    masked = roll(masked, 1) if masked is not None else None
+    masked = roll(masked, 1).to(device) if masked is not None else None
     captions = [train["captions"][i] for i in anomaly_idx] + [""] * (B - num_anomalies)
-    defect_ids = torch.cat([train["defect_ids"][anomaly_idx], train["normal_rows"][normal_idx]])  # texture rows
+    texture_ids = torch.cat([train["texture_ids"][anomaly_idx], train["normal_texture_ids"][normal_idx]])
     is_anomaly = torch.arange(B) < num_anomalies
-    return z, masks, captions, defect_ids, is_anomaly, masked
+    return dict(latents=z.to(device), masks=masks.to(device), captions=captions, texture_ids=texture_ids.to(device),
+                is_anomaly=is_anomaly.to(device), masked_latents=masked)
 
 
 @torch.no_grad()
@@ -295,35 +333,15 @@ def preview(model, ema, train, config, path, device):
     captions = [train["captions"][j] for j in pick]
     ema.swap(model)
     with cli.autocast(device, config["bf16"]):
-        generated = model.sample(normals, masks, captions, train["defect_ids"][pick].to(device),
+        generated = model.sample(normals, masks, captions, train["texture_ids"][pick].to(device),
                                  steps=config["sample_steps"], guidance_scale=config["guidance_scale"],
                                  generator=torch.Generator(device).manual_seed(0))
     ema.swap(model)
     print(f"preview: {data.save_grid([list(row) for row in zip(normals, masks, generated.float(), captions)], path)}")
 
 
-def axf_step(model, optimizer, ema, batch, config, step, device, loss_of=None):
-    """One training step of stage 3 on a make_batch batch: warm-up, the loss of Eq. (17), AdamW, the EMA.
-    Every process has the whole batch; it draws the loss's t, ε and dropped conditions for the whole batch
-    too (the global RNG, seeded alike) and keeps its share of both. loss_of: model.loss through DDP
-    (cli.distributed), which averages the shares' gradients; default: model.loss, one process."""
-    training.warm_up(optimizer, step, config["warmup_steps"])
-    draws = model.loss_draws(batch[0].shape, device)
-    z, masks, captions, defect_ids, is_anomaly, masked, *draws = cli.share((*batch, *draws))
-    with cli.autocast(device, config["bf16"]):
-        masked = None if masked is None else masked.to(device)
-        loss = (loss_of or model.loss)(z.to(device), masks.to(device), captions, defect_ids.to(device),
-                                       is_anomaly.to(device), masked_latents=masked, draws=draws)  # Eq. (17)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], GRAD_CLIP)
-    optimizer.step()
-    ema.update(model, step)
-    return loss
-
-
 def train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, backbone=None):
-    path, total = out_dir / "axf.pt", config["steps"]
+    path, total = out_dir / "axf.pt", config["steps"] * len(train["categories"])
     state = checkpoints.load_stage(path, total, config, train["categories"])
     if state and config["sd"]:  # the trained weights belong to one SD file (and VAE)
         sd.check_sd_file(config["sd"], state["sd_file"])
@@ -339,7 +357,7 @@ def train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, bac
     ema = training.EMA(model, config["ema_decay"])
     generator = torch.Generator().manual_seed(config["seed"] + 2)
     step = checkpoints.restore(state, total, model, optimizer, ema, generator, where=path)
-    loss_of = cli.distributed(model, lambda model, *batch, **k: model.loss(*batch, **k), device)  # DDP under torchrun
+    parallel_model, autocast = data_parallel(model, device), cli.autocast(device, config["bf16"])
     latents = encode_training_set(model, train, device)
     extra = {"categories": train["categories"], "data_folders": train["folders"],
              "sd_file": sd.sd_file(config["sd"]) if config["sd"] else None,
@@ -348,10 +366,20 @@ def train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, bac
     losses, started = [], time.time()
     bar = cli.progress(total, "3/3 anomalyxfusion", initial=step)
     while step < total:
-        batch = make_batch(train, latents, config, generator)  # the whole batch, alike in every process
-        loss = axf_step(model, optimizer, ema, batch, config, step, device, loss_of)
+        batch = make_batch(train, latents, config, generator, device)  # the whole batch, alike in every process
+        # Eq. (17)'s draws for every image: its timestep t, its noise ε, whether its condition is dropped (for
+        # classifier-free guidance); drawn for the whole batch, so that every process draws the same numbers
+        batch.update(model.draw_noise(batch["latents"]))
+        training.warm_up(optimizer, step, config["warmup_steps"])
+        with autocast:
+            loss = parallel_model(**share(batch))  # the loss of Eq. (17) on this process's rows (axf.py)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for group in groups for p in group["params"]], GRAD_CLIP)
+        optimizer.step()
+        ema.update(model, step)
         step += 1
-        losses.append(cli.mean_over_processes(loss).item())
+        losses.append(mean_over_processes(loss))
         log_step(bar, loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
         if step % config["checkpoint_every"] == 0 or step == total:
             checkpoints.save_checkpoint(path, step, config, model, optimizer, ema, generator, **extra)
@@ -418,14 +446,16 @@ def holding(out_dir):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_data_args(parser, several=True)
-    parser.add_argument("--preset", choices=sorted(settings.PRESETS),
+    preset = cli.chosen_preset(sys.argv[1:] if argv is None else argv)
+    parser.add_argument("--preset", choices=sorted(PRESETS),
                         help="size preset (default: toy with --toy, else sd with --sd, else mvtec)")
     parser.add_argument("--out_dir", help="where checkpoints and previews go (default: runs/<category>; several "
                                           "categories: runs/<a>+<b>+...; --category all: runs/all)")
-    cli.add_config_args(parser)
+    cli.add_config_args(parser, defaults=resolve(preset), title=f"config (the {preset} preset's defaults; --preset "
+                        f"toy|mvtec|sd shows another's)")
     args = parser.parse_args(argv)
     overrides = cli.config_overrides(args)
-    config = settings.resolve(args.preset or ("toy" if args.toy else "sd" if overrides.get("sd") else "mvtec"), overrides)
+    config = resolve(args.preset or default_preset(args.toy, overrides.get("sd")), overrides)
     _, world_size, device = cli.init_distributed(config["device"])  # torchrun: this process's GPU
     for key in ("vae_batch_size", "batch_size"):
         if config[key] % world_size:
@@ -450,6 +480,9 @@ def main(argv=None):
     train = load_training_set(folders, config)
     for name, n, m in zip(names, train["num_normals"], train["num_anomalies"]):
         print(f"{name}: {n} normal images, {m} few-shot anomalies of {len(train['categories'][name])} defect types")
+    if len(names) > 1:  # a model of C categories takes C times a one-category run's steps: each gets as many
+        totals = ", ".join(f"{len(names) * config[key]:,} {key}" for key in STAGE_STEPS)
+        print(f"{len(names)} categories: the stages' steps are per category, {totals} in all")
     print(f"device {device}" + (f", {world_size} processes" if world_size > 1 else ""))
     with holding(out_dir):  # the first write: the folder is made if new
         refuse_sd_switch(out_dir, config)

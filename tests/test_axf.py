@@ -43,7 +43,7 @@ def example_batch(B=2, S=16):
     masks[:, :, 4:10, 5:11] = 1
     return dict(images=torch.rand(B, 3, S, S, generator=g), masks=masks,
                 captions=["a red crack", "a blue hole"][:B] + ["x"] * max(0, B - 2),
-                defect_ids=torch.tensor([1, 2] * B)[:B])
+                texture_ids=torch.tensor([1, 2] * B)[:B])
 
 
 @pytest.mark.parametrize("k,d", [(1, 32), (3, 32), (4, 64)])
@@ -53,9 +53,9 @@ def test_each_embedding_has_k_tokens_of_width_d(k, d):
     b = example_batch()
     assert axf.unit_tokens(model.mif.encode_captions(b["captions"]), k).shape == (2, k, d)
     assert model.mif.location(model.mif.mask_encoder(b["masks"])).shape == (2, k, d)
-    assert model.mif.texture_tokens[b["defect_ids"]].shape == (2, k, d)
+    assert model.mif.texture_tokens[b["texture_ids"]].shape == (2, k, d)
     t = torch.tensor([5, 50])
-    assert model.condition(b["captions"], b["masks"], b["defect_ids"], t).shape == (2, 3 * k, d)
+    assert model.condition(b["captions"], b["masks"], b["texture_ids"], t).shape == (2, 3 * k, d)
 
 
 def test_semantic_tokens_are_unit_direction_repeats():
@@ -97,8 +97,8 @@ def test_context_changes_with_t_only_with_ddf(use_ddf):
     """Eq. (14): with DDF the context e_t depends on the timestep; without it, it is e_X for every t."""
     model = tiny_model(use_ddf=use_ddf)
     b = example_batch()
-    early = model.condition(b["captions"], b["masks"], b["defect_ids"], torch.tensor([1, 1]))
-    late = model.condition(b["captions"], b["masks"], b["defect_ids"], torch.tensor([90, 90]))
+    early = model.condition(b["captions"], b["masks"], b["texture_ids"], torch.tensor([1, 1]))
+    late = model.condition(b["captions"], b["masks"], b["texture_ids"], torch.tensor([90, 90]))
     assert (not torch.allclose(early, late)) == use_ddf
 
 
@@ -107,11 +107,11 @@ def test_use_text_false_means_the_caption_has_no_effect():
     model = tiny_model(use_text=False)
     b = example_batch()
     t = torch.tensor([3, 4])
-    red = model.condition(["a red crack"] * 2, b["masks"], b["defect_ids"], t)
-    assert torch.equal(red, model.condition(["a blue hole"] * 2, b["masks"], b["defect_ids"], t))
+    red = model.condition(["a red crack"] * 2, b["masks"], b["texture_ids"], t)
+    assert torch.equal(red, model.condition(["a blue hole"] * 2, b["masks"], b["texture_ids"], t))
     kwargs = dict(steps=2, guidance_scale=3.0)
-    red = model.sample(b["images"], b["masks"], ["a red crack"] * 2, b["defect_ids"], generator=torch.Generator().manual_seed(0), **kwargs)
-    blue = model.sample(b["images"], b["masks"], ["a blue hole"] * 2, b["defect_ids"], generator=torch.Generator().manual_seed(0), **kwargs)
+    red = model.sample(b["images"], b["masks"], ["a red crack"] * 2, b["texture_ids"], generator=torch.Generator().manual_seed(0), **kwargs)
+    blue = model.sample(b["images"], b["masks"], ["a blue hole"] * 2, b["texture_ids"], generator=torch.Generator().manual_seed(0), **kwargs)
     assert torch.equal(red, blue)
 
 
@@ -121,11 +121,11 @@ def test_use_mif_false_means_the_mask_and_defect_type_leave_the_context_alone():
     model = tiny_model(use_mif=False)
     b = example_batch()
     t = torch.tensor([3, 4])
-    context = model.condition(b["captions"], b["masks"], b["defect_ids"], t)
+    context = model.condition(b["captions"], b["masks"], b["texture_ids"], t)
     other_masks, other_ids = 1 - b["masks"], torch.tensor([2, 1])
     assert torch.equal(context, model.condition(b["captions"], other_masks, other_ids, t))
     full = tiny_model()
-    assert not torch.allclose(full.condition(b["captions"], b["masks"], b["defect_ids"], t),
+    assert not torch.allclose(full.condition(b["captions"], b["masks"], b["texture_ids"], t),
                               full.condition(b["captions"], other_masks, other_ids, t))
 
 
@@ -137,11 +137,11 @@ def test_every_switch_combination_trains_and_samples(use_text, use_mif, use_ddf)
     model = tiny_model(use_text=use_text, use_mif=use_mif, use_ddf=use_ddf)
     b = example_batch()
     latents = model.encode_images(b["images"])
-    loss = model.loss(latents, b["masks"], b["captions"], b["defect_ids"], torch.tensor([True, False]))
+    loss = model.loss(latents, b["masks"], b["captions"], b["texture_ids"], torch.tensor([True, False]))
     assert torch.isfinite(loss)
-    out = model.sample(b["images"], b["masks"], b["captions"], b["defect_ids"], steps=2)
+    out = model.sample(b["images"], b["masks"], b["captions"], b["texture_ids"], steps=2)
     assert out.shape == b["images"].shape and torch.isfinite(out).all()
-    n = model.x_embedding(b["captions"], b["masks"], b["defect_ids"]).shape[1]
+    n = model.x_embedding(b["captions"], b["masks"], b["texture_ids"]).shape[1]
     assert n == 3 * (use_text + 2 * use_mif) or (n == 3 and not use_text and not use_mif)
 
 
@@ -152,8 +152,8 @@ def test_guidance_at_scale_one_is_the_conditional_model():
     b = example_batch()
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     region, t = axf.latent_mask(b["masks"], model.latent_factor), torch.tensor([10, 60])
-    e_x = model.x_embedding(b["captions"], b["masks"], b["defect_ids"])
-    eps = {s: model.guided_eps(x, region, t, e_x, s) for s in (0.0, 1, 2.0)}
+    e_x = model.x_embedding(b["captions"], b["masks"], b["texture_ids"])
+    eps = {s: model.predict_noise(x, region, t, e_x, s) for s in (0.0, 1, 2.0)}
     torch.testing.assert_close((eps[0.0] + eps[2.0]) / 2, eps[1], atol=1e-5, rtol=1e-4)
     assert not torch.allclose(eps[0.0], eps[1])  # and the branches differ
 
@@ -163,7 +163,7 @@ def test_a_dropped_condition_becomes_the_null_context():
     model = tiny_model()
     b = example_batch()
     t = torch.tensor([5, 50])
-    e_x = model.x_embedding(b["captions"], b["masks"], b["defect_ids"])
+    e_x = model.x_embedding(b["captions"], b["masks"], b["texture_ids"])
     dropped = model.context(e_x, t, drop=torch.tensor([True, False]))
     torch.testing.assert_close(dropped[:1], model.context(model.null_context, t[:1]))
     torch.testing.assert_close(dropped[1:], model.context(e_x[1:], t[1:]))
@@ -177,7 +177,7 @@ def test_sampling_computes_e_x_once_per_batch_and_ddf_once_per_step(monkeypatch)
     x_embedding, ddf_forward = model.x_embedding, model.ddf.forward
     monkeypatch.setattr(model, "x_embedding", lambda *a, **k: calls.__setitem__("x_embedding", calls["x_embedding"] + 1) or x_embedding(*a, **k))
     monkeypatch.setattr(model.ddf, "forward", lambda *a: calls.__setitem__("ddf", calls["ddf"] + 1) or ddf_forward(*a))
-    model.sample(b["images"], b["masks"], b["captions"], b["defect_ids"], steps=4, guidance_scale=3.0)
+    model.sample(b["images"], b["masks"], b["captions"], b["texture_ids"], steps=4, guidance_scale=3.0)
     assert calls == {"x_embedding": 1, "ddf": 4}
 
 
@@ -186,7 +186,7 @@ def test_ddpm_and_stochastic_ddim_sampling_run_and_keep_the_background(sampler, 
     """Both samplers of the paper run through sample(); stochastic ones depend on the generator, only inside the mask."""
     model = tiny_model(num_diffusion_steps=20)
     b = example_batch()
-    draw = lambda seed: model.sample(b["images"], b["masks"], b["captions"], b["defect_ids"], sampler=sampler, steps=5,
+    draw = lambda seed: model.sample(b["images"], b["masks"], b["captions"], b["texture_ids"], sampler=sampler, steps=5,
                                      eta=eta, generator=torch.Generator().manual_seed(seed))
     first, second = draw(0), draw(1)
     outside = (b["masks"] == 0).expand_as(first)
@@ -199,7 +199,7 @@ def test_gradients_reach_every_trainable_part_but_never_clip():
     model = tiny_model().train()
     b = example_batch()
     latents = model.encode_images(b["images"])
-    loss = model.loss(latents, b["masks"], b["captions"], b["defect_ids"], torch.tensor([True, False]),
+    loss = model.loss(latents, b["masks"], b["captions"], b["texture_ids"], torch.tensor([True, False]),
                       generator=torch.Generator().manual_seed(0))
     loss.backward()
     for part in (model.mif.mask_encoder, model.mif.location, model.mif.aggregator, model.ddf, model.unet):
@@ -221,7 +221,7 @@ def test_loss_weights_anomalies_to_their_mask(outside_weight):
     # a UNet that predicts the noise exactly inside the mask and is off by 5 outside it
     model.unet.forward = lambda x, t, context: recorded["noise"] + 5 * (1 - region)
     latents = model.encode_images(b["images"])
-    anomaly = model.loss(latents, b["masks"], b["captions"][:1], b["defect_ids"][:1], torch.tensor([True]))
+    anomaly = model.loss(latents, b["masks"], b["captions"][:1], b["texture_ids"][:1], torch.tensor([True]))
     n_in, n_out = region.sum(), (1 - region).sum()
     assert torch.allclose(anomaly, outside_weight * 25 * n_out / (n_in + outside_weight * n_out))
     recorded.clear()
@@ -236,7 +236,7 @@ def test_blended_sampling_keeps_background_latent_on_the_forward_process():
     z0 = model.encode_images(b["images"])
     region = axf.latent_mask(b["masks"], model.latent_factor)
     seen = []
-    model.sample(b["images"], b["masks"], b["captions"], b["defect_ids"], steps=5, guidance_scale=2.0,
+    model.sample(b["images"], b["masks"], b["captions"], b["texture_ids"], steps=5, guidance_scale=2.0,
                  generator=torch.Generator().manual_seed(0), callback=lambda t, x: seen.append((t, x.clone())))
     assert len(seen) == 5 and seen[-1][0] == -1
     outside = region == 0
@@ -259,7 +259,7 @@ def test_every_changed_pixel_lies_inside_the_mask(thin):
     if thin:
         b["masks"] = torch.zeros(2, 1, 16, 16)
         b["masks"][:, :, 3:13, 7] = 1
-    out = model.sample(b["images"], b["masks"], b["captions"], b["defect_ids"], steps=3,
+    out = model.sample(b["images"], b["masks"], b["captions"], b["texture_ids"], steps=3,
                        generator=torch.Generator().manual_seed(0))
     changed = (out != b["images"]).any(1, keepdim=True)
     assert not (changed & (b["masks"] == 0)).any()
@@ -278,9 +278,9 @@ def test_mask_input_false_is_the_papers_unet_reading_x_t_alone():
     bare = tiny_model(unet_mask_input=False, use_text=False, use_mif=False, use_ddf=False)
     other = torch.flip(b["masks"], (2, 3))
     eps = [bare.unet(bare.unet_input(x, axf.latent_mask(m, bare.latent_factor)), t,
-                     bare.condition(b["captions"], m, b["defect_ids"], t)) for m in (b["masks"], other)]
+                     bare.condition(b["captions"], m, b["texture_ids"], t)) for m in (b["masks"], other)]
     assert torch.equal(*eps)
-    out = without.sample(b["images"], b["masks"], b["captions"], b["defect_ids"], steps=3,
+    out = without.sample(b["images"], b["masks"], b["captions"], b["texture_ids"], steps=3,
                          generator=torch.Generator().manual_seed(0))
     changed = (out != b["images"]).any(1, keepdim=True)
     assert not (changed & (b["masks"] == 0)).any() and changed[b["masks"] > 0].float().mean() > 0.9
@@ -291,9 +291,9 @@ def test_changing_only_the_caption_changes_pixels_only_inside_the_mask():
     model = tiny_model()
     b = example_batch()
     kwargs = dict(steps=3, guidance_scale=3.0)
-    red = model.sample(b["images"], b["masks"], ["a red crack"] * 2, b["defect_ids"],
+    red = model.sample(b["images"], b["masks"], ["a red crack"] * 2, b["texture_ids"],
                        generator=torch.Generator().manual_seed(0), **kwargs)
-    blue = model.sample(b["images"], b["masks"], ["a blue crack"] * 2, b["defect_ids"],
+    blue = model.sample(b["images"], b["masks"], ["a blue crack"] * 2, b["texture_ids"],
                         generator=torch.Generator().manual_seed(0), **kwargs)
     inside = (b["masks"] > 0).expand_as(red)
     assert torch.equal(red[~inside], blue[~inside])
@@ -304,7 +304,7 @@ def test_texture_tokens_start_from_clip_features_of_the_masked_anomaly():
     """Eq. (3): each defect's texture tokens are initialised from CLIP(image * mask) of its examples."""
     model = tiny_model()
     b = example_batch()
-    model.mif.init_textures(b["defect_ids"], b["images"], b["masks"])
+    model.mif.init_textures(b["texture_ids"], b["images"], b["masks"])
     features = model.mif.encode_texture(b["images"], b["masks"])
     assert torch.allclose(model.mif.texture_tokens[1], axf.unit_tokens(features[:1], 3)[0], atol=1e-5)
     assert torch.allclose(model.mif.texture_tokens[2], axf.unit_tokens(features[1:], 3)[0], atol=1e-5)
@@ -339,10 +339,13 @@ def test_a_thin_mask_survives_and_an_empty_one_is_refused(tmp_path):
         data.read_mask(tmp_path / "empty.png", 16)
 
 
-def test_defect_ids_put_good_first_then_the_sorted_defect_types():
-    """One convention across train.py, sample.py and evaluate.py: 0 is good, then Category.defects in order."""
-    assert axf.defect_ids(["hole", "good", "crack"], ["crack", "hole"]).tolist() == [2, 0, 1]
-    assert tiny_model().rows == [("toy", "good"), ("toy", "crack"), ("toy", "hole")]
+def test_texture_ids_put_good_first_then_the_sorted_defect_types():
+    """One convention across train.py, sample.py and evaluate.py: per category 0 is good, then Category.defects in
+    order; a second category's rows follow the first's."""
+    rows = axf.texture_rows({"toy": ["crack", "hole"], "pill": ["color"]})
+    assert axf.texture_ids(rows, "toy", ["hole", "good", "crack"]).tolist() == [2, 0, 1]
+    assert axf.texture_ids(rows, "pill", ["color", "good"]).tolist() == [4, 3]
+    assert tiny_model().texture_rows == [("toy", "good"), ("toy", "crack"), ("toy", "hole")]
 
 
 def test_location_tokens_shape_and_bad_image_size():

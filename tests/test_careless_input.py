@@ -115,7 +115,7 @@ def test_the_table_gives_every_number_a_range_its_default_and_presets_keep(capsy
     for preset in config.PRESETS:
         config.resolve(preset)
     with pytest.raises(SystemExit):
-        train.main(["--help"])
+        train.main(["--help", "--toy"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--checkpoint_every INT steps between resumable checkpoints (default: 250) [allowed: >= 1]" in text
     assert "(default: 0.999) [allowed: 0 <= x < 1]" in text

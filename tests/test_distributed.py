@@ -22,7 +22,8 @@ CATEGORIES = "bottle,cable,pill"
 # warm-up off: the AnomalyXFusion stage moves at its full learning rate from step 1, so a step that differs shows;
 # fp32: a share of the batch is rounded alike in bf16 only up to its kernels' choices, and the property tested
 # is that the processes take one process's steps, up to the order of a sum
-ARGS = TINY + ["--warmup_steps", "0", "--bf16", "False"]
+# the stages' budgets are per category: 3 categories x (1, 1, 2) steps
+ARGS = TINY + ["--warmup_steps", "0", "--bf16", "False", "--vae_steps", "1", "--mask_steps", "1", "--steps", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def test_one_model_of_three_categories_draws_each_of_them(one_process, tmp_path)
     a caption mean of its own; sample.py --category X --ckpt RUN writes X's usual one-category folder."""
     model, checkpoint = checkpoints.load_checkpoint(one_process / "axf.pt")
     assert list(checkpoint["categories"]) == ["bottle", "cable", "pill"]
-    assert model.rows[4] == ("cable", "good") and len(model.rows) == 4 + 4 + 3 == len(model.mif.texture_tokens)
+    assert model.texture_rows[4] == ("cable", "good") and len(model.texture_rows) == 4 + 4 + 3 == len(model.mif.texture_tokens)
     assert len(model.mif.text_mean) == 3 and torch.cdist(model.mif.text_mean, model.mif.text_mean).triu(1).sum() > 0
     for name in ("bottle", "cable", "pill"):
         out = tmp_path / name
@@ -112,7 +113,7 @@ def outputs(run, g=torch.Generator().manual_seed(0)):
         z, t = torch.randn(4, 4, 16, 16, generator=g), torch.tensor([3, 12, 25, 49])
         for use_ema in (True, False):
             model, _ = checkpoints.load_checkpoint(run / "axf.pt", use_ema=use_ema)
-            rows = torch.linspace(0, len(model.rows) - 1, 4).long()  # texture rows of the first and last categories
+            rows = torch.linspace(0, len(model.texture_rows) - 1, 4).long()  # texture rows of the first and last categories
             captions = ["A small red contamination lies inside the bottle", "The green cable is replaced by a "
                         "repeated gray cable", "A yellow spot is on the pill", ""]
             context = model.condition(captions, masks, rows, t)
@@ -137,7 +138,7 @@ def test_a_killed_two_process_run_resumes_from_its_last_checkpoint(two_processes
     """The kill in the third step left the step-2 checkpoint; the same command resumed it to the end (and, above,
     to the model of an uninterrupted one-process run)."""
     two, killed_at = two_processes
-    assert killed_at == 2 and torch.load(two / "axf.pt", weights_only=True)["step"] == 4
+    assert killed_at == 2 and torch.load(two / "axf.pt", weights_only=True)["step"] == 3 * 2
 
 
 def sample_pill(run, out):

@@ -57,7 +57,7 @@ def test_training_writes_every_stage_and_a_preview(trained):
 def test_checkpoint_loads_by_itself_with_its_config(trained):
     """sample.py needs no size flags: the checkpoint carries its config, defects and the random CLIP."""
     model, checkpoint = checkpoints.load_checkpoint(trained / "axf.pt")
-    assert model.config["unet_channels"] == 32 and model.rows[0] == ("bottle", "good")
+    assert model.config["unet_channels"] == 32 and model.texture_rows[0] == ("bottle", "good")
     assert model.categories["bottle"] == data.load_category(Path(checkpoint["data_folders"]["bottle"])).defects
 
 
@@ -392,13 +392,14 @@ def test_make_batch_rolls_each_latent_and_its_mask_together():
     masks[:, :, 4:6, 6:8] = 1  # exactly latent cell (2, 3)
     latents = torch.zeros(3, 4, 8, 8)
     latents[:, :, 2, 3] = 1
-    train_set = {"masks": masks, "captions": ["a", "b", "c"], "defect_ids": torch.tensor([1, 1, 2]),
-                 "normals": torch.zeros(2, 3, 16, 16), "normal_rows": torch.zeros(2, dtype=torch.long),
+    train_set = {"masks": masks, "captions": ["a", "b", "c"], "texture_ids": torch.tensor([1, 1, 2]),
+                 "normals": torch.zeros(2, 3, 16, 16), "normal_texture_ids": torch.zeros(2, dtype=torch.long),
                  "num_normals": [2], "num_anomalies": [3]}
     generator, moved = torch.Generator().manual_seed(0), False
     for _ in range(5):
-        z, m, captions, ids, is_anomaly, _ = train.make_batch(
-            train_set, {"anomalies": latents, "normals": torch.zeros(2, 4, 8, 8)}, settings, generator)
+        batch = train.make_batch(train_set, {"anomalies": latents, "normals": torch.zeros(2, 4, 8, 8)}, settings,
+                                 generator, torch.device("cpu"))
+        z, m, captions, ids, is_anomaly = (batch[k] for k in ("latents", "masks", "captions", "texture_ids", "is_anomaly"))
         assert is_anomaly.tolist() == [True, True, True, False] and captions[3] == "" and ids[3] == 0
         for zi, mi in zip(z[:3], m[:3]):
             assert torch.equal(axf.latent_mask(mi[None], 2)[0, 0] > 0, zi[0] > 0)
@@ -471,13 +472,19 @@ def test_bad_input_gets_one_clear_line_and_nonzero_exit(args, message):
 
 
 def test_help_explains_config_keys_with_axf_help(capsys):
-    """`train.py --help` shows each key's help text (config.KEYS) and its default."""
+    """`train.py --help` shows each key's help text (config.KEYS) and its default in the preset that will run:
+    toy with --toy, mvtec without, or the one --preset names."""
     with pytest.raises(SystemExit):
-        train.main(["--help"])
+        train.main(["--help", "--toy"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--vae_defect_weight FLOAT extra L1 weight of few-shot defect pixels" in text
     assert "--ema_decay FLOAT decay of the weights' moving average that samples are drawn from (default: 0.999)" in text
     assert all(key.help for key in config.KEYS.values())  # every key says what it does
+    for argv in (["--help"], ["--help", "--toy", "--preset", "mvtec"]):
+        with pytest.raises(SystemExit):
+            train.main(argv)
+        text = " ".join(capsys.readouterr().out.split())
+        assert "the mvtec preset's defaults" in text and "(default: 0.9999)" in text and "(default: 256)" in text
 
 
 def test_prompt_and_reference_say_when_their_ablation_switch_is_off(trained, monkeypatch, capsys):

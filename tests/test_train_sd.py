@@ -38,7 +38,7 @@ RUNS = {
 }
 NORMALS = 16  # normal training images kept of the toy bottle's 200
 CONV_IN = {"unet.conv_in.weight", "unet.conv_in.bias"}
-FROM_THEIR_FILES = ("vae.", "sd_context.text_encoder.", "mif.clip.")  # rebuilt from their own files, never in axf.pt
+FROM_THEIR_FILES = ("vae.", "sd_adapter.text_encoder.", "mif.clip.")  # rebuilt from their own files, never in axf.pt
 
 
 def tiny_sd(path, in_channels=4, seed=0):
@@ -105,7 +105,8 @@ def few_shot_batch(toy_root, n=2):
     picks = few_shot[::len(few_shot) // n][:n]
     normals = torch.stack([data.read_image(p, 32) for p in category.train_good[:n]])
     masks = torch.stack([data.read_mask(a, 32) for a in picks])
-    return normals, masks, [a.caption for a in picks], axf.defect_ids([a.defect for a in picks], category.defects)
+    return normals, masks, [a.caption for a in picks], axf.texture_ids(axf.texture_rows({"bottle": category.defects}), "bottle",
+                                                                  [a.defect for a in picks])
 
 
 def sd_model(file, **overrides):
@@ -374,17 +375,17 @@ def test_prompt_tokens_hold_every_placeholder_and_cut_a_long_caption(sd_files):
     model = sd_model(sd_files["txt2img"])
     n = model.mif.num_context
     assert n == 6  # k = 2 tokens of each of the three modalities
-    row = model.sd_context.prompt_tokens(["a red stain"], n)[0]
+    row = model.sd_adapter.prompt_tokens(["a red stain"], n)[0]
     words = clip.bpe_tokens("a red stain")
     assert row.shape == (77,) and row[0] == clip.START_ID
     assert row[1:1 + len(words)].tolist() == words
     assert row[1 + len(words):1 + len(words) + n].tolist() == [clip.PLACEHOLDER_ID] * n
     assert (row[1 + len(words) + n:] == clip.END_ID).all()
-    long = model.sd_context.prompt_tokens([" ".join(["stain"] * 100)], n)[0]
+    long = model.sd_adapter.prompt_tokens([" ".join(["stain"] * 100)], n)[0]
     assert long.shape == (77,) and long[0] == clip.START_ID and long[-1] == clip.END_ID
     assert (long == clip.PLACEHOLDER_ID).sum() == n and (long[-1 - n:-1] == clip.PLACEHOLDER_ID).all()
-    assert ((model.sd_context.prompt_tokens(["a * stain"], n)[0]) == clip.PLACEHOLDER_ID).sum() == n
-    assert not (model.sd_context.prompt_tokens(["a red stain"], 0) == clip.PLACEHOLDER_ID).any()
+    assert ((model.sd_adapter.prompt_tokens(["a * stain"], n)[0]) == clip.PLACEHOLDER_ID).sum() == n
+    assert not (model.sd_adapter.prompt_tokens(["a red stain"], 0) == clip.PLACEHOLDER_ID).any()
 
 
 @pytest.mark.parametrize("mode", ["splice", "append"])
@@ -395,21 +396,21 @@ def test_context_gradients_reach_e_t_and_never_the_frozen_networks(mode, sd_file
     or CLIP."""
     torch.manual_seed(0)
     model = sd_model(sd_files["txt2img"], sd_context=mode)
-    n, width = model.mif.num_context, model.sd_context.text_encoder.token_embedding.weight.shape[1]
+    n, width = model.mif.num_context, model.sd_adapter.text_encoder.token_embedding.weight.shape[1]
     _, masks, captions, ids = few_shot_batch(toy_root)
     t = torch.tensor([10, 900])
     context = model.condition(captions, masks, ids, t, drop=torch.tensor([True, False]))
     assert context.shape == (2, 77 + (n if mode == "append" else 0), width)
     if mode == "append":  # the dropped condition's prompt is the empty caption's
-        plain = model.sd_context.text_encoder.encode_text_tokens(model.sd_context.prompt_tokens(["", captions[1]], 0))
+        plain = model.sd_adapter.text_encoder.encode_text_tokens(model.sd_adapter.prompt_tokens(["", captions[1]], 0))
         assert torch.allclose(context[:, :77], plain, atol=1e-6)
     region = axf.latent_mask(masks, model.latent_factor)
     x = torch.randn(2, 4, 16, 16)
     model.unet(model.unet_input(x, region), t, context).square().sum().backward()
-    for part in (model.ddf, model.sd_context.to_text):
+    for part in (model.ddf, model.sd_adapter.to_text):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
     assert model.null_context.grad.abs().sum() > 0
-    frozen = [*model.sd_context.text_encoder.parameters(), *model.vae.parameters(), *model.mif.clip.parameters()]
+    frozen = [*model.sd_adapter.text_encoder.parameters(), *model.vae.parameters(), *model.mif.clip.parameters()]
     assert all(p.grad is None and not p.requires_grad for p in frozen)
 
 
