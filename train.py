@@ -45,7 +45,7 @@ import cli
 import config as settings
 import data
 import files
-import sd
+import sd_backbone
 import training
 from vae import vae_loss
 
@@ -326,9 +326,9 @@ def train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, bac
     path, total = out_dir / "axf.pt", config["steps"]
     state = checkpoints.load_stage(path, total, config, train["categories"])
     if state and config["sd"]:  # the trained weights belong to one SD file (and VAE)
-        sd.check_sd_file(config["sd"], state["sd_file"])
+        sd_backbone.check_sd_file(config["sd"], state["sd_file"])
         if config["sd_vae"]:
-            sd.check_sd_file(config["sd_vae"], state["sd_vae_file"], ("VAE",))
+            sd_backbone.check_sd_file(config["sd_vae"], state["sd_vae_file"], ("VAE",))
     if state and state["step"] >= total:
         return
     model = assemble_model(train, vae, mask_encoder, clip_model, config, device, backbone)
@@ -342,8 +342,8 @@ def train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, bac
     loss_of = cli.distributed(model, lambda model, *batch, **k: model.loss(*batch, **k), device)  # DDP under torchrun
     latents = encode_training_set(model, train, device)
     extra = {"categories": train["categories"], "data_folders": train["folders"],
-             "sd_file": sd.sd_file(config["sd"]) if config["sd"] else None,
-             "sd_vae_file": sd.sd_file(config["sd_vae"], ("VAE",)) if config["sd_vae"] else None,
+             "sd_file": sd_backbone.sd_file(config["sd"]) if config["sd"] else None,
+             "sd_vae_file": sd_backbone.sd_file(config["sd_vae"], ("VAE",)) if config["sd_vae"] else None,
              "clip": clip_model.state_dict() if not config["clip"] else None}  # a random CLIP is saved
     losses, started = [], time.time()
     bar = cli.progress(total, "3/3 anomalyxfusion", initial=step)
@@ -440,8 +440,8 @@ def main(argv=None):
     set_file_sizes(config, {"context_dim": axf.clip_width(clip_model)}, config["clip"] or "the random CLIP")
     backbone = None
     if config["sd"]:  # a bad --sd file too
-        backbone = sd.load_backbone(config, device)
-        set_file_sizes(config, sd.file_sizes(backbone), config["sd"])
+        backbone = sd_backbone.load_backbone(config, device)
+        set_file_sizes(config, sd_backbone.file_sizes(backbone), config["sd"])
         vae_from = f" (from {config['sd_vae']})" if config["sd_vae"] else ""
         print(f"{config['sd']}: UNet ({sum(p.numel() for p in backbone['unet'].parameters()):,} parameters, "
               f"{backbone['unet'].conv_in.in_channels} input channels), text encoder and VAE{vae_from}; "

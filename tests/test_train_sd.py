@@ -17,10 +17,11 @@ import data
 import sample
 import files
 import sd
+import sd_backbone
 import toy
 import train
-import vae as vae_module
-from unet import UNet, add_lora, lora_state_dict
+from sd_backbone import add_lora, lora_state_dict
+from unet import UNet
 from vae import VAE
 from helpers import kill_after_two_steps_and_resume
 
@@ -76,7 +77,7 @@ def toy_root(tmp_path_factory):
 def sd_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sd")
     torch.manual_seed(2)  # a VAE alone, as vae-ft-mse-840000-ema-pruned.safetensors ships one (LDM names, no prefix)
-    vae = files.write_safetensors(vae_module.to_sd(VAE(3, 32, (1, 2), 1, 4).state_dict()), folder / "vae.safetensors",
+    vae = files.write_safetensors(sd.vae_to_sd(VAE(3, 32, (1, 2), 1, 4).state_dict()), folder / "vae.safetensors",
                                metadata={"format": "pt"})
     return {"txt2img": tiny_sd(folder / "tiny.safetensors"), "vae": Path(vae),
             "inpainting": tiny_sd(folder / "tiny-inpainting.ckpt", in_channels=9, seed=1)}
@@ -112,8 +113,8 @@ def sd_model(file, **overrides):
     """AnomalyXFusion on an SD file as train.py builds it, without training (random conditioning)."""
     settings = config.resolve("toy", dict(sd=str(file), image_size=32, num_tokens=2, context_dim=32, mask_channels=8,
                                           mask_feature_channels=16, **overrides))
-    backbone = sd.load_backbone(settings)
-    settings.update(sd.file_sizes(backbone))
+    backbone = sd_backbone.load_backbone(settings)
+    settings.update(sd_backbone.file_sizes(backbone))
     return axf.AnomalyXFusion(settings, axf.build_clip(settings), {"toy": ["crack", "hole"]}, **backbone)
 
 
@@ -273,7 +274,7 @@ def test_a_separate_vae_is_used_recorded_and_checked(trained, sd_files, tmp_path
     assert checkpoint["config"]["sd_vae"] == str(file)
     assert checkpoint["sd_vae_file"]["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
     model, _ = checkpoints.load_checkpoint(trained("none") / "axf.pt")
-    assert all(torch.equal(v, files.read_safetensors(file)[k]) for k, v in vae_module.to_sd(model.vae.state_dict()).items())
+    assert all(torch.equal(v, files.read_safetensors(file)[k]) for k, v in sd.vae_to_sd(model.vae.state_dict()).items())
     assert not torch.equal(model.vae.decoder.conv_out.weight, sd.load_sd(sd_files["txt2img"])[0].decoder.conv_out.weight)
     changed = changed_copy(file, tmp_path / "vae.safetensors", "decoder.conv_out.weight")
     checkpoint["config"]["sd_vae"] = str(changed)
@@ -283,6 +284,22 @@ def test_a_separate_vae_is_used_recorded_and_checked(trained, sd_files, tmp_path
     assert "--sd_vae" in config.architecture_changes(checkpoint["config"], dict(checkpoint["config"], sd_vae=""))[0]
     with pytest.raises(ValueError, match="sd_vae replaces the VAE of an --sd file"):
         config.resolve("toy", dict(sd_vae=str(file)))
+
+
+def test_a_checkpoint_with_the_old_lora_keys_loads_as_the_same_model(trained, tmp_path):
+    """Adapters were once saved beside their layer (`attn1.lora.to_q.down.weight`), now inside it
+    (`attn1.to_q.lora.down.weight`): a checkpoint in the old names loads as the very model of today's."""
+    checkpoint = torch.load(trained("lora") / "axf.pt", weights_only=True)
+    old_name = lambda key: re.sub(r"\.(to_q|to_k|to_v|to_out)\.lora\.", r".lora.\1.", key)
+    for part in ("model", "ema"):
+        checkpoint[part] = {old_name(k): v for k, v in checkpoint[part].items()}
+    assert any(".attn1.lora.to_q.down.weight" in k for k in checkpoint["model"])
+    torch.save(checkpoint, tmp_path / "axf.pt")
+    model, _ = checkpoints.load_checkpoint(tmp_path / "axf.pt")
+    original, _ = checkpoints.load_checkpoint(trained("lora") / "axf.pt")
+    assert model.state_dict().keys() == original.state_dict().keys()
+    for (name, a), b in zip(model.state_dict().items(), original.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 # ----------------------------------------------------------------------------- resuming
@@ -318,7 +335,7 @@ def test_adapted_unet_at_step_0_is_the_pretrained_unet(mode, sd_files):
     """The mask channel's conv_in weights are zero and a fresh LoRA's up is zero: until they train, the adapted
     UNet given [x_t, mask] predicts exactly what the file's UNet predicts from x_t."""
     original = sd.load_sd(sd_files["txt2img"])[1]
-    adapted = sd.adapt_sd_unet(sd.load_sd(sd_files["txt2img"])[1], mode, 4)
+    adapted = sd_backbone.adapt_sd_unet(sd.load_sd(sd_files["txt2img"])[1], mode, 4)
     x, mask, t, context = unet_inputs()
     with torch.no_grad():
         assert torch.equal(adapted(torch.cat([x, mask], dim=1), t, context), original(x, t, context))
@@ -327,7 +344,7 @@ def test_adapted_unet_at_step_0_is_the_pretrained_unet(mode, sd_files):
 def test_mask_input_false_keeps_the_text_to_image_unet_as_it_is(sd_files):
     """--unet_mask_input False: no fifth channel, so with --train_unet none not one UNet weight trains."""
     original = sd.load_sd(sd_files["txt2img"])[1]
-    adapted = sd.adapt_sd_unet(sd.load_sd(sd_files["txt2img"])[1], "none", 4, unet_mask_input=False)
+    adapted = sd_backbone.adapt_sd_unet(sd.load_sd(sd_files["txt2img"])[1], "none", 4, unet_mask_input=False)
     x, _, t, context = unet_inputs()
     assert adapted.conv_in.in_channels == 4 and not any(p.requires_grad for p in adapted.parameters())
     with torch.no_grad():
@@ -337,7 +354,7 @@ def test_mask_input_false_keeps_the_text_to_image_unet_as_it_is(sd_files):
 @pytest.mark.parametrize("mode", ["none", "lora", "full"])
 def test_train_unet_decides_which_unet_weights_train(mode, sd_files):
     """none: only the widened conv_in (the mask channel must learn); lora: conv_in and the adapters; full: all."""
-    adapted = sd.adapt_sd_unet(sd.load_sd(sd_files["txt2img"])[1], mode, 4)
+    adapted = sd_backbone.adapt_sd_unet(sd.load_sd(sd_files["txt2img"])[1], mode, 4)
     trainable = {n for n, p in adapted.named_parameters() if p.requires_grad}
     everything = {n for n, _ in adapted.named_parameters()}
     adapters = {n for n in everything if ".lora." in n}
@@ -350,7 +367,7 @@ def test_inpainting_unet_keeps_its_nine_channels_and_its_outputs(sd_files):
     """SD-inpainting already reads [x_t, mask, masked-image latent]: adapted with none it is the file's UNet,
     untouched and entirely frozen."""
     original = sd.load_sd(sd_files["inpainting"])[1]
-    adapted = sd.adapt_sd_unet(sd.load_sd(sd_files["inpainting"])[1], "none", 4)
+    adapted = sd_backbone.adapt_sd_unet(sd.load_sd(sd_files["inpainting"])[1], "none", 4)
     assert adapted.conv_in.in_channels == 9 and not any(p.requires_grad for p in adapted.parameters())
     x, _, t, context = unet_inputs(9)
     with torch.no_grad():
@@ -361,7 +378,7 @@ def test_a_unet_of_neither_layout_is_refused():
     """5 input channels of a 4-channel latent is neither text-to-image nor SD-inpainting: say so, adapt nothing."""
     unet = UNet(5, 4, 32, (1, 2), 1, (0, 1), sd.SD_HEADS, 64)
     with pytest.raises(ValueError, match=r"5 input channels is neither text-to-image \(4\) nor inpainting \(9\)"):
-        sd.adapt_sd_unet(unet, "none", 4)
+        sd_backbone.adapt_sd_unet(unet, "none", 4)
 
 
 # ----------------------------------------------------------------------------- e_t into the text encoder
