@@ -313,7 +313,7 @@ def load_checkpoint(path, device="cpu", use_ema=True, sd_path=None):
             config["sd_vae"] = config["sd_vae"] if Path(config["sd_vae"]).exists() else saved["path"]
             sd_backbone.check_sd_file(config["sd_vae"], saved, ("VAE",))
         networks = sd_backbone.load_backbone(config)
-        sd_backbone.upgrade_checkpoint(checkpoint)  # LoRA keys of older checkpoints
+        sd_backbone.upgrade_checkpoint(checkpoint, networks["unet"])  # older checkpoints' layouts
     refuse_misfit_weights(checkpoint, path, config, clip_model, categories, networks)
     model = AnomalyXFusion(config, clip_model, categories, **networks)
     load_weights(model, checkpoint["model"], path)

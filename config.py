@@ -100,7 +100,8 @@ KEYS = dict(
                           "average, what SD's emaonly files ship) or raw", fixed=True, choices=("ema", "raw")),
     sd_vae=Key("", "with --sd, a separate VAE file or folder (e.g. vae-ft-mse-840000-ema-pruned.safetensors) that "
                    "replaces the SD file's own"),
-    train_unet=Key("none", "with --sd, what of the UNet trains: none (the authors' recipe: only the conditioning), "
+    train_unet=Key("none", "with --sd, what of the UNet trains: none (the authors' recipe: only the conditioning, "
+                           "with the mask input channel's weights), "
                            "lora (rank-r adapters on its attention) or full (every weight)",
                    fixed=True, choices=("none", "lora", "full")),
     lora_rank=Key(32, "r of --train_unet lora", fixed=True, range=">= 1"),

@@ -81,6 +81,10 @@ def unet_to_sd(state_dict):
         raise ValueError("unet_to_sd: the UNet holds LoRA adapters; sd_backbone.merge_lora(unet) first (or save "
                          "lora_state_dict alone)")
     resblock = [(ours, theirs) for ours, theirs, _ in UNET_RESBLOCK]
+    state_dict = dict(state_dict)
+    extra = state_dict.pop("conv_in.extra_weight", None)  # a conv_in widened by sd_backbone: one tensor in a file
+    if extra is not None:
+        state_dict["conv_in.weight"] = torch.cat([state_dict["conv_in.weight"], extra], dim=1)
     sd = {}
     for key, value in state_dict.items():
         if re.search(r"\.proj_(in|out)\.weight$", key):

@@ -2,8 +2,10 @@
 are adapted to it, and how e_t reaches the pretrained UNet.
 
 sd.py turns the file into the project's networks; here they become AnomalyXFusion's, in reading order:
-  LoRA, LoRALinear, add_lora, lora_state_dict, merge_lora   rank-r adapters beside the attention projections
-  expand_input_channels      conv_in made to read extra input channels (the mask), zero-initialised
+  LoRA, LoRALinear, add_lora, lora_state_dict, merge_lora
+                             rank-r adapters beside the attention projections (--train_unet lora)
+  WidenedConv, expand_input_channels
+                             conv_in made to read the mask too: its new weights apart, zero at first
   adapt_sd_unet              the mask channel and what of the UNet trains (--unet_mask_input, --train_unet)
   TextEncoderContext         e_t into the frozen text encoder's context: the one hook axf.AnomalyXFusion calls
                              (its `sd_context`)
@@ -100,21 +102,40 @@ def merge_lora(unet):
 # ----------------------------------------------------------------------------------------------
 # The mask as an extra input channel, and what of the UNet trains
 
+class WidenedConv(nn.Module):
+    """conv_in reading more input channels than it was pretrained on ([x_t, mask]): a plain conv of the pretrained
+    weight and the new channels' weights side by side. The pretrained weight and bias keep their names and may stay
+    frozen; the new channels' weights are a parameter of their own (`conv_in.extra_weight`), so that they alone can
+    train. They start at zero: until they train, the output is the pretrained model's."""
+
+    def __init__(self, conv, in_channels):
+        super().__init__()
+        self.in_channels, self.out_channels, self.padding = in_channels, conv.out_channels, conv.padding
+        self.weight, self.bias = conv.weight, conv.bias  # the very tensors, not copies
+        extra = in_channels - conv.in_channels
+        self.extra_weight = nn.Parameter(conv.weight.new_zeros(conv.out_channels, extra, *conv.kernel_size))
+
+    def forward(self, x):
+        return F.conv2d(x, torch.cat([self.weight, self.extra_weight], dim=1), self.bias, padding=self.padding)
+
+    def as_conv2d(self):
+        """One trainable nn.Conv2d holding both weights: conv_in as older checkpoints trained it (whole)."""
+        size = self.weight.shape[2:]
+        conv = nn.Conv2d(self.in_channels, self.out_channels, size, padding=self.padding, device="meta")
+        conv.weight = nn.Parameter(torch.cat([self.weight, self.extra_weight], dim=1).detach())
+        conv.bias = nn.Parameter(self.bias.detach().clone())
+        return conv
+
+
 def expand_input_channels(unet, in_channels=5):
-    """A pretrained 4-channel UNet -> one that also reads extra input channels (e.g. the mask: [x_t, mask]).
-    The new channels' conv_in weights are zero, so until they train the output is the pretrained model's
-    (RunwayML's recipe for SD-1.5-inpainting's 5 extra channels)."""
+    """A pretrained 4-channel UNet -> one that also reads extra input channels (e.g. the mask: [x_t, mask]), by a
+    WidenedConv: the new channels' weights are zero, so until they train the output is the pretrained model's
+    (RunwayML's recipe for SD-1.5-inpainting's 5 extra channels). They train; the pretrained weights are as they
+    were (frozen or not)."""
     old = unet.conv_in
     if in_channels < old.in_channels:
         raise ValueError(f"expand_input_channels: the UNet already reads {old.in_channels} channels, not fewer")
-    new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, padding=old.padding).to(old.weight.device, old.weight.dtype)
-    with torch.no_grad():
-        new.weight.zero_()
-        new.weight[:, :old.in_channels] = old.weight
-        new.bias.copy_(old.bias)
-    new.weight.requires_grad_(old.weight.requires_grad)
-    new.bias.requires_grad_(old.bias.requires_grad)
-    unet.conv_in = new
+    unet.conv_in = WidenedConv(old, in_channels)
     if hasattr(unet, "sd_sizes"):
         unet.sd_sizes = dict(unet.sd_sizes, in_channels=in_channels)
     return unet
@@ -124,8 +145,8 @@ def adapt_sd_unet(unet, train_unet, lora_rank, unet_mask_input=True):
     """A pretrained SD UNet made ready for AnomalyXFusion (paper §4 conditions a frozen LDM):
     - with unet_mask_input, a 4-channel UNet gets the mask as a fifth input channel, zero-initialised: at step
       0 it is the pretrained model; SD-1.5-inpainting keeps its 9 channels (x_t, mask, masked-image latent);
-    - train_unet: none freezes it (only conv_in trains, if it was widened), lora adds rank-r adapters
-      (add_lora) and trains them, full trains every weight."""
+    - train_unet: none freezes every pretrained weight (only the mask channel's conv_in weights train), lora adds
+      rank-r adapters (add_lora) and trains them too, full trains every weight."""
     channels = unet.conv_in.in_channels
     latent = unet.conv_out.out_channels
     if channels not in (latent, 2 * latent + 1):
@@ -134,8 +155,7 @@ def adapt_sd_unet(unet, train_unet, lora_rank, unet_mask_input=True):
     unet.requires_grad_(train_unet == "full")
     unet.train()  # load_sd returns eval mode; UNet's gradient checkpointing acts in training mode only
     if channels == latent and unet_mask_input:
-        expand_input_channels(unet, latent + 1)
-        unet.conv_in.requires_grad_(True)  # the mask channel must learn, whatever else is frozen
+        expand_input_channels(unet, latent + 1)  # its new weights train whatever else is frozen: the mask must be read
     if train_unet == "lora":
         add_lora(unet, lora_rank)
     return unet
@@ -257,15 +277,23 @@ def check_sd_file(path, saved, parts=tuple(SD_PREFIXES)):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints saved before LoRA's adapters moved into the layers they adapt
+# Checkpoints saved in older layouts: LoRA's adapters beside their layers, conv_in trained whole
 
 OLD_LORA_KEY = re.compile(r"\.lora\.(to_q|to_k|to_v|to_out)\.")  # `attn1.lora.to_q.down.weight`, beside the layer
 
 
-def upgrade_checkpoint(checkpoint):
-    """A train.py checkpoint (its model and EMA weights) in today's names, in place: LoRA adapters were saved as
-    `...attn1.lora.to_q.down.weight` and are now `...attn1.to_q.lora.down.weight`. Returns the checkpoint."""
+def upgrade_checkpoint(checkpoint, unet):
+    """A train.py checkpoint of an older layout made loadable into the model built on `unet` (its SD UNet, adapted),
+    in place; returns the checkpoint.
+    - LoRA adapters were saved as `...attn1.lora.to_q.down.weight`, now `...attn1.to_q.lora.down.weight`;
+    - a widened conv_in once trained whole, the pretrained channels and bias too, and was saved as one 5-channel
+      `unet.conv_in.weight`: `unet` gets that plain, trainable conv back, so that the checkpoint loads as the very
+      model it was."""
     for part in ("model", "ema"):
         if checkpoint.get(part):
             checkpoint[part] = {OLD_LORA_KEY.sub(r".\1.lora.", k): v for k, v in checkpoint[part].items()}
+    saved = checkpoint["model"].keys()
+    trained_whole = "unet.conv_in.weight" in saved and "unet.conv_in.extra_weight" not in saved
+    if isinstance(unet.conv_in, WidenedConv) and trained_whole:
+        unet.conv_in = unet.conv_in.as_conv2d()
     return checkpoint
