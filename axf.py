@@ -7,7 +7,7 @@ What this file holds, in reading order:
   AnomalyXFusion   the whole model: the loss (Eq. (17)) and blended sampling (Eq. (16))
   builders         one per network from the config; CLIP
 On a pretrained Stable Diffusion file (train.py --sd) the VAE and UNet come from the file, and e_t reaches
-its UNet through its frozen text encoder: that adapter is the SD code's, called through one hook (`sd_adapter`).
+its UNet through its frozen text encoder: that adapter is sd_backbone.py's, called through one hook (`sd_adapter`).
 """
 import math
 
@@ -195,7 +195,7 @@ def texture_ids(rows, category, names):
 class AnomalyXFusion(nn.Module):
     """VAE + UNet + MIF + DDF (paper Fig. 1) of categories {name: sorted defect types}. vae, unet, mask_encoder:
     trained or pretrained networks (default: fresh; the VAE is frozen); sd_adapter: on a Stable Diffusion UNet, the
-    module that turns e_t into its context (the SD code's TextEncoderContext)."""
+    module that turns e_t into its context (sd_backbone.TextEncoderContext)."""
 
     def __init__(self, config, clip_model, categories, vae=None, unet=None, mask_encoder=None, sd_adapter=None):
         super().__init__()
@@ -241,7 +241,7 @@ class AnomalyXFusion(nn.Module):
         return torch.cat([part.to(x_t.dtype) for part in parts], dim=1)
 
     def parameter_groups(self):
-        """The optimiser's groups: the UNet's trained weights (LoRA, full fine-tuning, a widened conv_in) at unet_lr;
+        """The optimiser's groups: the UNet's trained weights (LoRA, full fine-tuning, the mask channel's) at unet_lr;
         the conditioning (MIF, DDF, mask encoder, texture and null tokens) at lr. On a from-scratch UNet both are lr."""
         lr, sd_file = self.config["lr"], self.config["sd"]
         unet_lr = self.config["unet_lr"] if sd_file else lr

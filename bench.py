@@ -29,7 +29,7 @@ import clip
 import config as settings
 import metrics
 import train
-import sd
+import sd_backbone
 import training
 from sd import SD_SCALE_FACTOR
 from unet import UNet
@@ -337,9 +337,9 @@ def sd_train_model(sizes, clip_model, mode, context, checkpointing, device):
     vae, unet, text = (random_weights(m, device).eval() for m in (vae, unet, text))  # eval: as load_sd returns them
     vae.scale_factor.fill_(SD_SCALE_FACTOR)
     vae.sd_sizes, unet.sd_sizes = sizes["vae"], sizes["unet"]
-    backbone = dict(vae=vae, unet=sd.adapt_sd_unet(unet, mode, config["lora_rank"]),
-                    sd_adapter=sd.TextEncoderContext(text, config).to(device))
-    config.update(sd.file_sizes(backbone))  # as train.py sets them from the file
+    backbone = dict(vae=vae, unet=sd_backbone.adapt_sd_unet(unet, mode, config["lora_rank"]),
+                    sd_adapter=sd_backbone.TextEncoderContext(text, config).to(device))
+    config.update(sd_backbone.file_sizes(backbone))  # as train.py sets them from the file
     model = axf.AnomalyXFusion(config, clip_model, {"bench": ["crack", "hole"]}, **backbone).to(device)
     model.mif.clip.cpu()  # as train.assemble_model leaves it once its features are cached
     return config, model

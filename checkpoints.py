@@ -19,7 +19,7 @@ import torch.distributed as dist
 import clip
 import config as settings
 import files
-import sd
+import sd_backbone
 from axf import AnomalyXFusion, build_clip, clip_width
 
 
@@ -227,7 +227,7 @@ def checked_config(checkpoint, path):
 
 
 def file_identity(value):
-    """sd.sd_file's record of a file: its path, size and sha256."""
+    """sd_backbone.sd_file's record of a file: its path, size and sha256."""
     return (isinstance(value, dict) and isinstance(value.get("path"), str) and type(value.get("size")) is int
             and isinstance(value.get("sha256"), str))
 
@@ -318,12 +318,13 @@ def load_checkpoint(path, device="cpu", use_ema=True, sd_path=None):
     if config["sd"]:  # the path as given at training, else as resolved then, unless the user says where it is now
         saved = checkpoint["sd_file"]
         config["sd"] = str(sd_path or (config["sd"] if Path(config["sd"]).exists() else saved["path"]))
-        sd.check_sd_file(config["sd"], saved)
+        sd_backbone.check_sd_file(config["sd"], saved)
         if config["sd_vae"]:  # a separate VAE, likewise
             saved = checkpoint["sd_vae_file"]
             config["sd_vae"] = config["sd_vae"] if Path(config["sd_vae"]).exists() else saved["path"]
-            sd.check_sd_file(config["sd_vae"], saved, ("VAE",))
-        networks = sd.load_backbone(config)
+            sd_backbone.check_sd_file(config["sd_vae"], saved, ("VAE",))
+        networks = sd_backbone.load_backbone(config)
+        sd_backbone.upgrade_checkpoint(checkpoint, networks["unet"])  # older checkpoints' layouts
     refuse_misfit_weights(checkpoint, path, config, clip_model, categories, networks)
     model = AnomalyXFusion(config, clip_model, categories, **networks)
     load_weights(model, checkpoint["model"], path)

@@ -8,9 +8,9 @@ It follows OpenAI's reference (github.com/openai/CLIP, `model.py` + `simple_toke
 that OpenAI's released ViT checkpoints load strictly under their own key names and give the same
 features: `load(path)` reads both the TorchScript archive OpenAI distributes and a plain state
 dict, `build_model` reads every size from the tensors' shapes. Stable Diffusion 1.x's text encoder
-(transformers' CLIPTextModel names) maps onto the same modules by `from_hf_text`; it is built as a
-text-only CLIP whose `encode_text_tokens` gives the per-token hidden states SD's UNet attends to (with
-`replace=`, textual inversion's splice of learned vectors at a placeholder word). Only ViT towers are written; the
+is built as a text-only CLIP (sd.py renames transformers' CLIPTextModel names onto OpenAI's) whose
+`encode_text_tokens` gives the per-token hidden states SD's UNet attends to (with `replace=`, textual
+inversion's splice of learned vectors at a placeholder word). Only ViT towers are written; the
 ResNet ("RN50") checkpoints are refused with a clear error. The 49,408-token BPE vocabulary is the
 data file `bpe_simple_vocab_16e6.txt.gz` next to this file (MIT licence, from openai/CLIP);
 nothing is downloaded. Depends on torch, torchvision, ftfy, regex, pillow.
@@ -391,62 +391,6 @@ def build_model(state_dict):
     model.load_state_dict(sd, strict=True)  # copies fp16 tensors into the fp32 parameters
     return model.eval()
 
-
-# Stable Diffusion 1.x stores its text encoder in transformers' CLIPTextModel names (under
-# `cond_stage_model.transformer.`); these are the same weights as OpenAI's ViT-L/14 text tower.
-HF_TEXT_RENAMES = [  # (regex on the transformers key, OpenAI's name)
-    (r"^embeddings\.token_embedding\.", "token_embedding."),
-    (r"^embeddings\.position_embedding\.weight$", "positional_embedding"),
-    (r"^encoder\.layers\.", "transformer.resblocks."),
-    (r"\.self_attn\.", ".attn."),
-    (r"\.layer_norm([12])\.", r".ln_\1."),
-    (r"\.mlp\.fc1\.", ".mlp.c_fc."),
-    (r"\.mlp\.fc2\.", ".mlp.c_proj."),
-    (r"^final_layer_norm\.", "ln_final."),
-]
-
-
-def from_hf_text(state_dict):
-    """transformers CLIPTextModel tensors (keys `text_model.…`) -> the same tensors in OpenAI's names.
-    A rename, plus one merge: OpenAI keeps q, k, v as one stacked in_proj (nn.MultiheadAttention's layout)."""
-    sd = {}
-    for key, value in state_dict.items():
-        key = key.removeprefix("text_model.")
-        if key == "embeddings.position_ids":  # an index buffer some files carry: not a weight
-            continue
-        for pattern, name in HF_TEXT_RENAMES:
-            key = re.sub(pattern, name, key)
-        sd[key] = value
-    for key in [k for k in sd if ".attn.q_proj." in k]:  # ....attn.q_proj.weight -> ....attn.in_proj_weight
-        prefix, kind = key.split(".attn.q_proj.")
-        parts = [sd.pop(f"{prefix}.attn.{x}_proj.{kind}") for x in "qkv"]
-        sd[f"{prefix}.attn.in_proj_{kind}"] = torch.cat(parts)  # [3 * width, width]: q, k, v stacked
-    return sd
-
-
-def to_hf_text(state_dict):
-    """The inverse of from_hf_text: a text tower's tensors in OpenAI's names -> transformers' `text_model.…` names
-    (in_proj split back into q, k, v). Image-tower, projection and temperature tensors have no place there."""
-    sd = {}
-    for key, value in state_dict.items():
-        if key.startswith("visual.") or key in ("text_projection", "logit_scale"):
-            continue
-        if key.endswith((".attn.in_proj_weight", ".attn.in_proj_bias")):
-            prefix, kind = key.split(".attn.in_proj_")
-            for x, part in zip("qkv", value.chunk(3)):
-                sd[f"{prefix}.attn.{x}_proj.{kind}"] = part
-        else:
-            sd[key] = value
-    inverse = [("token_embedding.", "embeddings.token_embedding."), ("transformer.resblocks.", "encoder.layers."),
-               (".attn.", ".self_attn."), (".ln_1.", ".layer_norm1."), (".ln_2.", ".layer_norm2."),
-               (".mlp.c_fc.", ".mlp.fc1."), (".mlp.c_proj.", ".mlp.fc2."), ("ln_final.", "final_layer_norm.")]
-    out = {}
-    for key, value in sd.items():
-        key = "embeddings.position_embedding.weight" if key == "positional_embedding" else key
-        for ours, theirs in inverse:
-            key = key.replace(ours, theirs)
-        out["text_model." + key] = value
-    return out
 
 
 def _read_state_dict(path):

@@ -91,14 +91,15 @@ KEYS = dict(
     sample_steps=Key(50, "DDIM steps (at most num_diffusion_steps)", range=">= 1"),
     guidance_scale=Key(3.0, "classifier-free guidance; 1 is the conditional model alone", range=">= 0"),
     eta=Key(0.0, "DDIM eta: 0 deterministic, 1 like DDPM", range="0 <= x <= 1"),
-    # a pretrained Stable Diffusion 1.x backbone (sd.py)
+    # a pretrained Stable Diffusion 1.x backbone (sd.py, sd_backbone.py)
     sd=Key("", "a Stable Diffusion 1.x single file (.safetensors or .ckpt) or diffusers folder: its VAE (stage 1 is "
                "skipped), UNet and text encoder replace the project's own; empty: everything trained from scratch"),
     sd_weights=Key("ema", "with --sd, the UNet of a file that holds two (v1-5-pruned.ckpt): ema (the weights' moving "
                           "average, what SD's emaonly files ship) or raw", fixed=True, choices=("ema", "raw")),
     sd_vae=Key("", "with --sd, a separate VAE file or folder (e.g. vae-ft-mse-840000-ema-pruned.safetensors) that "
                    "replaces the SD file's own"),
-    train_unet=Key("none", "with --sd, what of the UNet trains: none (the authors' recipe: only the conditioning), "
+    train_unet=Key("none", "with --sd, what of the UNet trains: none (the authors' recipe: only the conditioning, "
+                           "with the mask input channel's weights), "
                            "lora (rank-r adapters on its attention) or full (every weight)",
                    fixed=True, choices=("none", "lora", "full")),
     lora_rank=Key(32, "r of --train_unet lora", fixed=True, range=">= 1"),
@@ -217,7 +218,7 @@ def size_problems(config):
     image len(vae_channel_mult) - 1 times, the UNet the latent len(unet_channel_mult) - 1 times, and each
     attention level's width splits into unet_num_heads heads. Always: the mask encoder halves the image to
     8x8 features (a power of two), and DDIM takes at most the forward process's steps. (With --sd the file
-    decides the VAE's and UNet's sizes; sd.load_backbone checks the image size against them.)"""
+    decides the VAE's and UNet's sizes; sd_backbone.load_backbone checks the image size against them.)"""
     size, problems = config["image_size"], []
     if size & (size - 1):
         problems.append(f"--image_size must be a power of two (the mask encoder halves it to 8x8 features), "
@@ -249,8 +250,8 @@ def size_problems(config):
 def architecture_changes(saved, current, depends_on=None):
     """What a resume may not change, as 'key saved -> current': the fixed keys (only those whose names start
     with one of `depends_on`, if given: the keys one stage's network depends on), and whether the run is on a
-    Stable Diffusion file (--sd) and a separate VAE (--sd_vae) at all (which files they are, sd.check_sd_file
-    checks by hash)."""
+    Stable Diffusion file (--sd) and a separate VAE (--sd_vae) at all (which files they are,
+    sd_backbone.check_sd_file checks by hash)."""
     changes = [f"{name} {saved_value(saved, name)!r} -> {current[name]!r}" for name, key in KEYS.items()
                if key.fixed and (depends_on is None or name.startswith(depends_on))
                and saved_value(saved, name) != current[name]]

@@ -1,18 +1,19 @@
-"""Stable Diffusion 1.x weights: a safetensors reader and writer, load_sd and its inverse save_sd.
+"""Stable Diffusion 1.x files <-> the project's networks: the rename rules, reading a file, load_sd and save_sd.
 
 An SD-1.x single file (CompVis / RunwayML layout: .safetensors, or a Lightning .ckpt) holds three networks under
-three prefixes; a diffusers folder (unet/, vae/, text_encoder/) holds them in three files, renamed onto the single
-file's names first. Each module file has the rules that rename its part (unet.from_sd, unet.from_diffusers,
-vae.from_sd, vae.from_diffusers, clip.from_hf_text); here the files are read, every size is read off the tensor
-shapes (as clip.build_model does), and each module is filled strictly, one shape check per tensor. A separate VAE
-file may replace the file's own. Anything else is refused in one line that says what it is.
-
-Then what train.py --sd needs to use such a file: load_backbone (the networks AnomalyXFusion takes from it)
-and file_sizes (its sizes, for the config), adapt_sd_unet (the mask channel, what trains), sd_file /
-check_sd_file (the file's identity in a checkpoint), and TextEncoderContext: how e_t reaches the pretrained
-UNet, the one hook axf.AnomalyXFusion calls (its `sd_adapter`).
+three prefixes; a diffusers folder (unet/, vae/, text_encoder/) holds them in three files. unet.py, vae.py and
+clip.py hold their own layout only; what maps a file's names onto theirs is here, in reading order:
+  the rename rules   unet_from_sd / unet_to_sd and unet_from_diffusers, vae_from_sd / vae_to_sd and
+                     vae_from_diffusers, text_from_hf / text_to_hf (transformers' names of the text encoder)
+  reading a file     read_checkpoint (a diffusers folder renamed onto the single file's names first), check_sd1
+                     (what a file is when it is not an SD-1.x one), choose_weights (EMA or raw), split
+  building           every size read off the tensor shapes (as clip.build_model does), each module filled strictly,
+                     one shape check per tensor: build, build_sd; read_vae for a separate VAE file
+  load_sd, save_sd   a file -> (vae, unet, text_encoder), and back
+Anything else is refused in one line that says what it is. What train.py --sd does with these networks (LoRA, the
+mask channel, how e_t reaches the UNet) is sd_backbone.py's.
 """
-import hashlib
+import functools
 import os
 import re
 from collections import Counter
@@ -20,13 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 import clip
 from files import read_safetensors, read_torch, refuse_special_file, save_atomic, write_safetensors
-import unet as unet_module
-import vae as vae_module
-from unet import UNet
+from unet import Attention, UNet
 from vae import VAE
 
 SD_PREFIXES = {"UNet": "model.diffusion_model.", "VAE": "first_stage_model.", "text encoder": "cond_stage_model.transformer."}
@@ -43,6 +41,183 @@ EXTRAS = re.compile(r"[^.]+$|model_ema\.|(first_stage_model\.)?loss\.|cond_stage
                     r"(embeddings\.position_ids|text_projection|logit_scale)")
 EXPECTED = "Stable Diffusion 1.x file expected (e.g. v1-5-pruned-emaonly.safetensors or a diffusers folder)"
 
+
+# ----------------------------------------------------------------------------------------------
+# The rename rules: each network's names in an SD-1.x file -> those of its module here (unet.UNet, vae.VAE, clip.CLIP),
+# and back for save_sd. Each table of names is written once and read in both directions.
+
+UNET_RESBLOCK = [  # a ResBlock's layers: (ours, SD-1.x's (CompVis openaimodel.py), diffusers')
+    ("norm1", "in_layers.0", "norm1"), ("conv1", "in_layers.2", "conv1"),
+    ("time_proj", "emb_layers.1", "time_emb_proj"), ("norm2", "out_layers.0", "norm2"),
+    ("conv2", "out_layers.3", "conv2"), ("skip", "skip_connection", "conv_shortcut")]
+UNET_TRANSFORMER = [  # a transformer's layers that SD-1.x (and diffusers) name otherwise: (ours, SD-1.x's)
+    ("block", "transformer_blocks.0"), ("to_out", "to_out.0"), ("ff.proj", "ff.net.0.proj"), ("ff.out", "ff.net.2")]
+
+
+def unet_from_sd(state_dict):
+    """SD-1.x UNet tensors (keys without `model.diffusion_model.`) -> unet.UNet's names. SD-1.x counts conv_in as
+    input block 0, names the output layers out.0 and out.2 and Downsample's conv op. One reshape: SD-1.x's proj_in /
+    proj_out are 1x1 convs [C, C, 1, 1], ours Linear [C, C] (the same map)."""
+    sd = {}
+    for key, value in state_dict.items():
+        key = re.sub(r"^input_blocks\.0\.0\.", "conv_in.", key)
+        key = re.sub(r"^input_blocks\.(\d+)\.", lambda m: f"input_blocks.{int(m[1]) - 1}.", key)
+        key = re.sub(r"^out\.0\.", "norm_out.", re.sub(r"^out\.2\.", "conv_out.", key))
+        key = key.replace(".op.", ".conv.")  # Downsample
+        for ours, theirs, _ in UNET_RESBLOCK:
+            key = key.replace(f".{theirs}.", f".{ours}.")
+        for ours, theirs in UNET_TRANSFORMER:
+            key = key.replace(f".{theirs}.", f".{ours}.")
+        if re.search(r"\.proj_(in|out)\.weight$", key) and value.ndim == 4:
+            value = value[:, :, 0, 0]
+        sd[key] = value
+    return sd
+
+
+def unet_to_sd(state_dict):
+    """The inverse of unet_from_sd: unet.UNet's names -> SD-1.x's (keys without `model.diffusion_model.`), proj_in /
+    proj_out back to 1x1 convs. LoRA adapters have no place in an SD file: merge or drop them first."""
+    if any(".lora." in k for k in state_dict):
+        raise ValueError("unet_to_sd: the UNet holds LoRA adapters; sd_backbone.merge_lora(unet) first (or save "
+                         "lora_state_dict alone)")
+    resblock = [(ours, theirs) for ours, theirs, _ in UNET_RESBLOCK]
+    state_dict = dict(state_dict)
+    extra = state_dict.pop("conv_in.extra_weight", None)  # a conv_in widened by sd_backbone: one tensor in a file
+    if extra is not None:
+        state_dict["conv_in.weight"] = torch.cat([state_dict["conv_in.weight"], extra], dim=1)
+    sd = {}
+    for key, value in state_dict.items():
+        if re.search(r"\.proj_(in|out)\.weight$", key):
+            value = value[:, :, None, None]
+        key = re.sub(r"^conv_in\.", "input_blocks.-1.0.", key)
+        key = re.sub(r"^input_blocks\.(-?\d+)\.", lambda m: f"input_blocks.{int(m[1]) + 1}.", key)
+        key = re.sub(r"^norm_out\.", "out.0.", re.sub(r"^conv_out\.", "out.2.", key))
+        key = re.sub(r"^(input_blocks\.\d+\.0)\.conv\.", r"\1.op.", key)  # Downsample (Upsample keeps conv)
+        # a transformer's own norm1..3 keep their names: only a ResBlock's are renamed
+        for ours, theirs in UNET_TRANSFORMER if ".block." in key else resblock:
+            key = key.replace(f".{ours}.", f".{theirs}.")
+        sd[key] = value
+    return sd
+
+
+def unet_from_diffusers(state_dict):
+    """diffusers UNet2DConditionModel tensors (a diffusers folder's unet/) -> SD-1.x's original names, which
+    unet_from_sd then reads. diffusers counts blocks per level (down_blocks.i.resnets.j, .attentions.j,
+    .downsamplers.0); the original counts them across levels with conv_in as input block 0, n ResBlocks a level:
+    level i's j-th ResBlock is input_blocks.{i(n+1) + j + 1}.0, its transformer .1, its downsampler
+    input_blocks.{(i+1)(n+1)}.0.op. On the way up a level has n + 1 blocks, and its upsampler follows the last
+    one, after its transformer if the level has one. Transformer blocks keep their names."""
+    n = sum(1 for k in state_dict if re.fullmatch(r"down_blocks\.0\.resnets\.\d+\.conv1\.weight", k))
+    attends = {m[1] for k in state_dict if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
+    resblock = {diffusers: theirs for _, theirs, diffusers in UNET_RESBLOCK}
+    renames = [
+        (r"\.resnets\.(\d+)\.(\w+)\.", lambda m: f".resnets.{m[1]}.{resblock.get(m[2], m[2])}."),
+        (r"^time_embedding\.linear_([12])\.", lambda m: f"time_embed.{2 * int(m[1]) - 2}."),
+        (r"^conv_in\.", "input_blocks.0.0."), (r"^conv_norm_out\.", "out.0."), (r"^conv_out\.", "out.2."),
+        (r"^down_blocks\.(\d+)\.downsamplers\.0\.conv\.", lambda m: f"input_blocks.{(int(m[1]) + 1) * (n + 1)}.0.op."),
+        (r"^down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.",
+         lambda m: f"input_blocks.{int(m[1]) * (n + 1) + int(m[3]) + 1}.{int(m[2] == 'attentions')}."),
+        (r"^up_blocks\.(\d+)\.upsamplers\.0\.",
+         lambda m: f"output_blocks.{int(m[1]) * (n + 1) + n}.{2 if m[1] in attends else 1}."),
+        (r"^up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.",
+         lambda m: f"output_blocks.{int(m[1]) * (n + 1) + int(m[3])}.{int(m[2] == 'attentions')}."),
+        (r"^mid_block\.resnets\.(\d)\.", lambda m: f"middle_block.{2 * int(m[1])}."),
+        (r"^mid_block\.attentions\.0\.", "middle_block.1."),
+    ]
+    rename = lambda key: functools.reduce(lambda k, rule: re.sub(*rule, k), renames, key)  # every rule in turn
+    return {rename(key): value for key, value in state_dict.items()}
+
+
+def vae_from_sd(state_dict):
+    """SD-1.x VAE tensors (keys without `first_stage_model.`) -> vae.VAE's names: the same names (vae.py names its
+    modules after LDM's). The mid-block attention's q, k, v, proj_out are 1x1 convs there and in CompVis's files;
+    files that went through diffusers store them as Linear [C, C], which is the same map: reshaped to [C, C, 1, 1]."""
+    attention = ("attn_1.q.weight", "attn_1.k.weight", "attn_1.v.weight", "attn_1.proj_out.weight")
+    return {k: v[:, :, None, None] if k.endswith(attention) and v.ndim == 2 else v for k, v in state_dict.items()}
+
+
+def vae_to_sd(state_dict):
+    """The inverse of vae_from_sd: the same names, without the scale_factor buffer (SD keeps it in its yaml)."""
+    return {k: v for k, v in state_dict.items() if k != "scale_factor"}
+
+
+def vae_from_diffusers(state_dict):
+    """diffusers AutoencoderKL tensors (a diffusers folder's vae/, or a VAE file in its layout) -> LDM's names,
+    which vae_from_sd then reads: down_blocks.i.resnets.j -> down.i.block.j; the decoder's up_blocks count from the
+    bottom (up_blocks.0 is LDM's up.{L-1}); mid_block.resnets.j -> mid.block_{j+1}; the mid-block attention is
+    to_q/to_k/to_v/to_out.0, or query/key/value/proj_attn in files saved before diffusers renamed them."""
+    levels = 1 + max((int(m[1]) for k in state_dict if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))), default=-1)
+    renames = [
+        (r"\.down_blocks\.(\d+)\.resnets\.", r".down.\1.block."), (r"\.down_blocks\.(\d+)\.downsamplers\.0\.", r".down.\1.downsample."),
+        (r"\.up_blocks\.(\d+)\.resnets\.", lambda m: f".up.{levels - 1 - int(m[1])}.block."),
+        (r"\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f".up.{levels - 1 - int(m[1])}.upsample."),
+        (r"\.mid_block\.resnets\.(\d)\.", lambda m: f".mid.block_{int(m[1]) + 1}."),
+        (r"\.mid_block\.attentions\.0\.", ".mid.attn_1."), (r"\.attn_1\.group_norm\.", ".attn_1.norm."),
+        (r"\.attn_1\.(to_q|query)\.", ".attn_1.q."), (r"\.attn_1\.(to_k|key)\.", ".attn_1.k."),
+        (r"\.attn_1\.(to_v|value)\.", ".attn_1.v."), (r"\.attn_1\.(to_out\.0|proj_attn)\.", ".attn_1.proj_out."),
+        (r"\.conv_norm_out\.", ".norm_out."), (r"\.conv_shortcut\.", ".nin_shortcut."),
+    ]
+    rename = lambda key: functools.reduce(lambda k, rule: re.sub(*rule, k), renames, key)  # every rule in turn
+    return {rename(key): value for key, value in state_dict.items()}
+
+
+# SD-1.x keeps its text encoder in transformers' CLIPTextModel names (under `cond_stage_model.transformer.`): the same
+# weights as OpenAI's ViT-L/14 text tower, whose names clip.CLIP has.
+TEXT_RENAMES = [  # (transformers' name, OpenAI's); one that starts with a dot is a layer's, anywhere in a key
+    ("embeddings.token_embedding.", "token_embedding."),
+    ("embeddings.position_embedding.weight", "positional_embedding"),
+    ("encoder.layers.", "transformer.resblocks."), (".self_attn.", ".attn."), (".layer_norm1.", ".ln_1."),
+    (".layer_norm2.", ".ln_2."), (".mlp.fc1.", ".mlp.c_fc."), (".mlp.fc2.", ".mlp.c_proj."),
+    ("final_layer_norm.", "ln_final.")]
+
+
+def renamed(key, renames):
+    """key with each (old, new) of renames applied in turn: an old name that starts with a dot is a layer's, renamed
+    wherever it occurs; any other is the start of a key."""
+    for old, new in renames:
+        if old.startswith("."):
+            key = key.replace(old, new)
+        elif key.startswith(old):
+            key = new + key[len(old):]
+    return key
+
+
+def text_from_hf(state_dict):
+    """transformers CLIPTextModel tensors (keys `text_model.…`) -> the same tensors in OpenAI's names (clip.CLIP's).
+    A rename, plus one merge: OpenAI keeps q, k, v as one stacked in_proj (nn.MultiheadAttention's layout)."""
+    sd = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("text_model.")
+        if key != "embeddings.position_ids":  # an index buffer some files carry: not a weight
+            sd[renamed(key, TEXT_RENAMES)] = value
+    for key in [k for k in sd if ".attn.q_proj." in k]:  # ....attn.q_proj.weight -> ....attn.in_proj_weight
+        prefix, kind = key.split(".attn.q_proj.")
+        parts = [sd.pop(f"{prefix}.attn.{x}_proj.{kind}") for x in "qkv"]
+        sd[f"{prefix}.attn.in_proj_{kind}"] = torch.cat(parts)  # [3 * width, width]: q, k, v stacked
+    return sd
+
+
+def text_to_hf(state_dict):
+    """The inverse of text_from_hf: a text tower's tensors in OpenAI's names -> transformers' `text_model.…` names
+    (in_proj split back into q, k, v). Image-tower, projection and temperature tensors have no place there."""
+    sd = {}
+    for key, value in state_dict.items():
+        if key.startswith("visual.") or key in ("text_projection", "logit_scale"):
+            continue
+        if key.endswith((".attn.in_proj_weight", ".attn.in_proj_bias")):
+            prefix, kind = key.split(".attn.in_proj_")
+            for x, part in zip("qkv", value.chunk(3)):
+                sd[f"{prefix}.attn.{x}_proj.{kind}"] = part
+        else:
+            sd[key] = value
+    inverse = [(ours, theirs) for theirs, ours in TEXT_RENAMES]
+    return {"text_model." + renamed(key, inverse): value for key, value in sd.items()}
+
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a file: what it holds, in the single file's names
 
 def _named(obj, module, name):
     """obj under the name a file pickles, for the weights-only allow-list (torch 2.4 keys it by __module__ and
@@ -135,8 +310,8 @@ def read_checkpoint(path):
     """An SD file or a diffusers folder -> one flat state dict in the single file's (original) layout."""
     path = os.fspath(path)
     refuse_special_file(path, "a Stable Diffusion file or folder")
-    if os.path.isdir(path):  # each part renamed by its module's rule; transformers' text names are the file's own
-        rules = {"UNet": unet_module.from_diffusers, "VAE": vae_module.from_diffusers, "text encoder": dict}
+    if os.path.isdir(path):  # each part renamed by its rule above; transformers' text names are the file's own
+        rules = {"UNet": unet_from_diffusers, "VAE": vae_from_diffusers, "text encoder": dict}
         return {SD_PREFIXES[part] + k: v for part, file in diffusers_files(path).items()
                 for k, v in rules[part](read_file(file)).items()}
     if not os.path.isfile(path):
@@ -214,6 +389,9 @@ def split(state_dict, prefixes, name):
     return parts
 
 
+# ----------------------------------------------------------------------------------------------
+# Building the networks: every size read off the shapes, each module filled strictly
+
 def fill(module, tensors, name, part, device):
     """Copy tensors (in the module's own names) into a module built on the meta device: the same key set,
     one shape check per tensor, both on the meta device, so that a file whose sizes describe a network bigger than
@@ -263,8 +441,8 @@ def text_sizes(t):
                 transformer_layers=sum(1 for k in t if k.endswith(".attn.in_proj_weight")))
 
 
-BUILDERS = {"UNet": (unet_module.from_sd, unet_sizes, UNet), "VAE": (vae_module.from_sd, vae_sizes, VAE),
-            "text encoder": (clip.from_hf_text, text_sizes, clip.CLIP)}  # part -> (rename rule, sizes, module)
+BUILDERS = {"UNet": (unet_from_sd, unet_sizes, UNet), "VAE": (vae_from_sd, vae_sizes, VAE),
+            "text encoder": (text_from_hf, text_sizes, clip.CLIP)}  # part -> (rename rule, sizes, module)
 
 
 def build(part, tensors, name, device):
@@ -307,7 +485,7 @@ def read_vae(path, weights="ema"):
         raise FileNotFoundError(f"{path}: no such VAE file or folder (e.g. vae-ft-mse-840000-ema-pruned.safetensors)")
     state = read_file(diffusers_files(path, ("VAE",))["VAE"] if path.is_dir() else path)
     if any(re.match(r"(en|de)coder\.(down|up|mid)_block", k) for k in state):
-        state = vae_module.from_diffusers(state)
+        state = vae_from_diffusers(state)
     prefix = "first_stage_model." if any(k.startswith("first_stage_model.") for k in state) else ""
     networks = tuple(prefix + p for p in ("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))
     return split(choose_weights(state, str(path), weights, networks), {"VAE": prefix}, str(path))["VAE"]
@@ -341,13 +519,13 @@ def save_sd(path, vae, unet, text_encoder, dtype=None):
     """(vae, unet, text_encoder) -> an SD-1.x single file in the original layout, the inverse of load_sd:
     .safetensors by write_safetensors, anything else (.ckpt) by torch.save({"state_dict": ...}) as Lightning
     writes it. dtype (e.g. torch.float16) casts the floating-point tensors. A UNet with LoRA adapters is
-    refused: unet_module.merge_lora(unet) first. Returns the path."""
-    heads = {m.num_heads for m in unet.modules() if isinstance(m, unet_module.Attention)}
+    refused: sd_backbone.merge_lora(unet) first. Returns the path."""
+    heads = {m.num_heads for m in unet.modules() if isinstance(m, Attention)}
     if heads - {SD_HEADS} or any(b.attn.n_head != text_encoder.transformer.width // 64 for b in text_encoder.transformer.resblocks):
         raise ValueError(f"save_sd: load_sd reads SD-1.x's head counts ({SD_HEADS} in the UNet, width / 64 in the text "
                          f"encoder); this UNet has {sorted(heads)}: the file would load as a different model")
-    parts = {"UNet": unet_module.to_sd(unet.state_dict()), "VAE": vae_module.to_sd(vae.state_dict()),
-             "text encoder": clip.to_hf_text(text_encoder.state_dict())}
+    parts = {"UNet": unet_to_sd(unet.state_dict()), "VAE": vae_to_sd(vae.state_dict()),
+             "text encoder": text_to_hf(text_encoder.state_dict())}
     tensors = {SD_PREFIXES[part] + k: v.detach().cpu() for part, state in parts.items() for k, v in state.items()}
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
@@ -356,141 +534,6 @@ def save_sd(path, vae, unet, text_encoder, dtype=None):
         return write_safetensors(tensors, path, metadata={"format": "pt"})
     save_atomic({"state_dict": tensors}, path)
     return path
-
-
-# ----------------------------------------------------------------------------------------------
-# A Stable Diffusion 1.x backbone for AnomalyXFusion (train.py --sd): the networks it takes from the file,
-# how its UNet is adapted, the file's identity, and how e_t reaches the UNet (TextEncoderContext)
-
-
-def load_backbone(config, device="cpu"):
-    """The networks AnomalyXFusion takes from config["sd"] (and config["sd_vae"]): {vae, unet (adapted),
-    sd_adapter}, the keyword arguments of axf.AnomalyXFusion. The file's own sizes are file_sizes(); the config
-    is not changed here."""
-    vae, unet, text = load_sd(config["sd"], device, config["sd_weights"], config["sd_vae"] or None)
-    f = 2 ** (len(vae.sd_sizes["channel_mult"]) - 1) * 2 ** (len(unet.sd_sizes["channel_mult"]) - 1)
-    if config["image_size"] % f:
-        raise ValueError(f"image_size {config['image_size']} must be a multiple of {f} for {config['sd']}")
-    unet = adapt_sd_unet(unet, config["train_unet"], config["lora_rank"], config["unet_mask_input"])
-    return dict(vae=vae, unet=unet, sd_adapter=TextEncoderContext(text, config).to(device))
-
-
-def file_sizes(backbone):
-    """The config keys an SD file decides, whatever the preset says: its VAE's and UNet's sizes."""
-    sizes = {}
-    for prefix, model in (("vae_", backbone["vae"]), ("unet_", backbone["unet"])):
-        for key in ("channels", "channel_mult", "num_res_blocks", "attention_levels", "num_heads"):
-            if key in model.sd_sizes:
-                value = model.sd_sizes[key]
-                sizes[prefix + key] = tuple(value) if isinstance(value, (list, tuple)) else value
-    return sizes
-
-
-def sd_file(path, parts=tuple(SD_PREFIXES), chunk=1 << 24):
-    """What names an SD file (or folder: the part files it reads) in a checkpoint: its path, size in bytes and
-    sha256 (~3 s for SD-1.5's 4 GB). parts=("VAE",) for a separate VAE."""
-    path = Path(path)
-    refuse_special_file(path, "a Stable Diffusion file or folder")
-    files = list(diffusers_files(path, parts).values()) if path.is_dir() else [path]
-    digest = hashlib.sha256()
-    for file in files:
-        with open(file, "rb") as f:
-            while block := f.read(chunk):
-                digest.update(block)
-    return {"path": str(path.resolve()), "size": sum(f.stat().st_size for f in files), "sha256": digest.hexdigest()}
-
-
-def check_sd_file(path, saved, parts=tuple(SD_PREFIXES)):
-    """Raise one clear line unless `path` is the very file a checkpoint was trained on (same size and hash)."""
-    wanted = f"{saved['path']} ({saved['size']:,} bytes, sha256 {saved['sha256'][:16]}...)"
-    what, flag = ("VAE file", "--sd_vae") if parts == ("VAE",) else ("Stable Diffusion file", "--sd")
-    refuse_special_file(path, f"the {what}")
-    if not Path(path).exists():
-        raise FileNotFoundError(f"{path}: missing; this checkpoint was trained on the {what} {wanted}: "
-                                f"pass {flag} with where that file is now")
-    if sd_file(path, parts)["sha256"] != saved["sha256"]:
-        raise ValueError(f"{path} is not the {what} this checkpoint was trained on ({wanted}); "
-                         f"its trained weights belong to that file")
-
-
-def adapt_sd_unet(unet, train_unet, lora_rank, unet_mask_input=True):
-    """A pretrained SD UNet made ready for AnomalyXFusion (paper §4 conditions a frozen LDM):
-    - with unet_mask_input, a 4-channel UNet gets the mask as a fifth input channel, zero-initialised: at step
-      0 it is the pretrained model; SD-1.5-inpainting keeps its 9 channels (x_t, mask, masked-image latent);
-    - train_unet: none freezes it (only conv_in trains, if it was widened), lora adds rank-r adapters
-      (unet.add_lora) and trains them, full trains every weight."""
-    channels = unet.conv_in.in_channels
-    latent = unet.conv_out.out_channels
-    if channels not in (latent, 2 * latent + 1):
-        raise ValueError(f"a UNet with {channels} input channels is neither text-to-image ({latent}) nor inpainting "
-                         f"({2 * latent + 1})")
-    unet.requires_grad_(train_unet == "full")
-    unet.train()  # load_sd returns eval mode; UNet's gradient checkpointing acts in training mode only
-    if channels == latent and unet_mask_input:
-        unet_module.expand_input_channels(unet, latent + 1)
-        unet.conv_in.requires_grad_(True)  # the mask channel must learn, whatever else is frozen
-    if train_unet == "lora":
-        unet_module.add_lora(unet, lora_rank)
-    return unet
-
-
-class TextEncoderContext(nn.Module):
-    """e_t [B, n, d] -> the pretrained UNet's context [B, 77 (+ n), width]: Eq. (13)'s condition for SD's UNet.
-
-    append (the default): the frozen text encoder's 77 hidden states of the caption's prompt (computed once
-    per caption), then e_t's n tokens. splice (the authors' textual inversion, as AnomalyDiffusion): the n
-    placeholders * of the prompt are replaced by e_t's tokens at the encoder's input, and its 77 hidden
-    states are the context; DDF makes e_t depend on t, so the encoder then runs at every step. Which one
-    drew the caption's colour and defect type more often: docs/stable-diffusion.md.
-    """
-
-    def __init__(self, text_encoder, config):
-        super().__init__()
-        self.text_encoder = text_encoder.eval().requires_grad_(False)
-        self.mode, self.prompt, self.use_text = config["sd_context"], config["sd_prompt"], config["use_text"]
-        width = text_encoder.token_embedding.weight.shape[1]
-        # e_t's tokens -> the text encoder's width (768 = d for SD-1.5 with CLIP ViT-L/14: no layer then)
-        self.to_text = nn.Linear(config["context_dim"], width) if width != config["context_dim"] else nn.Identity()
-        # spliced at the encoder's input, e_t's tokens take the size of its word embeddings; at e_t's own
-        # unit scale they would drown the prompt's words in the residual stream
-        self.token_scale = text_encoder.token_embedding.weight.float().std().item()
-        self._prompt_cache, self._hidden_cache = {}, {}
-
-    def forward(self, e_t, captions=None, drop=None):
-        """captions: the conditions' captions (none: ""); a dropped condition (drop, bool [B]) has ""."""
-        captions = list(captions) if captions is not None and self.use_text else [""] * len(e_t)
-        if drop is not None:
-            captions = ["" if dropped else c for c, dropped in zip(captions, drop.tolist())]
-        vectors = self.to_text(e_t)  # [B, n, width]
-        if self.mode == "splice":
-            tokens = self.prompt_tokens(captions, e_t.shape[1]).to(e_t.device)
-            return self.text_encoder.encode_text_tokens(tokens, replace=(clip.PLACEHOLDER_ID, vectors * self.token_scale))
-        hidden = self.prompt_hidden_states(captions)
-        return torch.cat([hidden.to(vectors.dtype), vectors], dim=1)
-
-    def prompt_tokens(self, captions, n):
-        """sd_prompt with {caption} filled in and its * made n placeholders -> [B, 77] token ids (SD's end-token
-        padding). A long caption is cut; the placeholders never are."""
-        rows = []
-        for caption in captions:
-            if (caption, n) not in self._prompt_cache:
-                before, after = self.prompt.replace("{caption}", caption.replace("*", " ")).split("*")
-                tail = clip.bpe_tokens(after)[:75 - n]
-                head = clip.bpe_tokens(before)[:75 - n - len(tail)]
-                ids = [clip.START_ID] + head + [clip.PLACEHOLDER_ID] * n + tail + [clip.END_ID]
-                self._prompt_cache[caption, n] = torch.tensor(ids + [clip.END_ID] * (77 - len(ids)))
-            rows.append(self._prompt_cache[caption, n])
-        return torch.stack(rows)
-
-    @torch.no_grad()
-    def prompt_hidden_states(self, captions):
-        """The frozen encoder's 77 hidden states of the prompt without its * (append), cached per caption."""
-        missing = sorted({c for c in captions if c not in self._hidden_cache})
-        if missing:
-            tokens = self.prompt_tokens(missing, 0).to(self.text_encoder.token_embedding.weight.device)
-            for caption, hidden in zip(missing, self.text_encoder.encode_text_tokens(tokens)):
-                self._hidden_cache[caption] = hidden
-        return torch.stack([self._hidden_cache[c] for c in captions])
 
 
 if __name__ == "__main__":  # python sd.py --sd FILE: load a Stable Diffusion 1.x file, print the sizes found

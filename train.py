@@ -46,7 +46,7 @@ import checkpoints
 import cli
 import data
 import files
-import sd
+import sd_backbone
 import training
 from config import PRESETS, default_preset, resolve
 from vae import vae_loss
@@ -344,11 +344,13 @@ def train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, bac
     path, total = out_dir / "axf.pt", config["steps"] * len(train["categories"])
     state = checkpoints.load_stage(path, total, config, train["categories"])
     if state and config["sd"]:  # the trained weights belong to one SD file (and VAE)
-        sd.check_sd_file(config["sd"], state["sd_file"])
+        sd_backbone.check_sd_file(config["sd"], state["sd_file"])
         if config["sd_vae"]:
-            sd.check_sd_file(config["sd_vae"], state["sd_vae_file"], ("VAE",))
+            sd_backbone.check_sd_file(config["sd_vae"], state["sd_vae_file"], ("VAE",))
     if state and state["step"] >= total:
         return
+    if state and backbone:  # an older checkpoint's layout (LoRA keys, a conv_in trained whole) made today's
+        sd_backbone.upgrade_checkpoint(state, backbone["unet"])
     model = assemble_model(train, vae, mask_encoder, clip_model, config, device, backbone)
     groups = model.parameter_groups()
     print(f"trainable: {sum(p.numel() for p in groups[0]['params']):,} UNet and "
@@ -360,8 +362,8 @@ def train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, bac
     parallel_model, autocast = data_parallel(model, device), cli.autocast(device, config["bf16"])
     latents = encode_training_set(model, train, device)
     extra = {"categories": train["categories"], "data_folders": train["folders"],
-             "sd_file": sd.sd_file(config["sd"]) if config["sd"] else None,
-             "sd_vae_file": sd.sd_file(config["sd_vae"], ("VAE",)) if config["sd_vae"] else None,
+             "sd_file": sd_backbone.sd_file(config["sd"]) if config["sd"] else None,
+             "sd_vae_file": sd_backbone.sd_file(config["sd_vae"], ("VAE",)) if config["sd_vae"] else None,
              "clip": clip_model.state_dict() if not config["clip"] else None}  # a random CLIP is saved
     losses, started = [], time.time()
     bar = cli.progress(total, "3/3 anomalyxfusion", initial=step)
@@ -470,8 +472,8 @@ def main(argv=None):
     set_file_sizes(config, {"context_dim": axf.clip_width(clip_model)}, config["clip"] or "the random CLIP")
     backbone = None
     if config["sd"]:  # a bad --sd file too
-        backbone = sd.load_backbone(config, device)
-        set_file_sizes(config, sd.file_sizes(backbone), config["sd"])
+        backbone = sd_backbone.load_backbone(config, device)
+        set_file_sizes(config, sd_backbone.file_sizes(backbone), config["sd"])
         vae_from = f" (from {config['sd_vae']})" if config["sd_vae"] else ""
         print(f"{config['sd']}: UNet ({sum(p.numel() for p in backbone['unet'].parameters()):,} parameters, "
               f"{backbone['unet'].conv_in.in_channels} input channels), text encoder and VAE{vae_from}; "

@@ -11,14 +11,12 @@ embedding e_t (Eq. (14), (15)). The layout is LDM's (Rombach et al. 2022, CompVi
                    -> GroupNorm, SiLU, conv_out -> ε [B, C, H, W]
 
 Every ResBlock adds the timestep embedding; every SpatialTransformer does self-attention over the
-pixels, cross-attention to the context and a GEGLU feed-forward. Stable Diffusion 1.x's UNet
-(`model.diffusion_model.*` in its single file) loads into this one by the rename rule `from_sd` at the end
-(`to_sd` is its inverse; `from_diffusers` maps a diffusers folder's UNet onto the single file's names); `add_lora`, `expand_input_channels` and the `gradient_checkpointing` switch adapt
-a pretrained UNet to AnomalyXFusion without changing its output before training. Depends on torch only.
+pixels, cross-attention to the context and a GEGLU feed-forward. The `gradient_checkpointing` switch trades
+compute for activation memory. Being LDM's layout, Stable Diffusion 1.x's UNet loads into it by a rename rule;
+that rule lives with the SD code (sd.py), as do LoRA and the mask input channel (sd_backbone.py): this file holds
+its own layout only. Depends on torch only.
 """
 import math
-import functools
-import re
 
 import torch
 import torch.nn as nn
@@ -100,30 +98,10 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(kv_dim, dim, bias=False)
         self.to_v = nn.Linear(kv_dim, dim, bias=False)
         self.to_out = nn.Linear(dim, dim)
-        self.lora = None  # rank-r adapters of the four projections, set by add_lora (fine-tuning a pretrained UNet)
 
     def forward(self, x, context=None):
         context = x if context is None else context  # the only difference between self- and cross-attention
-        if self.lora is None:  # the plain layer: no extra work unless adapters were added
-            return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.num_heads))
-        lora = self.lora
-        q, k, v = (self.to_q(x) + lora["to_q"](x), self.to_k(context) + lora["to_k"](context),
-                   self.to_v(context) + lora["to_v"](context))
-        h = attention(q, k, v, self.num_heads)
-        return self.to_out(h) + lora["to_out"](h)
-
-
-class LoRA(nn.Module):
-    """A rank-r update W + up @ down of a frozen linear layer (Hu et al. 2021, "LoRA"), computed beside it:
-    x -> up(down(x)). `up` starts at zero, so a fresh adapter changes nothing: step 0 is the pretrained model."""
-
-    def __init__(self, in_features, out_features, rank):
-        super().__init__()
-        self.down = nn.Linear(in_features, rank, bias=False)  # nn.Linear's default (Kaiming-uniform) init, as peft
-        self.up = zero_init(nn.Linear(rank, out_features, bias=False))
-
-    def forward(self, x):
-        return self.up(self.down(x))
+        return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.num_heads))
 
 
 class GEGLU(nn.Module):
@@ -288,141 +266,3 @@ class UNet(nn.Module):
             h = self._run(block, torch.cat([h, skips.pop()], dim=1), temb, context)
         return self.conv_out(F.silu(self.norm_out(h)))  # [B, out_channels, H, W]
 
-
-# ----------------------------------------------------------------------------------------------
-# Stable Diffusion 1.x weights: CompVis `openaimodel.py` names -> this file's (used by sd.load_sd)
-
-SD_RENAMES = [  # (regex on the SD key, our name), applied in order
-    (r"^input_blocks\.0\.0\.", "conv_in."),
-    (r"^input_blocks\.(\d+)\.", lambda m: f"input_blocks.{int(m[1]) - 1}."),  # conv_in is block 0 in SD
-    (r"^out\.0\.", "norm_out."), (r"^out\.2\.", "conv_out."),
-    (r"\.in_layers\.0\.", ".norm1."), (r"\.in_layers\.2\.", ".conv1."), (r"\.emb_layers\.1\.", ".time_proj."),
-    (r"\.out_layers\.0\.", ".norm2."), (r"\.out_layers\.3\.", ".conv2."), (r"\.skip_connection\.", ".skip."),
-    (r"\.op\.", ".conv."),  # Downsample
-    (r"\.transformer_blocks\.0\.", ".block."), (r"\.to_out\.0\.", ".to_out."),
-    (r"\.ff\.net\.0\.proj\.", ".ff.proj."), (r"\.ff\.net\.2\.", ".ff.out."),
-]
-
-
-def from_sd(state_dict):
-    """SD-1.x UNet tensors (keys without `model.diffusion_model.`) -> a state dict in this file's names.
-    One reshape: SD-1.x's proj_in / proj_out are 1x1 convs [C, C, 1, 1], ours Linear [C, C] (the same map)."""
-    sd = {}
-    for key, value in state_dict.items():
-        for pattern, name in SD_RENAMES:
-            key = re.sub(pattern, name, key)
-        if re.search(r"\.proj_(in|out)\.weight$", key) and value.ndim == 4:
-            value = value[:, :, 0, 0]
-        sd[key] = value
-    return sd
-
-
-def to_sd(state_dict):
-    """The inverse of from_sd: this file's names -> SD-1.x's (keys without `model.diffusion_model.`), proj_in /
-    proj_out back to 1x1 convs. LoRA adapters have no place in an SD file: merge_lora or drop them first."""
-    if any(".lora." in k for k in state_dict):
-        raise ValueError("to_sd: the UNet holds LoRA adapters; merge_lora(unet) first (or save lora_state_dict alone)")
-    sd = {}
-    for key, value in state_dict.items():
-        if re.search(r"\.proj_(in|out)\.weight$", key):
-            value = value[:, :, None, None]
-        key = re.sub(r"^conv_in\.", "input_blocks.-1.0.", key)
-        key = re.sub(r"^input_blocks\.(-?\d+)\.", lambda m: f"input_blocks.{int(m[1]) + 1}.", key)
-        key = re.sub(r"^norm_out\.", "out.0.", re.sub(r"^conv_out\.", "out.2.", key))
-        key = re.sub(r"^(input_blocks\.\d+\.0)\.conv\.", r"\1.op.", key)  # Downsample (Upsample keeps conv)
-        if ".block." in key:  # transformer block: its norm1..3 keep their names
-            key = key.replace(".block.", ".transformer_blocks.0.").replace(".to_out.", ".to_out.0.")
-            key = key.replace(".ff.proj.", ".ff.net.0.proj.").replace(".ff.out.", ".ff.net.2.")
-        else:  # ResBlock
-            for ours, theirs in (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_proj", "emb_layers.1"),
-                                 ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("skip", "skip_connection")):
-                key = key.replace(f".{ours}.", f".{theirs}.")
-        sd[key] = value
-    return sd
-
-
-DIFFUSERS_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
-                    "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-
-
-def from_diffusers(state_dict):
-    """diffusers UNet2DConditionModel tensors (a diffusers folder's unet/) -> SD-1.x's original names, which
-    from_sd then reads. diffusers counts blocks per level (down_blocks.i.resnets.j, .attentions.j,
-    .downsamplers.0); the original counts them across levels with conv_in as input block 0, n ResBlocks a level:
-    level i's j-th ResBlock is input_blocks.{i(n+1) + j + 1}.0, its transformer .1, its downsampler
-    input_blocks.{(i+1)(n+1)}.0.op. On the way up a level has n + 1 blocks, and its upsampler follows the last
-    one, after its transformer if the level has one. Transformer blocks keep their names."""
-    n = sum(1 for k in state_dict if re.fullmatch(r"down_blocks\.0\.resnets\.\d+\.conv1\.weight", k))
-    attends = {m[1] for k in state_dict if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
-    renames = [
-        (r"\.resnets\.(\d+)\.(\w+)\.", lambda m: f".resnets.{m[1]}.{DIFFUSERS_RESNET.get(m[2], m[2])}."),
-        (r"^time_embedding\.linear_([12])\.", lambda m: f"time_embed.{2 * int(m[1]) - 2}."),
-        (r"^conv_in\.", "input_blocks.0.0."), (r"^conv_norm_out\.", "out.0."), (r"^conv_out\.", "out.2."),
-        (r"^down_blocks\.(\d+)\.downsamplers\.0\.conv\.", lambda m: f"input_blocks.{(int(m[1]) + 1) * (n + 1)}.0.op."),
-        (r"^down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.",
-         lambda m: f"input_blocks.{int(m[1]) * (n + 1) + int(m[3]) + 1}.{int(m[2] == 'attentions')}."),
-        (r"^up_blocks\.(\d+)\.upsamplers\.0\.",
-         lambda m: f"output_blocks.{int(m[1]) * (n + 1) + n}.{2 if m[1] in attends else 1}."),
-        (r"^up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.",
-         lambda m: f"output_blocks.{int(m[1]) * (n + 1) + int(m[3])}.{int(m[2] == 'attentions')}."),
-        (r"^mid_block\.resnets\.(\d)\.", lambda m: f"middle_block.{2 * int(m[1])}."),
-        (r"^mid_block\.attentions\.0\.", "middle_block.1."),
-    ]
-    rename = lambda key: functools.reduce(lambda k, rule: re.sub(*rule, k), renames, key)  # every rule in turn
-    return {rename(key): value for key, value in state_dict.items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# Adapting a pretrained UNet to AnomalyXFusion (train.py --sd): LoRA, a mask input channel, gradient checkpointing.
-
-def add_lora(unet, rank=4):
-    """Give every attention layer (self- and cross-, in every transformer) rank-r adapters on to_q, to_k, to_v
-    and to_out, as DualAnoDiff fine-tunes SD. Returns the new parameters (the only ones that should train:
-    freeze the rest with unet.requires_grad_(False) before). Their keys hold `.lora.` (lora_state_dict)."""
-    params = []
-    for module in unet.modules():
-        if isinstance(module, Attention):
-            if module.lora is not None:
-                raise ValueError("add_lora: this UNet already has LoRA adapters")
-            layers = {name: getattr(module, name) for name in ("to_q", "to_k", "to_v", "to_out")}
-            w = module.to_q.weight
-            module.lora = nn.ModuleDict({name: LoRA(layer.in_features, layer.out_features, rank)
-                                         for name, layer in layers.items()}).to(device=w.device, dtype=w.dtype)
-            params += list(module.lora.parameters())
-    return params
-
-
-def lora_state_dict(unet):
-    """Only the adapters' tensors (keys `...attn1.lora.to_q.down.weight`): what a LoRA checkpoint stores."""
-    return {k: v for k, v in unet.state_dict().items() if ".lora." in k}
-
-
-def merge_lora(unet):
-    """Fold every adapter into its layer (W <- W + up @ down) and remove it: a plain UNet again, same outputs."""
-    for module in unet.modules():
-        if isinstance(module, Attention) and module.lora is not None:
-            with torch.no_grad():
-                for name, adapter in module.lora.items():
-                    getattr(module, name).weight += adapter.up.weight @ adapter.down.weight
-            module.lora = None
-    return unet
-
-
-def expand_input_channels(unet, in_channels=5):
-    """A pretrained 4-channel UNet -> one that also reads extra input channels (e.g. the mask: [x_t, mask]).
-    The new channels' conv_in weights are zero, so until they train the output is the pretrained model's
-    (RunwayML's recipe for SD-1.5-inpainting's 5 extra channels)."""
-    old = unet.conv_in
-    if in_channels < old.in_channels:
-        raise ValueError(f"expand_input_channels: the UNet already reads {old.in_channels} channels, not fewer")
-    new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, padding=old.padding).to(old.weight.device, old.weight.dtype)
-    with torch.no_grad():
-        new.weight.zero_()
-        new.weight[:, :old.in_channels] = old.weight
-        new.bias.copy_(old.bias)
-    new.weight.requires_grad_(old.weight.requires_grad)
-    new.bias.requires_grad_(old.bias.requires_grad)
-    unet.conv_in = new
-    if hasattr(unet, "sd_sizes"):
-        unet.sd_sizes = dict(unet.sd_sizes, in_channels=in_channels)
-    return unet

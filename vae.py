@@ -8,12 +8,9 @@ a tiny KL term to N(0, I) keeps the latent space smooth without forcing it to be
 Modules are named exactly like the LDM checkpoint keys (CompVis/latent-diffusion
 `ldm/modules/diffusionmodules/model.py`: `encoder.down.0.block.0.norm1`, `encoder.mid.attn_1.q`,
 `quant_conv`, `decoder.up.3.upsample.conv`, ...), so Stable Diffusion 1.x's VAE loads by the rule
-"strip the `first_stage_model.` prefix" (`from_sd` at the end; `from_diffusers` renames diffusers' layout to
-it). Depends on torch only.
+"strip the `first_stage_model.` prefix" (sd.py's, with diffusers' layout: this file holds its own layout only).
+Depends on torch only.
 """
-import functools
-import re
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -259,35 +256,3 @@ def vae_loss(vae, x, kl_weight=1e-6, pixel_weight=None, noise=None, weight_sum=N
     logs = {"loss": loss.detach(), "rec": rec.detach(), "kl": kl.detach()}
     return loss, logs
 
-
-def from_sd(state_dict):
-    """SD-1.x VAE tensors (keys without `first_stage_model.`) -> a state dict in this file's names: the same
-    names. The mid-block attention's q, k, v, proj_out are 1x1 convs here and in CompVis's files; files that
-    went through diffusers store them as Linear [C, C], which is the same map: reshaped to [C, C, 1, 1]."""
-    attention = ("attn_1.q.weight", "attn_1.k.weight", "attn_1.v.weight", "attn_1.proj_out.weight")
-    return {k: v[:, :, None, None] if k.endswith(attention) and v.ndim == 2 else v for k, v in state_dict.items()}
-
-
-def from_diffusers(state_dict):
-    """diffusers AutoencoderKL tensors (a diffusers folder's vae/, or a VAE file in its layout) -> LDM's names,
-    which from_sd then reads: down_blocks.i.resnets.j -> down.i.block.j; the decoder's up_blocks count from the
-    bottom (up_blocks.0 is LDM's up.{L-1}); mid_block.resnets.j -> mid.block_{j+1}; the mid-block attention is
-    to_q/to_k/to_v/to_out.0, or query/key/value/proj_attn in files saved before diffusers renamed them."""
-    levels = 1 + max((int(m[1]) for k in state_dict if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))), default=-1)
-    renames = [
-        (r"\.down_blocks\.(\d+)\.resnets\.", r".down.\1.block."), (r"\.down_blocks\.(\d+)\.downsamplers\.0\.", r".down.\1.downsample."),
-        (r"\.up_blocks\.(\d+)\.resnets\.", lambda m: f".up.{levels - 1 - int(m[1])}.block."),
-        (r"\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f".up.{levels - 1 - int(m[1])}.upsample."),
-        (r"\.mid_block\.resnets\.(\d)\.", lambda m: f".mid.block_{int(m[1]) + 1}."),
-        (r"\.mid_block\.attentions\.0\.", ".mid.attn_1."), (r"\.attn_1\.group_norm\.", ".attn_1.norm."),
-        (r"\.attn_1\.(to_q|query)\.", ".attn_1.q."), (r"\.attn_1\.(to_k|key)\.", ".attn_1.k."),
-        (r"\.attn_1\.(to_v|value)\.", ".attn_1.v."), (r"\.attn_1\.(to_out\.0|proj_attn)\.", ".attn_1.proj_out."),
-        (r"\.conv_norm_out\.", ".norm_out."), (r"\.conv_shortcut\.", ".nin_shortcut."),
-    ]
-    rename = lambda key: functools.reduce(lambda k, rule: re.sub(*rule, k), renames, key)  # every rule in turn
-    return {rename(key): value for key, value in state_dict.items()}
-
-
-def to_sd(state_dict):
-    """The inverse of from_sd: the same names, without the scale_factor buffer (SD keeps it in its yaml)."""
-    return {k: v for k, v in state_dict.items() if k != "scale_factor"}

@@ -1,11 +1,14 @@
 """Adapting a pretrained SD to AnomalyXFusion: the textual-inversion splice into the frozen text
-encoder (clip.py), LoRA adapters, a mask input channel and gradient checkpointing on the UNet (unet.py).
+encoder (clip.py), LoRA adapters and a mask input channel (sd_backbone.py), gradient checkpointing (unet.py).
 Each adaptation must leave the pretrained model exactly as it was until it trains."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import clip
-from unet import UNet, add_lora, expand_input_channels, lora_state_dict, merge_lora
+import unet as unet_module
+from sd_backbone import add_lora, expand_input_channels, lora_state_dict, merge_lora
+from unet import UNet
 
 
 def text_tower():
@@ -94,6 +97,28 @@ def test_fresh_lora_is_the_pretrained_unet():
         assert torch.equal(unet(x, t, c), before)
 
 
+def test_adapted_attention_is_the_frozen_layer_plus_its_adapters_bit_for_bit():
+    """LoRA acts from outside the attention layer, by replacing its projections; the layer computes what it did when
+    it held the adapters itself: q = W_q x + up(down(x)), k and v likewise on the context, and the output
+    W_out h + b_out + up(down(h)), bit for bit."""
+    unet = small_unet()
+    add_lora(unet, rank=4)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if ".lora." in name:
+                p.normal_(0, 0.1)
+    layer = unet.middle_block[1].block.attn2  # cross-attention: k and v from the context
+    g = torch.Generator().manual_seed(2)
+    x, context = torch.randn(2, 16, 64, generator=g), torch.randn(2, 77, 64, generator=g)
+    lora = {name: getattr(layer, name).lora for name in ("to_q", "to_k", "to_v", "to_out")}
+    with torch.no_grad():
+        q = F.linear(x, layer.to_q.weight) + lora["to_q"](x)
+        k = F.linear(context, layer.to_k.weight) + lora["to_k"](context)
+        v = F.linear(context, layer.to_v.weight) + lora["to_v"](context)
+        h = unet_module.attention(q, k, v, layer.num_heads)
+        assert torch.equal(layer(x, context), F.linear(h, layer.to_out.weight, layer.to_out.bias) + lora["to_out"](h))
+
+
 def test_lora_trains_only_its_adapters_with_distinct_keys():
     """add_lora returns exactly the adapter parameters (4 projections x 2 matrices x every attention layer);
     with the UNet frozen they are the only ones with gradients, and their keys name nothing pretrained."""
@@ -162,7 +187,7 @@ def test_mask_channel_with_zero_weights_is_the_pretrained_unet():
         before = unet(x, t, c)
         expand_input_channels(unet, 5)
         mask = (torch.rand(2, 1, 8, 8) > 0.5).float()
-        assert unet.conv_in.weight.shape == (32, 5, 3, 3)
+        assert unet.conv_in.in_channels == 5 and unet.conv_in.extra_weight.shape == (32, 1, 3, 3)
         assert torch.equal(unet(torch.cat([x, mask], dim=1), t, c), before)
 
 
@@ -170,4 +195,4 @@ def test_mask_channel_weights_train():
     unet = expand_input_channels(small_unet(), 5).train()
     x, t, c = unet_inputs(5)
     unet(x, t, c).square().mean().backward()
-    assert unet.conv_in.weight.grad[:, 4].abs().sum() > 0
+    assert unet.conv_in.extra_weight.grad.abs().sum() > 0

@@ -25,8 +25,7 @@ import axf
 import clip
 import files
 import sd
-import unet as unet_module
-import vae as vae_module
+import sd_backbone
 
 FIXTURES = Path(__file__).parent / "fixtures"
 EXTRA = {  # what real SD files carry besides the three networks; load_sd must ignore it
@@ -169,10 +168,10 @@ def test_v1_5_pruned_ckpt_loads_weights_only_with_its_ema_unet(ref, tmp_path, mo
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and "using the EMA ones" in lines[0], lines
     assert "2 model_ema.*" in lines[1] and "1 first_stage_model.loss.*" in lines[1] and "top-level buffers" in lines[1]
-    assert all(torch.equal(v, unet_of(weights)[k]) for k, v in unet_module.to_sd(unet.state_dict()).items())
+    assert all(torch.equal(v, unet_of(weights)[k]) for k, v in sd.unet_to_sd(unet.state_dict()).items())
     _, unet, _ = sd.load_sd(tmp_path / "v1-5-pruned.ckpt", weights="raw")
     assert "688 model_ema.*" in capsys.readouterr().out
-    assert all(torch.equal(v, raw[k]) for k, v in unet_module.to_sd(unet.state_dict()).items())
+    assert all(torch.equal(v, raw[k]) for k, v in sd.unet_to_sd(unet.state_dict()).items())
 
 
 def test_a_file_that_pickles_anything_else_is_refused_naming_it(tmp_path, monkeypatch):
@@ -196,6 +195,58 @@ def test_a_legacy_format_torch_file_is_read(tmp_path):
                _use_new_zipfile_serialization=False)
     assert not zipfile.is_zipfile(tmp_path / "old.ckpt")
     assert torch.equal(sd.read_checkpoint(tmp_path / "old.ckpt")["model.diffusion_model.out.2.bias"], tensor)
+
+
+# ----------------------------------------------------------------------------- the rename rules, one by one
+
+
+def test_unet_rule_renames_compvis_keys_and_reshapes_conv_proj():
+    """sd.unet_from_sd: SD-1.x's names (CompVis openaimodel.py) -> ours; 1x1-conv proj_in/out become Linear."""
+    w = torch.randn(8, 8, 1, 1)
+    renamed = sd.unet_from_sd({
+        "input_blocks.0.0.weight": torch.zeros(1), "input_blocks.3.0.op.weight": torch.zeros(1),
+        "input_blocks.4.0.skip_connection.bias": torch.zeros(1), "input_blocks.1.0.emb_layers.1.weight": torch.zeros(1),
+        "input_blocks.1.1.proj_in.weight": w, "output_blocks.2.1.conv.weight": torch.zeros(1),
+        "middle_block.1.transformer_blocks.0.ff.net.0.proj.weight": torch.zeros(1),
+        "output_blocks.5.1.transformer_blocks.0.attn2.to_out.0.bias": torch.zeros(1),
+        "out.0.weight": torch.zeros(1), "out.2.bias": torch.zeros(1)})
+    assert list(renamed) == ["conv_in.weight", "input_blocks.2.0.conv.weight", "input_blocks.3.0.skip.bias",
+                             "input_blocks.0.0.time_proj.weight", "input_blocks.0.1.proj_in.weight",
+                             "output_blocks.2.1.conv.weight", "middle_block.1.block.ff.proj.weight",
+                             "output_blocks.5.1.block.attn2.to_out.bias", "norm_out.weight", "conv_out.bias"]
+    assert torch.equal(renamed["input_blocks.0.1.proj_in.weight"], w[:, :, 0, 0])
+
+
+def test_vae_rule_accepts_mid_attention_stored_as_linear():
+    """sd.vae_from_sd keeps SD's names; a mid-attention weight stored as Linear [C, C] becomes the 1x1 conv."""
+    w = torch.randn(32, 32)
+    renamed = sd.vae_from_sd({"encoder.mid.attn_1.q.weight": w, "decoder.mid.attn_1.proj_out.weight": w[:, :, None, None],
+                              "encoder.mid.attn_1.q.bias": w[0], "quant_conv.weight": torch.zeros(8, 8, 1, 1)})
+    q, proj_out = renamed["encoder.mid.attn_1.q.weight"], renamed["decoder.mid.attn_1.proj_out.weight"]
+    assert q.shape == proj_out.shape == (32, 32, 1, 1)
+    assert torch.equal(q[:, :, 0, 0], w) and renamed["encoder.mid.attn_1.q.bias"].shape == (32,)
+
+
+def test_text_from_hf_maps_transformers_names_and_stacks_q_k_v():
+    """transformers' CLIPTextModel keys map onto OpenAI's; in_proj is q, k and v stacked in that order."""
+    model = clip.CLIP(None, None, 0, None, None, 77, 1000, 64, 1, 2)
+    ours = model.state_dict()
+    hf = {"text_model.embeddings.token_embedding.weight": ours["token_embedding.weight"],
+          "text_model.embeddings.position_embedding.weight": ours["positional_embedding"],
+          "text_model.embeddings.position_ids": torch.arange(77)[None],
+          "text_model.final_layer_norm.weight": ours["ln_final.weight"], "text_model.final_layer_norm.bias": ours["ln_final.bias"]}
+    names = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
+             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+    for i in range(2):
+        for a, b in names.items():
+            for kind in ("weight", "bias"):
+                hf[f"text_model.encoder.layers.{i}.{b}.{kind}"] = ours[f"transformer.resblocks.{i}.{a}.{kind}"]
+        for kind in ("weight", "bias"):
+            q, k, v = ours[f"transformer.resblocks.{i}.attn.in_proj_{kind}"].chunk(3)
+            for name, t in zip("qkv", (q, k, v)):
+                hf[f"text_model.encoder.layers.{i}.self_attn.{name}_proj.{kind}"] = t
+    converted = sd.text_from_hf(hf)
+    assert converted.keys() == ours.keys() and all(torch.equal(converted[k], v) for k, v in ours.items())
 
 
 # ----------------------------------------------------------------------------- diffusers folders, a separate VAE
@@ -266,7 +317,7 @@ def test_a_separate_vae_replaces_the_files_own(ref, tmp_path, capsys):
     own = sd.load_sd(path)
     for vae_path in (tmp_path / "vae-ft-mse.ckpt", diffusers_folder(ref, tmp_path / "pipeline", other, parts=("vae",))):
         vae, unet, text = sd.load_sd(path, vae=vae_path)
-        assert all(torch.equal(v, vae_only[k].reshape(v.shape)) for k, v in vae_module.to_sd(vae.state_dict()).items())
+        assert all(torch.equal(v, vae_only[k].reshape(v.shape)) for k, v in sd.vae_to_sd(vae.state_dict()).items())
         assert_same_modules((unet, text), own[1:])
     out = capsys.readouterr().out
     assert "vae-ft-mse.ckpt: skipped 2 tensors no network uses (1 loss.*, 1 model_ema.*)" in out
@@ -496,9 +547,9 @@ def test_save_sd_names_every_tensor_of_the_sd15_layout(ref):
     """At SD-1.5's full size (meta device): the writer's names are exactly a real SD-1.5 file's, shape for shape."""
     layout = dict(ref[2]["sd15"])
     vae, unet, text = sd.build_sd(meta_state_dict(layout.items()), "sd15", device="meta")
-    names = {**{sd.SD_PREFIXES["UNet"] + k: v for k, v in sd.unet_module.to_sd(unet.state_dict()).items()},
-             **{sd.SD_PREFIXES["VAE"] + k: v for k, v in sd.vae_module.to_sd(vae.state_dict()).items()},
-             **{sd.SD_PREFIXES["text encoder"] + k: v for k, v in sd.clip.to_hf_text(text.state_dict()).items()}}
+    names = {**{sd.SD_PREFIXES["UNet"] + k: v for k, v in sd.unet_to_sd(unet.state_dict()).items()},
+             **{sd.SD_PREFIXES["VAE"] + k: v for k, v in sd.vae_to_sd(vae.state_dict()).items()},
+             **{sd.SD_PREFIXES["text encoder"] + k: v for k, v in sd.text_to_hf(text.state_dict()).items()}}
     names = {original_name(k): v for k, v in names.items()}
     assert names.keys() == layout.keys()
     assert all(original_shape(k, v.shape) == tuple(layout[k]) for k, v in names.items())
@@ -506,7 +557,8 @@ def test_save_sd_names_every_tensor_of_the_sd15_layout(ref):
 
 def test_save_sd_refuses_what_load_sd_would_misread(tmp_path):
     """A UNet with LoRA adapters (no SD key for them) or with other head counts than SD-1.x's 8 is refused."""
-    from unet import UNet, add_lora
+    from sd_backbone import add_lora
+    from unet import UNet
     from vae import VAE
     vae, text = VAE(3, 32, (1, 2), 1, 4), axf.clip.CLIP(None, None, 0, None, None, 77, 49408, 64, 1, 1)
     with pytest.raises(ValueError, match="head counts"):
@@ -565,8 +617,8 @@ def test_a_pipe_or_a_device_is_refused_wherever_an_sd_file_goes(ref, tmp_path):
     os.mkfifo(folder / "unet" / "diffusion_pytorch_model.safetensors")
     real = write(ref, tmp_path / "tiny.safetensors", tiny_weights(ref, 4))
     for call, path in ((sd.load_sd, pipe), (sd.load_sd, tmp_path / "link"), (sd.read_file, pipe),
-                       (lambda vae: sd.load_sd(real, vae=vae), pipe), (sd.sd_file, pipe),
-                       (lambda path: sd.check_sd_file(path, {"path": "x", "size": 1, "sha256": "0" * 64}), pipe),
+                       (lambda vae: sd.load_sd(real, vae=vae), pipe), (sd_backbone.sd_file, pipe),
+                       (lambda path: sd_backbone.check_sd_file(path, {"path": "x", "size": 1, "sha256": "0" * 64}), pipe),
                        (sd.load_sd, folder)):
         error = without_blocking(call, path)
         assert isinstance(error, ValueError) and "a pipe, not a file" in str(error) and "\n" not in str(error), error

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import axf
 import checkpoints
@@ -17,10 +18,12 @@ import data
 import sample
 import files
 import sd
+import sd_backbone
 import toy
 import train
-import vae as vae_module
-from unet import UNet, add_lora, lora_state_dict
+import training
+from sd_backbone import add_lora, lora_state_dict
+from unet import UNet
 from vae import VAE
 from helpers import kill_after_two_steps_and_resume
 
@@ -37,7 +40,7 @@ RUNS = {
     "inpainting": ("inpainting", ["--train_unet", "none", "--sd_context", "splice", "--gradient_checkpointing", "True"]),
 }
 NORMALS = 16  # normal training images kept of the toy bottle's 200
-CONV_IN = {"unet.conv_in.weight", "unet.conv_in.bias"}
+MASK_CHANNEL = {"unet.conv_in.extra_weight"}  # the mask channel's conv_in weights: all that trains of a frozen conv_in
 FROM_THEIR_FILES = ("vae.", "sd_adapter.text_encoder.", "mif.clip.")  # rebuilt from their own files, never in axf.pt
 
 
@@ -76,7 +79,7 @@ def toy_root(tmp_path_factory):
 def sd_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sd")
     torch.manual_seed(2)  # a VAE alone, as vae-ft-mse-840000-ema-pruned.safetensors ships one (LDM names, no prefix)
-    vae = files.write_safetensors(vae_module.to_sd(VAE(3, 32, (1, 2), 1, 4).state_dict()), folder / "vae.safetensors",
+    vae = files.write_safetensors(sd.vae_to_sd(VAE(3, 32, (1, 2), 1, 4).state_dict()), folder / "vae.safetensors",
                                metadata={"format": "pt"})
     return {"txt2img": tiny_sd(folder / "tiny.safetensors"), "vae": Path(vae),
             "inpainting": tiny_sd(folder / "tiny-inpainting.ckpt", in_channels=9, seed=1)}
@@ -113,8 +116,8 @@ def sd_model(file, **overrides):
     """AnomalyXFusion on an SD file as train.py builds it, without training (random conditioning)."""
     settings = config.resolve("toy", dict(sd=str(file), image_size=32, num_tokens=2, context_dim=32, mask_channels=8,
                                           mask_feature_channels=16, **overrides))
-    backbone = sd.load_backbone(settings)
-    settings.update(sd.file_sizes(backbone))
+    backbone = sd_backbone.load_backbone(settings)
+    settings.update(sd_backbone.file_sizes(backbone))
     return axf.AnomalyXFusion(settings, axf.build_clip(settings), {"toy": ["crack", "hole"]}, **backbone)
 
 
@@ -133,8 +136,8 @@ def changed_copy(file, path, key=sd.SD_PREFIXES["UNet"] + "out.2.weight"):  # SD
 @pytest.mark.parametrize("name", list(RUNS))
 def test_checkpoint_holds_only_the_weights_that_trained(name, trained, sd_files):
     """axf.pt leaves out what the SD file gives back (VAE, text encoder, frozen UNet weights) and CLIP: of the
-    UNet it holds the widened conv_in (none), conv_in and the LoRA adapters (lora), every weight (full), and
-    nothing of a frozen 9-channel inpainting UNet, which needs no widening."""
+    UNet it holds the mask channel's conv_in weights (none), those and the LoRA adapters (lora), every weight
+    (full), and nothing of a frozen 9-channel inpainting UNet, which needs no widening."""
     kind, _ = RUNS[name]
     file = sd_files[kind]
     checkpoint = torch.load(trained(name) / "axf.pt", weights_only=True)
@@ -146,12 +149,12 @@ def test_checkpoint_holds_only_the_weights_that_trained(name, trained, sd_files)
     if name == "lora":
         add_lora(pretrained, 4)
     adapters = {f"unet.{k}" for k in lora_state_dict(pretrained)}
-    expected = {"none": CONV_IN, "inpainting": set(), "lora": CONV_IN | adapters,
-                "full": {f"unet.{k}" for k in pretrained.state_dict()}}[name]
+    expected = {"none": MASK_CHANNEL, "inpainting": set(), "lora": MASK_CHANNEL | adapters,
+                "full": {f"unet.{k}" for k in pretrained.state_dict()} | MASK_CHANNEL}[name]
     assert {k for k in checkpoint["model"] if k.startswith("unet.")} == expected
     assert bool(adapters) == (name == "lora")
     if name != "inpainting":
-        assert checkpoint["model"]["unet.conv_in.weight"].shape[1] == 5  # x_t and the mask
+        assert checkpoint["model"]["unet.conv_in.extra_weight"].shape[1] == 1  # the mask, beside x_t's 4 channels
 
 
 @pytest.mark.parametrize("name", list(RUNS))
@@ -223,8 +226,8 @@ def test_sample_script_takes_the_moved_sd_file_and_refuses_another(trained, sd_f
 
 
 def test_another_sd_file_is_refused_and_a_missing_one_named(trained, sd_files, tmp_path):
-    """The trained weights (conv_in, adapters, conditioning) belong to one SD file: a file of the same size with
-    one weight changed is refused in one line naming it; a missing file is a FileNotFoundError naming it."""
+    """The trained weights (the mask channel's, adapters, conditioning) belong to one SD file: a file of the same
+    size with one weight changed is refused in one line naming it; a missing file is a FileNotFoundError naming it."""
     path = trained("lora") / "axf.pt"
     changed = changed_copy(sd_files["txt2img"], tmp_path / "changed.safetensors")
     with pytest.raises(ValueError) as error:
@@ -274,7 +277,7 @@ def test_a_separate_vae_is_used_recorded_and_checked(trained, sd_files, tmp_path
     assert checkpoint["config"]["sd_vae"] == str(file)
     assert checkpoint["sd_vae_file"]["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
     model, _ = checkpoints.load_checkpoint(trained("none") / "axf.pt")
-    assert all(torch.equal(v, files.read_safetensors(file)[k]) for k, v in vae_module.to_sd(model.vae.state_dict()).items())
+    assert all(torch.equal(v, files.read_safetensors(file)[k]) for k, v in sd.vae_to_sd(model.vae.state_dict()).items())
     assert not torch.equal(model.vae.decoder.conv_out.weight, sd.load_sd(sd_files["txt2img"])[0].decoder.conv_out.weight)
     changed = changed_copy(file, tmp_path / "vae.safetensors", "decoder.conv_out.weight")
     checkpoint["config"]["sd_vae"] = str(changed)
@@ -286,14 +289,54 @@ def test_a_separate_vae_is_used_recorded_and_checked(trained, sd_files, tmp_path
         config.resolve("toy", dict(sd_vae=str(file)))
 
 
+def test_a_checkpoint_with_the_old_lora_keys_loads_as_the_same_model(trained, tmp_path):
+    """Adapters were once saved beside their layer (`attn1.lora.to_q.down.weight`), now inside it
+    (`attn1.to_q.lora.down.weight`): a checkpoint in the old names loads as the very model of today's."""
+    checkpoint = torch.load(trained("lora") / "axf.pt", weights_only=True)
+    old_name = lambda key: re.sub(r"\.(to_q|to_k|to_v|to_out)\.lora\.", r".lora.\1.", key)
+    for part in ("model", "ema"):
+        checkpoint[part] = {old_name(k): v for k, v in checkpoint[part].items()}
+    assert any(".attn1.lora.to_q.down.weight" in k for k in checkpoint["model"])
+    torch.save(checkpoint, tmp_path / "axf.pt")
+    model, _ = checkpoints.load_checkpoint(tmp_path / "axf.pt")
+    original, _ = checkpoints.load_checkpoint(trained("lora") / "axf.pt")
+    assert model.state_dict().keys() == original.state_dict().keys()
+    for (name, a), b in zip(model.state_dict().items(), original.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_checkpoint_that_trained_conv_in_whole_loads_as_the_model_it_was(trained, sd_files, tmp_path):
+    """Before the pretrained conv_in stayed frozen, --train_unet none trained all of the widened conv_in and saved it
+    whole (unet.conv_in.weight of 5 channels, unet.conv_in.bias). Such a checkpoint loads with that very conv_in, its
+    trained first channels and bias rather than the file's, and is otherwise the model of today's checkpoint."""
+    checkpoint = torch.load(trained("none") / "axf.pt", weights_only=True)
+    pretrained = sd.load_sd(sd_files["txt2img"])[1].conv_in
+    g = torch.Generator().manual_seed(0)
+    for part in ("model", "ema"):
+        weight = torch.cat([pretrained.weight, checkpoint[part].pop("unet.conv_in.extra_weight")], dim=1)
+        checkpoint[part]["unet.conv_in.weight"] = weight + 0.01 * torch.randn(weight.shape, generator=g)  # trained
+        checkpoint[part]["unet.conv_in.bias"] = pretrained.bias + 0.01 * torch.randn(pretrained.bias.shape, generator=g)
+    torch.save(checkpoint, tmp_path / "axf.pt")
+    x = torch.randn(2, 5, 8, 8, generator=g)
+    for part in ("model", "ema"):
+        model, _ = checkpoints.load_checkpoint(tmp_path / "axf.pt", use_ema=part == "ema")
+        weight, bias = checkpoint[part]["unet.conv_in.weight"], checkpoint[part]["unet.conv_in.bias"]
+        assert torch.equal(model.unet.conv_in.weight, weight) and torch.equal(model.unet.conv_in.bias, bias)
+        with torch.no_grad():
+            assert torch.equal(model.unet.conv_in(x), F.conv2d(x, weight, bias, padding=1))
+        today, _ = checkpoints.load_checkpoint(trained("none") / "axf.pt", use_ema=part == "ema")
+        rest = {k: v for k, v in today.state_dict().items() if not k.startswith("unet.conv_in.")}
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in rest.items())
+
+
 # ----------------------------------------------------------------------------- resuming
 
 
 def test_interrupted_lora_run_resumes_to_the_weights_of_an_uninterrupted_run(trained, toy_root, sd_files, tmp_path,
                                                                              monkeypatch, capsys):
-    """A kill after the step-2 checkpoint loses nothing on an SD backbone either: the adapters, conv_in and the
-    conditioning are saved with optimiser, EMA and RNGs, the frozen rest comes back from the file, and the
-    resumed run ends with the very weights and EMA of the run that was never stopped."""
+    """A kill after the step-2 checkpoint loses nothing on an SD backbone either: the adapters, the mask channel's
+    weights and the conditioning are saved with optimiser, EMA and RNGs, the frozen rest comes back from the file,
+    and the resumed run ends with the very weights and EMA of the run that was never stopped."""
     args = sd_args(toy_root, tmp_path, sd_files["txt2img"], RUNS["lora"][1])
     resumed = kill_after_two_steps_and_resume(args, tmp_path, monkeypatch, capsys)
     uninterrupted = torch.load(trained("lora") / "axf.pt", weights_only=True)
@@ -319,7 +362,7 @@ def test_adapted_unet_at_step_0_is_the_pretrained_unet(mode, sd_files):
     """The mask channel's conv_in weights are zero and a fresh LoRA's up is zero: until they train, the adapted
     UNet given [x_t, mask] predicts exactly what the file's UNet predicts from x_t."""
     original = sd.load_sd(sd_files["txt2img"])[1]
-    adapted = sd.adapt_sd_unet(sd.load_sd(sd_files["txt2img"])[1], mode, 4)
+    adapted = sd_backbone.adapt_sd_unet(sd.load_sd(sd_files["txt2img"])[1], mode, 4)
     x, mask, t, context = unet_inputs()
     with torch.no_grad():
         assert torch.equal(adapted(torch.cat([x, mask], dim=1), t, context), original(x, t, context))
@@ -328,7 +371,7 @@ def test_adapted_unet_at_step_0_is_the_pretrained_unet(mode, sd_files):
 def test_mask_input_false_keeps_the_text_to_image_unet_as_it_is(sd_files):
     """--unet_mask_input False: no fifth channel, so with --train_unet none not one UNet weight trains."""
     original = sd.load_sd(sd_files["txt2img"])[1]
-    adapted = sd.adapt_sd_unet(sd.load_sd(sd_files["txt2img"])[1], "none", 4, unet_mask_input=False)
+    adapted = sd_backbone.adapt_sd_unet(sd.load_sd(sd_files["txt2img"])[1], "none", 4, unet_mask_input=False)
     x, _, t, context = unet_inputs()
     assert adapted.conv_in.in_channels == 4 and not any(p.requires_grad for p in adapted.parameters())
     with torch.no_grad():
@@ -337,21 +380,53 @@ def test_mask_input_false_keeps_the_text_to_image_unet_as_it_is(sd_files):
 
 @pytest.mark.parametrize("mode", ["none", "lora", "full"])
 def test_train_unet_decides_which_unet_weights_train(mode, sd_files):
-    """none: only the widened conv_in (the mask channel must learn); lora: conv_in and the adapters; full: all."""
-    adapted = sd.adapt_sd_unet(sd.load_sd(sd_files["txt2img"])[1], mode, 4)
+    """none: only the mask channel's conv_in weights (the mask must be read); lora: those and the adapters;
+    full: all."""
+    adapted = sd_backbone.adapt_sd_unet(sd.load_sd(sd_files["txt2img"])[1], mode, 4)
     trainable = {n for n, p in adapted.named_parameters() if p.requires_grad}
     everything = {n for n, _ in adapted.named_parameters()}
     adapters = {n for n in everything if ".lora." in n}
-    conv_in = {"conv_in.weight", "conv_in.bias"}
+    conv_in = {"conv_in.extra_weight"}
     assert bool(adapters) == (mode == "lora")
     assert trainable == {"none": conv_in, "lora": conv_in | adapters, "full": everything}[mode]
+
+
+def test_train_unet_none_trains_the_mask_channel_and_never_the_pretrained_conv_in(sd_files, toy_root):
+    """--train_unet none is only the conditioning: of the widened conv_in, only the mask channel's weights (zero at
+    first) learn; the pretrained weights of x_t's 4 channels and the bias stay the file's, bit for bit, through
+    training steps (AdamW's weight decay alone would move any weight it was given)."""
+    torch.manual_seed(0)
+    model = sd_model(sd_files["txt2img"], train_unet="none")
+    pretrained = sd.load_sd(sd_files["txt2img"])[1].conv_in
+    normals, masks, captions, ids = few_shot_batch(toy_root)
+    latents = model.encode_images(normals)
+    optimizer = training.adamw(model.parameter_groups(), lr=1e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model.loss(latents, masks, captions, ids, torch.tensor([True, True])).backward()
+        optimizer.step()
+    conv_in = model.unet.conv_in
+    assert torch.equal(conv_in.weight, pretrained.weight) and torch.equal(conv_in.bias, pretrained.bias)
+    assert conv_in.extra_weight.abs().sum() > 0
+
+
+def test_a_widened_conv_in_is_one_tensor_in_an_sd_file(sd_files):
+    """save_sd (sd.unet_to_sd) writes the widened conv_in as the plain 5-channel conv it computes."""
+    adapted = sd_backbone.adapt_sd_unet(sd.load_sd(sd_files["txt2img"])[1], "none", 4)
+    with torch.no_grad():
+        adapted.conv_in.extra_weight.normal_()
+    saved = sd.unet_to_sd(adapted.state_dict())
+    conv_in = adapted.conv_in
+    assert "conv_in.extra_weight" not in saved and "input_blocks.0.0.extra_weight" not in saved
+    assert torch.equal(saved["input_blocks.0.0.weight"], torch.cat([conv_in.weight, conv_in.extra_weight], dim=1))
+    assert torch.equal(saved["input_blocks.0.0.bias"], conv_in.bias)
 
 
 def test_inpainting_unet_keeps_its_nine_channels_and_its_outputs(sd_files):
     """SD-inpainting already reads [x_t, mask, masked-image latent]: adapted with none it is the file's UNet,
     untouched and entirely frozen."""
     original = sd.load_sd(sd_files["inpainting"])[1]
-    adapted = sd.adapt_sd_unet(sd.load_sd(sd_files["inpainting"])[1], "none", 4)
+    adapted = sd_backbone.adapt_sd_unet(sd.load_sd(sd_files["inpainting"])[1], "none", 4)
     assert adapted.conv_in.in_channels == 9 and not any(p.requires_grad for p in adapted.parameters())
     x, _, t, context = unet_inputs(9)
     with torch.no_grad():
@@ -362,7 +437,7 @@ def test_a_unet_of_neither_layout_is_refused():
     """5 input channels of a 4-channel latent is neither text-to-image nor SD-inpainting: say so, adapt nothing."""
     unet = UNet(5, 4, 32, (1, 2), 1, (0, 1), sd.SD_HEADS, 64)
     with pytest.raises(ValueError, match=r"5 input channels is neither text-to-image \(4\) nor inpainting \(9\)"):
-        sd.adapt_sd_unet(unet, "none", 4)
+        sd_backbone.adapt_sd_unet(unet, "none", 4)
 
 
 # ----------------------------------------------------------------------------- e_t into the text encoder

@@ -121,20 +121,3 @@ def test_overfits_one_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
-
-
-def test_sd_rule_renames_compvis_keys_and_reshapes_conv_proj():
-    """unet.from_sd: SD-1.x's names (CompVis openaimodel.py) -> ours; 1x1-conv proj_in/out become Linear."""
-    from unet import from_sd
-    w = torch.randn(8, 8, 1, 1)
-    sd = from_sd({"input_blocks.0.0.weight": torch.zeros(1), "input_blocks.3.0.op.weight": torch.zeros(1),
-                  "input_blocks.4.0.skip_connection.bias": torch.zeros(1), "input_blocks.1.0.emb_layers.1.weight": torch.zeros(1),
-                  "input_blocks.1.1.proj_in.weight": w, "output_blocks.2.1.conv.weight": torch.zeros(1),
-                  "middle_block.1.transformer_blocks.0.ff.net.0.proj.weight": torch.zeros(1),
-                  "output_blocks.5.1.transformer_blocks.0.attn2.to_out.0.bias": torch.zeros(1),
-                  "out.0.weight": torch.zeros(1), "out.2.bias": torch.zeros(1)})
-    assert list(sd) == ["conv_in.weight", "input_blocks.2.0.conv.weight", "input_blocks.3.0.skip.bias",
-                        "input_blocks.0.0.time_proj.weight", "input_blocks.0.1.proj_in.weight", "output_blocks.2.1.conv.weight",
-                        "middle_block.1.block.ff.proj.weight", "output_blocks.5.1.block.attn2.to_out.bias",
-                        "norm_out.weight", "conv_out.bias"]
-    assert torch.equal(sd["input_blocks.0.1.proj_in.weight"], w[:, :, 0, 0])

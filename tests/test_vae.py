@@ -142,13 +142,3 @@ def test_training_reduces_reconstruction_error():
         opt.step()
         recs.append(logs["rec"].item())
     assert recs[-1] < recs[0] / 2, (recs[0], recs[-1])  # a loose bound: the error falls much further
-
-
-def test_sd_rule_accepts_mid_attention_stored_as_linear():
-    """vae.from_sd keeps SD's names; a mid-attention weight stored as Linear [C, C] becomes the 1x1 conv."""
-    from vae import from_sd
-    w = torch.randn(32, 32)
-    sd = from_sd({"encoder.mid.attn_1.q.weight": w, "decoder.mid.attn_1.proj_out.weight": w[:, :, None, None],
-                  "encoder.mid.attn_1.q.bias": w[0], "quant_conv.weight": torch.zeros(8, 8, 1, 1)})
-    assert sd["encoder.mid.attn_1.q.weight"].shape == sd["decoder.mid.attn_1.proj_out.weight"].shape == (32, 32, 1, 1)
-    assert torch.equal(sd["encoder.mid.attn_1.q.weight"][:, :, 0, 0], w) and sd["encoder.mid.attn_1.q.bias"].shape == (32,)
