@@ -3,16 +3,17 @@
     python bench.py [--device cpu|cuda] [--preset toy|mvtec|all] [--quick] [--only NAMES]
     python bench.py --device cuda --only sd_train     # AnomalyXFusion's training step on SD-1.5, per --train_unet
 
-Each `bench_<thing>(cfg, device, quick)` function returns rows (dicts with the columns below); add a
+Each `bench_<thing>(config, device, quick)` function returns rows (dicts with the columns below); add a
 new figure by writing such a function and listing it in BENCHES. Times are the median of a few runs
 after one warm-up run (one run for the MVTec preset on CPU). FLOPs are counted by torch.utils.flop_counter (matmuls, convolutions and
 attention; elementwise ops are free), and compared with this machine's dense matmul peaks in bf16 and fp32,
 measured in the same run on a large square matmul, so "% of bf16 peak" and "% of fp32 peak" say how well the
 model uses the hardware (a GPU's yardstick is bf16's). "images/s" counts the images a timed run handled.
-The models run as train.py runs them (cli.autocast): under bf16 autocast on CUDA and on CPUs with AMX,
-elsewhere in fp32.
-Depends on config.py (the presets), axf.py (the whole model), train.py (the SD training step), cli.py, unet.py, vae.py,
-clip.py, sd.py and evaluate.py.
+The models run as train.py runs them: built by axf.py's builders, under cli.autocast (bf16 on CUDA and on CPUs
+that multiply bf16 natively, elsewhere fp32), trained by training.py's fused AdamW; the AnomalyXFusion step is
+train.py's stage-3 step (axf_training_step), written here again because a script is never imported.
+Depends on config.py (the presets), axf.py (the whole model), training.py (AdamW, warm-up, EMA), cli.py, unet.py,
+vae.py, clip.py, sd.py and evaluate.py. Measured figures, with their commands: docs/speed.md.
 """
 import argparse
 import gc
@@ -28,13 +29,14 @@ import cli
 import clip
 import config as settings
 import metrics
-import train
 import sd_backbone
 import training
 from sd import SD_SCALE_FACTOR
 from unet import UNet
 from vae import VAE
 
+GRAD_CLIP = 1.0  # train.py's
+ANOMALY_FRACTION = 0.75  # of a stage-3 batch, as train.py draws it
 COLUMNS = ["preset", "benchmark", "batch", "ms", "images/s", "GFLOP", "TFLOP/s", "% of bf16 peak", "% of fp32 peak",
            "peak memory (MB)"]
 
@@ -78,11 +80,6 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10
 
 
-def autocast(device):
-    """The training setting (cli.autocast): bf16 on CUDA and on CPUs with AMX, else fp32."""
-    return cli.autocast(device)
-
-
 def matmul_peaks(device, quick):
     """This machine's dense matmul throughput in TFLOP/s, {"bf16": ..., "fp32": ...}: the yardsticks of the
     "% of peak" columns, measured on a large square matmul (fp32 on CUDA may use TF32 if torch allows it)."""
@@ -95,121 +92,158 @@ def matmul_peaks(device, quick):
     return peaks
 
 
-def row(cfg, name, batch, seconds_and_flops, device, note="", images=None):
+def row(config, name, batch, seconds_and_flops, device, note="", images=None):
     """One table row; `images`: how many images the timed run handled (default: the batch)."""
     seconds, flops = seconds_and_flops
-    return {"preset": cfg["preset"] + note, "benchmark": name, "batch": batch, "ms": seconds * 1e3,
+    return {"preset": config["preset"] + note, "benchmark": name, "batch": batch, "ms": seconds * 1e3,
             "images/s": (batch if images is None else images) / seconds, "GFLOP": flops / 1e9,
             "TFLOP/s": flops / seconds / 1e12, "peak memory (MB)": peak_memory_mb(device)}
 
 
-def batch_and_repeats(cfg, device, quick):
+def batch_and_repeats(config, device, quick):
     """The preset's batch and 3 timed runs; on CPU the MVTec preset runs one sample once, so that the whole
-    bench takes about 2 minutes on a 2-core machine."""
-    if device.type == "cpu" and cfg["preset"] == "mvtec":
+    bench stays a matter of minutes."""
+    if device.type == "cpu" and config["preset"] == "mvtec":
         return 1, 1, " (CPU: batch 1)"
-    return cfg["batch_size"], 1 if quick else 3, ""
+    return config["batch_size"], 1 if quick else 3, ""
+
+
+# ----------------------------------------------------------------------------------------------
+# AnomalyXFusion's training step, as train.py's stage-3 loop takes it
+
+
+def fake_batch(config, device, num_anomalies=None):
+    """A stage-3 batch as train.py draws it from cached latents: latents [B, 4, s, s] (random), masks [B, 1, S, S]
+    (boxes of 1/8 to 1/4 of the side, empty for the normal images), captions ("" for the normal images), texture
+    rows and is_anomaly; ANOMALY_FRACTION anomalies of defect types 1 and 2, unless num_anomalies."""
+    B, S, f, C = config["batch_size"], config["image_size"], axf.latent_factor(config), axf.LATENT_CHANNELS
+    num_anomalies = round(B * ANOMALY_FRACTION) if num_anomalies is None else num_anomalies
+    masks = torch.zeros(B, 1, S, S)
+    for i in range(num_anomalies):  # in different places
+        a, b = (i * S) // (2 * num_anomalies) + S // 8, S // 8 + (i % 3) * S // 16
+        masks[i, :, a:a + b, a:a + b] = 1
+    colours = ["red", "green", "blue", "white", "black", "yellow"]
+    captions = [f"The {colours[i % 6]} cable has a crack across its insulation near the centre"
+                for i in range(num_anomalies)] + [""] * (B - num_anomalies)
+    defect_ids = torch.cat([torch.arange(num_anomalies) % 2 + 1, torch.zeros(B - num_anomalies, dtype=torch.long)])
+    is_anomaly = torch.arange(B) < num_anomalies
+    latents = torch.randn(B, C, S // f, S // f)
+    return tuple(x.to(device) if torch.is_tensor(x) else x for x in (latents, masks, captions, defect_ids, is_anomaly))
+
+
+def axf_training_step(model, optimizer, ema, batch, config, step, device):
+    """One training step of stage 3 on one process, as train.py's loop takes it (a copy: scripts are not imported):
+    warm-up, the loss of Eq. (17) under autocast, AdamW on the clipped gradients, the EMA."""
+    training.warm_up(optimizer, step, config["warmup_steps"])
+    with cli.autocast(device, config["bf16"]):
+        loss = model.loss(*batch)  # latents, masks, captions, texture rows, is_anomaly: Eq. (17)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], GRAD_CLIP)
+    optimizer.step()
+    ema.update(model, step)
+    return loss
+
+
+def training_step_of(model, config, device):
+    """A function that takes the next training step of `model`: train.py's optimiser (training.adamw over
+    model.parameter_groups) and EMA, on one fake_batch whose captions' CLIP features are cached, as train.py
+    caches them before its loop."""
+    optimizer = training.adamw(model.parameter_groups(), lr=config["lr"], weight_decay=0.0)
+    ema, batch, steps = training.EMA(model, config["ema_decay"]), fake_batch(config, device), itertools.count()
+    if model.mif.use_text:
+        model.mif.encode_captions(batch[2])
+    return lambda: axf_training_step(model, optimizer, ema, batch, config, next(steps), device)
 
 
 # ----------------------------------------------------------------------------------------------
 # the benchmarks: each returns a list of rows
 
-def bench_unet(cfg, device, quick):
+def bench_unet(config, device, quick):
     """The latent UNet: one training step (forward, backward, AdamW) and one inference forward."""
-    B, repeats, note = batch_and_repeats(cfg, device, quick)
-    f = 2 ** (len(cfg["vae_channel_mult"]) - 1)
-    size, C = cfg["image_size"] // f, axf.LATENT_CHANNELS
-    model = UNet(C + 1, C, cfg["unet_channels"], cfg["unet_channel_mult"], cfg["unet_num_res_blocks"],
-                 cfg["unet_attention_levels"], cfg["unet_num_heads"], cfg["context_dim"]).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(B, C + 1, size, size, device=device)  # the latent and its mask, as axf.py feeds it
+    B, repeats, note = batch_and_repeats(config, device, quick)
+    size, C = config["image_size"] // axf.latent_factor(config), axf.LATENT_CHANNELS
+    model = axf.build_unet(config).to(device)
+    optimizer = training.adamw(model.parameters(), lr=config["lr"], weight_decay=0.0)
+    # the latent (and with unet_mask_input its mask), as AnomalyXFusion.unet_input feeds it
+    x = torch.randn(B, model.conv_in.in_channels, size, size, device=device)
     t = torch.randint(0, 1000, (B,), device=device)
-    context = torch.randn(B, 3 * cfg["num_tokens"], cfg["context_dim"], device=device)  # [B, 3k, d]: the X-embedding
+    context = torch.randn(B, 3 * config["num_tokens"], config["context_dim"], device=device)  # [B, 3k, d]: e_X
     noise = torch.randn(B, C, size, size, device=device)
 
     def train_step():
-        with autocast(device):
+        with cli.autocast(device, config["bf16"]):
             loss = (model(x, t, context).float() - noise).square().mean()  # Eq. (17)'s ε-loss
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     @torch.no_grad()
     def forward():
-        with autocast(device):
+        with cli.autocast(device, config["bf16"]):
             model(x, t, context)
 
     params = sum(p.numel() for p in model.parameters()) / 1e6
     name = f"UNet {params:.1f}M params, {size}x{size}x{C} latent"
     rows = []
     reset_peak_memory(device)
-    rows.append(row(cfg, f"{name}: training step", B, measure(train_step, device, repeats), device, note))
+    rows.append(row(config, f"{name}: training step", B, measure(train_step, device, repeats), device, note))
     model.zero_grad(set_to_none=True)
     model.eval()
     reset_peak_memory(device)
-    rows.append(row(cfg, f"{name}: forward (sampling step)", B, measure(forward, device, repeats), device, note))
+    rows.append(row(config, f"{name}: forward (sampling step)", B, measure(forward, device, repeats), device, note))
     return rows
 
 
-def bench_vae(cfg, device, quick):
+def bench_vae(config, device, quick):
     """The KL autoencoder: encoding a batch of images to latents, decoding latents to images."""
-    B, repeats, note = batch_and_repeats(cfg, device, quick)
-    vae = axf.build_vae(cfg).to(device).eval()
-    x = torch.rand(B, 3, cfg["image_size"], cfg["image_size"], device=device) * 2 - 1
+    B, repeats, note = batch_and_repeats(config, device, quick)
+    vae = axf.build_vae(config).to(device).eval()
+    x = torch.rand(B, 3, config["image_size"], config["image_size"], device=device) * 2 - 1
     with torch.no_grad():
         z = vae.encode(x).mode()
 
     @torch.no_grad()
     def encode():
-        with autocast(device):
+        with cli.autocast(device, config["bf16"]):
             vae.encode_latents(x)
 
     @torch.no_grad()
     def decode():
-        with autocast(device):
+        with cli.autocast(device, config["bf16"]):
             vae.decode_latents(z)
 
     params = sum(p.numel() for p in vae.parameters()) / 1e6
-    name = f"VAE {params:.1f}M params, {cfg['image_size']} px"
+    name = f"VAE {params:.1f}M params, {config['image_size']} px"
     rows = []
     for what, fn in (("encode", encode), ("decode", decode)):
         reset_peak_memory(device)
-        rows.append(row(cfg, f"{name}: {what}", B, measure(fn, device, repeats), device, note))
+        rows.append(row(config, f"{name}: {what}", B, measure(fn, device, repeats), device, note))
     return rows
 
 
-def bench_axf(cfg, device, quick):
-    """The whole method: one AnomalyXFusion training step (MIF, DDF, UNet, Eq. (17)) and sampling per image
-    (DDIM, classifier-free guidance, blended as Eq. (16), then decoded). On CPU the MVTec preset times
-    2 of its sampler steps and scales them to the full count (said in the row)."""
-    B, repeats, note = batch_and_repeats(cfg, device, quick)
-    model = axf.AnomalyXFusion(cfg, axf.build_clip(cfg, device), {"bench": ["crack", "hole"]}).to(device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    S = cfg["image_size"]
-    images = torch.rand(B, 3, S, S, device=device)
-    masks = torch.zeros(B, 1, S, S, device=device)
-    masks[..., S // 4: S // 2, S // 4: S // 2] = 1
-    captions = [f"a small crack number {i}" for i in range(B)]
-    ids = torch.ones(B, dtype=torch.long, device=device)
-    latents = model.encode_images(images)
-
-    def train_step():
-        with autocast(device):
-            loss = model.loss(latents, masks, captions, ids, torch.ones(B, dtype=torch.bool, device=device))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    steps = 2 if note else cfg["sample_steps"]
+def bench_axf(config, device, quick):
+    """The whole method: one AnomalyXFusion training step as train.py takes it (MIF, DDF, UNet, Eq. (17), clipping,
+    AdamW, EMA: axf_training_step) and sampling per image (DDIM, classifier-free guidance, blended as Eq. (16), then
+    decoded). On CPU the MVTec preset times 2 of its sampler steps and scales them to the full count (said in the
+    row)."""
+    B, repeats, note = batch_and_repeats(config, device, quick)
+    config = dict(config, batch_size=B)
+    model = axf.AnomalyXFusion(config, axf.build_clip(config, device), {"bench": ["crack", "hole"]}).to(device)
+    train_step = training_step_of(model, config, device)
+    _, masks, captions, ids, _ = fake_batch(config, device, num_anomalies=B)
+    images = torch.rand(B, 3, config["image_size"], config["image_size"], device=device)
+    steps = 2 if note else config["sample_steps"]
 
     def sample():
-        with torch.inference_mode(), autocast(device):  # inference mode: FlopCounterMode trips on no_grad views
-            model.sample(images, masks, captions, ids, steps=steps, guidance_scale=cfg["guidance_scale"])
+        # inference mode: FlopCounterMode trips on no_grad views
+        with torch.inference_mode(), cli.autocast(device, config["bf16"]):
+            model.sample(images, masks, captions, ids, steps=steps, guidance_scale=config["guidance_scale"])
 
-    rows = [row(cfg, "AnomalyXFusion training step", B, measure(train_step, device, repeats), device, note)]
+    rows = [row(config, "AnomalyXFusion training step", B, measure(train_step, device, repeats), device, note)]
     seconds, flops = measure(sample, device, 1)
-    scale = cfg["sample_steps"] / steps
-    rows.append(row(cfg, f"sampling, {cfg['sample_steps']} DDIM steps + guidance, per image"
+    scale = config["sample_steps"] / steps
+    rows.append(row(config, f"sampling, {config['sample_steps']} DDIM steps + guidance, per image"
                     + (f" ({steps} steps timed, x{scale:g}: an upper bound, VAE included)" if scale != 1 else ""), 1,
                     (seconds * scale / B, flops * scale / B), device, note))
     return rows
@@ -247,47 +281,6 @@ def bench_metrics(device, quick, n=5_000_000):
     return rows
 
 
-def bench_sd(device, quick):
-    """Stable Diffusion 1.5's UNet as sd.load_sd builds it from v1-5-pruned-emaonly (tests/test_sd.py checks
-    that layout), per image at 256 and 512 px: a training step (forward, backward) and a sampling step (one
-    forward; classifier-free guidance doubles it). FLOPs are counted on the meta device (no memory, no
-    weights); times and peak memory are measured on CUDA only (a full training step, AdamW included)."""
-    timed = device.type == "cuda"
-    with torch.device(device if timed else "meta"):
-        model = UNet(4, 4, channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_levels=(0, 1, 2),
-                     num_heads=8, context_dim=768)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5) if timed else None
-    params = sum(p.numel() for p in model.parameters())
-    rows = [{"preset": "sd-1.5", "benchmark": f"UNet {params:,} params (load_sd of v1-5-pruned-emaonly)"}]
-    for px in (256, 512):
-        x = torch.randn(1, 4, px // 8, px // 8, device=model.conv_in.weight.device)
-        t, context = torch.full((1,), 500, device=x.device), torch.randn(1, 77, 768, device=x.device)
-
-        def train_step():
-            with autocast(device):
-                loss = model(x, t, context).float().square().mean()
-            loss.backward()
-            if timed:
-                opt.step()
-            model.zero_grad(set_to_none=True)
-
-        def forward():
-            with torch.inference_mode(), autocast(device):
-                model(x, t, context)
-
-        for what, fn in (("training step", train_step), ("sampling step", forward)):
-            name = f"UNet, {px} px ({px // 8}x{px // 8}x4 latent): {what}"
-            if timed:
-                reset_peak_memory(device)
-                rows.append(row({"preset": "sd-1.5"}, name, 1, measure(fn, device, 1 if quick else 3), device))
-            else:
-                with FlopCounterMode(display=False) as counter:
-                    fn()
-                rows.append({"preset": "sd-1.5 (meta: FLOPs only)", "benchmark": name, "batch": 1,
-                             "GFLOP": counter.get_total_flops() / 1e9})
-    return rows
-
-
 # SD-1.5's sizes, as load_sd reads them off v1-5-pruned-emaonly (README, "At full size"), with the CLIP that
 # --clip ViT-L-14.pt loads for Eq. (1) and (3); and a tiny stand-in of the same layout, for a CPU
 SD15_SIZES = dict(
@@ -309,6 +302,46 @@ TINY_SIZES = dict(
     clip=dict(embed_dim=64, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
               context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=2, transformer_layers=2),
 )
+
+
+def bench_sd(device, quick):
+    """Stable Diffusion 1.5's UNet as sd.load_sd builds it from v1-5-pruned-emaonly (tests/test_sd.py checks
+    that layout), per image at 256 and 512 px: a training step (forward, backward) and a sampling step (one
+    forward; classifier-free guidance doubles it). FLOPs are counted on the meta device (no memory, no
+    weights); times and peak memory are measured on CUDA only (a full training step, AdamW included)."""
+    timed = device.type == "cuda"
+    with torch.device(device if timed else "meta"):
+        model = UNet(**SD15_SIZES["unet"])
+    optimizer = training.adamw(model.parameters(), lr=1e-5) if timed else None
+    params = sum(p.numel() for p in model.parameters())
+    rows = [{"preset": "sd-1.5", "benchmark": f"UNet {params:,} params (load_sd of v1-5-pruned-emaonly)"}]
+    for px in (256, 512):
+        x = torch.randn(1, 4, px // 8, px // 8, device=model.conv_in.weight.device)
+        t, context = torch.full((1,), 500, device=x.device), torch.randn(1, 77, 768, device=x.device)
+
+        def train_step():
+            with cli.autocast(device):
+                loss = model(x, t, context).float().square().mean()
+            loss.backward()
+            if timed:
+                optimizer.step()
+            model.zero_grad(set_to_none=True)
+
+        def forward():
+            with torch.inference_mode(), cli.autocast(device):
+                model(x, t, context)
+
+        for what, fn in (("training step", train_step), ("sampling step", forward)):
+            name = f"UNet, {px} px ({px // 8}x{px // 8}x4 latent): {what}"
+            if timed:
+                reset_peak_memory(device)
+                rows.append(row({"preset": "sd-1.5"}, name, 1, measure(fn, device, 1 if quick else 3), device))
+            else:
+                with FlopCounterMode(display=False) as counter:
+                    fn()
+                rows.append({"preset": "sd-1.5 (meta: FLOPs only)", "benchmark": name, "batch": 1,
+                             "GFLOP": counter.get_total_flops() / 1e9})
+    return rows
 
 
 def random_weights(module, device):
@@ -341,42 +374,18 @@ def sd_train_model(sizes, clip_model, mode, context, checkpointing, device):
                     sd_adapter=sd_backbone.TextEncoderContext(text, config).to(device))
     config.update(sd_backbone.file_sizes(backbone))  # as train.py sets them from the file
     model = axf.AnomalyXFusion(config, clip_model, {"bench": ["crack", "hole"]}, **backbone).to(device)
-    model.mif.clip.cpu()  # as train.assemble_model leaves it once its features are cached
+    model.mif.clip.cpu()  # as train.py leaves it once its features are cached
     return config, model
 
 
-def fake_training_set(config, num_anomalies=6, num_normals=16):
-    """What train.axf_step reads: few-shot masks, captions and defect ids, and cached latents (random)."""
-    S, f, C = config["image_size"], axf.latent_factor(config), axf.LATENT_CHANNELS
-    masks = torch.zeros(num_anomalies, 1, S, S)
-    for i in range(num_anomalies):  # boxes of 1/8 to 1/4 of the side, in different places
-        a, b = (i * S) // (2 * num_anomalies) + S // 8, S // 8 + (i % 3) * S // 16
-        masks[i, :, a:a + b, a:a + b] = 1
-    colours = ["red", "green", "blue", "white", "black", "yellow"]
-    train_set = {"captions": [f"The {colours[i % 6]} cable has a crack across its insulation near the centre"
-                              for i in range(num_anomalies)],
-                 "masks": masks, "defect_ids": torch.arange(num_anomalies) % 2 + 1,
-                 "normals": torch.zeros(num_normals, 0),  # make_batch reads only how many: their latents are cached
-                 "normal_rows": torch.zeros(num_normals, dtype=torch.long),
-                 "num_normals": [num_normals], "num_anomalies": [num_anomalies]}
-    latents = {"anomalies": torch.randn(num_anomalies, C, S // f, S // f),
-               "normals": torch.randn(num_normals, C, S // f, S // f)}
-    return train_set, latents
-
-
 def time_training_step(model, config, label, device, repeats, say):
-    """One row: train.axf_step itself (optimiser and EMA as train.py makes them), 2 warm-up steps, `repeats` timed;
-    the peak memory counts from before the first step (AdamW allocates its moments there)."""
+    """One row: axf_training_step (train.py's step, optimiser and EMA), 2 warm-up steps, `repeats` timed; the peak
+    memory counts from before the first step (AdamW allocates its moments there)."""
     groups = model.parameter_groups()
-    optimizer = training.adamw(groups, lr=config["lr"], weight_decay=0.0)
-    ema = training.EMA(model, config["ema_decay"])
-    train_set, latents = fake_training_set(config)
-    generator, steps = torch.Generator().manual_seed(config["seed"] + 2), itertools.count()
-    step = lambda: train.axf_step(model, optimizer, ema, train.make_batch(train_set, latents, config, generator), config,
-                                  next(steps), device)
+    step = training_step_of(model, config, device)
     n_unet, n_cond = (sum(p.numel() for p in g["params"]) for g in groups)
     mode = config["train_unet"] + (f" (rank {config['lora_rank']})" if config["train_unet"] == "lora" else "")
-    name = (f"AXF training step (train.axf_step), --train_unet {mode}, sd_context {config['sd_context']}, gradient "
+    name = (f"AXF training step (as train.py's), --train_unet {mode}, sd_context {config['sd_context']}, gradient "
             f"checkpointing {'on' if config['gradient_checkpointing'] else 'off'}: {n_unet:,} UNet + {n_cond:,} "
             f"conditioning params train")
     say(f"{name}: 2 warm-up + {repeats} timed steps")
@@ -402,8 +411,7 @@ def sd_train_rows(rows, sizes, clip_model, mode, context, checkpointing, device,
         torch.cuda.empty_cache()
 
     # what the splice adds to every step: the frozen text encoder's forward + backward to e_t, next to the UNet's
-    batch = fake_training_set(config, num_anomalies=B)[0]
-    masks, captions = batch["masks"].to(device), batch["captions"]
+    _, masks, captions, ids, _ = fake_batch(config, device, num_anomalies=B)
     adapter = model.sd_adapter
     tokens = adapter.prompt_tokens(captions, model.mif.num_context).to(device)  # [B, 77]
     width = adapter.text_encoder.token_embedding.weight.shape[1]
@@ -414,13 +422,13 @@ def sd_train_rows(rows, sizes, clip_model, mode, context, checkpointing, device,
     hidden = torch.randn(B, 77, width, device=device, requires_grad=True)  # the context, as the splice makes it
 
     def text_step():
-        with autocast(device):
+        with cli.autocast(device, config["bf16"]):
             out = adapter.text_encoder.encode_text_tokens(tokens, replace=(clip.PLACEHOLDER_ID, e_t * adapter.token_scale))
         out.float().square().mean().backward()
         e_t.grad = None
 
     def unet_step():
-        with autocast(device):
+        with cli.autocast(device, config["bf16"]):
             out = model.unet(x, t, hidden)
         out.float().square().mean().backward()
         hidden.grad = None
@@ -442,11 +450,11 @@ def sd_train_rows(rows, sizes, clip_model, mode, context, checkpointing, device,
 
     # sampling, as sample.py runs it: model.sample under bf16 autocast, VAE encode and decode included
     images = torch.rand(B, 3, S, S, device=device)
-    ids = torch.arange(B, device=device) % 2 + 1
     model.eval()
 
     def sample():
-        with torch.inference_mode(), autocast(device):  # inference mode: FlopCounterMode trips on no_grad views
+        # inference mode: FlopCounterMode trips on no_grad views
+        with torch.inference_mode(), cli.autocast(device, config["bf16"]):
             model.sample(images, masks, captions, ids, steps=config["sample_steps"],
                          guidance_scale=config["guidance_scale"])
 
@@ -463,9 +471,9 @@ def bench_sd_train(device, quick, sizes=None):
     """AnomalyXFusion's real training step on an SD-1.5-sized backbone (random weights, no file), per --train_unet mode
     (none; lora at CONFIG's rank 32; full; and full without checkpointing, for comparison) with the sd preset's
     settings: batch 8 at 256 px (32x32x4 latents), bf16 autocast, gradient checkpointing, e_t spliced into the text
-    encoder (and appended, mode none). Each step is train.axf_step itself: a batch of cached latents, the loss (CLIP
-    features cached, MIF, DDF, text encoder, UNet, Eq. (17)), clipping, AdamW (train.parameter_groups, training.adamw) and the
-    EMA. Peak memory is CUDA's max allocated since the mode's model was built: every weight (UNet, VAE, text encoder,
+    encoder (and appended, mode none). Each step is train.py's (axf_training_step): a batch of cached latents, the loss
+    (CLIP features cached, MIF, DDF, text encoder, UNet, Eq. (17)), clipping, AdamW (model.parameter_groups,
+    training.adamw) and the EMA. Peak memory is CUDA's max allocated since the mode's model was built: every weight (UNet, VAE, text encoder,
     and the ViT-L/14 CLIP of Eq. (1) and (3), as --clip ViT-L-14.pt holds it), AdamW's moments, the EMA, activations. Then,
     on mode none's model: the spliced text encoder's forward + backward to e_t next to the UNet's (what the splice
     adds to every step), and sampling per image (model.sample, 50 DDIM steps with guidance, VAE decode included).
@@ -528,8 +536,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="one timed run each and a smaller peak matmul")
     parser.add_argument("--generation_metrics", type=int, default=0, metavar="N",
                         help="also time IS, KID, FID and IC-LPIPS on N generated 256 px images of one defect type "
-                             "(metrics.bench_rows; random Inception and VGG weights): 100 take about 14 min on this "
-                             "2-core CPU, so 0 (the default) skips them")
+                             "(metrics.bench_rows; random Inception and VGG weights); on a CPU that takes long "
+                             "(docs/speed.md), so 0 (the default) skips them")
     names = [b.__name__.removeprefix("bench_") for b in BENCHES + SHARED_BENCHES]
     parser.add_argument("--only", metavar="NAMES", help=f"comma-separated benchmarks to run, of {', '.join(names)} "
                         "(bench_<name>; the first three per preset); default all")
@@ -544,9 +552,9 @@ def main(argv=None):
     peaks = matmul_peaks(device, args.quick)
     rows = []
     for preset in presets if selected(BENCHES) else []:
-        cfg = settings.resolve(preset)
+        config = settings.resolve(preset)
         for bench in selected(BENCHES):
-            rows += bench(cfg, device, args.quick)
+            rows += bench(config, device, args.quick)
     for bench in selected(SHARED_BENCHES):
         rows += bench(device, args.quick)
     if args.generation_metrics:

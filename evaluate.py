@@ -4,7 +4,8 @@ protocol stamp that makes a table citable. In reading order:
   read_anomalies                      a method's images (data.load_generated reads --generated)
   draem_anomalies, crop_paste_anomalies, combine, METHODS   baselines: Perlin noise, crop-paste, `real`
                                       (the few-shot real anomalies alone), `real+<method>` (both)
-  EVAL_CONFIG, EVAL_PRESETS, evaluation_settings   sizes and budgets: toy (CPU, minutes), mvtec (one GPU)
+  EVAL_KEYS, EVAL_PRESETS, resolve_eval_config   sizes and budgets, one table of config.py's Key rows: toy
+                                      (CPU, minutes), mvtec (one GPU)
   train_segmenter, classification_accuracy   downstream models: fixed epochs, the last one is reported
   estimate_seconds, evaluate_method, markdown_table, toy_checks
   comma_list, output_files, write_results, main   the flags checked before any work (a malformed list, an --out
@@ -28,13 +29,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
-from tqdm import tqdm
 
-import axf
 import cli
 import data
 import files
 import toy
+from config import Key, within
 from metrics import (LPIPS, _said, au_pro, auroc, average_precision, f1_max, fid, generation_metrics,  # noqa: F401
                      ic_lpips, inception_features, inception_probs, inception_score, kid, load_inception,
                      protocol_stamp, refuse_leaks, segmentation_scores)
@@ -147,20 +147,24 @@ METHODS = ("axf", "draem", "crop_paste", "real", "real+axf", "real+draem", "real
 
 
 # ----------------------------------------------------------------------------------------------
-# The evaluation config: sizes and budgets, with a toy (CPU, minutes) and an MVTec (one GPU) preset.
+# The evaluation's settings: one table of config.py's Key rows (default, help, allowed values), the toy preset's
+# defaults (a CPU, minutes); the mvtec preset (one GPU, the paper's 256 px recipe) overrides a few.
 
-EVAL_CONFIG = dict(
-    seed=0,                # the seed of the baselines' anomalies and of KID's subsets; --seeds for the models
-    image_size=64,
-    seg_width=8,           # base width of the segmenter (DRAEM: 64)
-    seg_epochs=5,          # an epoch: one pass over the normal training images, each batch half anomalies
-    seg_lr=1e-3,
-    cls_epochs=3,          # ResNet-34 epochs, each as many anomalies as there are normal training images
-    cls_lr=1e-3,
-    batch_size=16,
-    pool_window=21,        # image score window at 256 px (DRAEM), scaled with image_size
-    is_splits=10,
-    kid_subsets=100,       # KID: subsets of min(1000, generated, real held-out) images per defect type
+EVAL_KEYS = dict(
+    seed=Key(0, "seeds the baselines' anomalies and KID's subsets; --seeds seeds the downstream models",
+             range="0 <= x <= 4294967295"),
+    image_size=Key(64, "images are resized to this many px square; the segmenter pools 5 times", range=">= 32",
+                   multiple_of=32),
+    seg_width=Key(8, "base width of the segmenter (DRAEM's: 64)", range=">= 1"),
+    seg_epochs=Key(5, "segmenter epochs; an epoch is one pass over the normal training images, each batch half "
+                      "anomalies", range=">= 1"),
+    seg_lr=Key(1e-3, "segmenter Adam learning rate", range="> 0"),
+    cls_epochs=Key(3, "ResNet-34 epochs, each as many anomalies as there are normal training images", range=">= 1"),
+    cls_lr=Key(1e-3, "ResNet-34 Adam learning rate", range="> 0"),
+    batch_size=Key(16, "batch size of the downstream models and of the feature extractors", range=">= 1"),
+    pool_window=Key(21, "image score window at 256 px (DRAEM's), scaled with image_size", range=">= 1"),
+    is_splits=Key(10, "Inception Score splits", range=">= 1"),
+    kid_subsets=Key(100, "KID subsets of min(1000, generated, held-out) images per defect type", range=">= 1"),
 )
 
 EVAL_PRESETS = {
@@ -170,50 +174,87 @@ EVAL_PRESETS = {
 }
 
 
+def allowed(key):
+    """What a Key row allows, in words ('>= 32, a multiple of 32'): config.allowed_text for this table."""
+    return ", ".join([key.range] + [f"a multiple of {key.multiple_of}"] * bool(key.multiple_of))
+
+
+def add_eval_args(parser):
+    """A `--key value` flag for each EVAL_KEYS row, typed like its default (cli.value_parser), with its help, its
+    toy default and what it allows: cli.add_config_args for this table."""
+    group = parser.add_argument_group("evaluation config (toy preset defaults shown; --preset mvtec changes some)")
+    for name, key in EVAL_KEYS.items():
+        group.add_argument(f"--{name}", type=cli.value_parser(key.default), default=None,
+                           metavar=type(key.default).__name__.upper(),
+                           help=f"{key.help} (default: {key.default}) [allowed: {allowed(key)}]".replace("%", "%%"))
+
+
+def resolve_eval_config(preset, overrides=None):
+    """The table's defaults, then the preset's values, then the overrides; each value checked against its row
+    (one line listing every problem), as config.resolve checks a run's config."""
+    eval_config = {**{name: key.default for name, key in EVAL_KEYS.items()}, **EVAL_PRESETS[preset],
+                   "preset": preset, **(overrides or {})}
+    problems = [f"--{name} must be {allowed(key)}, not {value}" for name, key in EVAL_KEYS.items()
+                if not within(value := eval_config[name], key.range) or key.multiple_of and value % key.multiple_of]
+    if problems:
+        raise ValueError("; ".join(problems))
+    return eval_config
+
+
 def _epoch(n, steps, per_step, g):
     """Index batches [steps, per_step] into n items: permutations back to back, so each is seen evenly."""
     perm = torch.cat([torch.randperm(n, generator=g) for _ in range(math.ceil(steps * per_step / n))])
     return perm[:steps * per_step].view(steps, per_step)
 
 
+def _step(model, optimizer, x, y, loss_fn, device):
+    """One optimiser step on a batch (x, y), under bf16 autocast on CUDA; the loss in float32, whatever autocast did."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        out = model(x.to(device))
+    loss = loss_fn(out.float(), y.to(device))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
 def _fit(model, lr, batches, total, loss_fn, desc, device):
     """Adam over a fixed number of (x, y) batches; the model after the last step is the one reported."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
-    for x, y in (bar := tqdm(batches, total=total, desc=desc, leave=False)):
-        with autocast:
-            out = model(x.to(device))
-        loss = loss_fn(out.float(), y.to(device))   # the loss in float32, whatever autocast did
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    bar = cli.progress(total, desc)
+    for x, y in batches:
+        loss = _step(model, optimizer, x, y, loss_fn, device)
+        bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    bar.close()
     return model.eval()
 
 
-def train_segmenter(anomalies, normals, cfg, device, g):
+def train_segmenter(anomalies, normals, eval_config, device, g):
     """Fixed epochs of focal-loss training, each batch half anomalies and half normal images (DRAEM)."""
     images, masks, _ = anomalies
-    half = max(1, cfg["batch_size"] // 2)
+    half = max(1, eval_config["batch_size"] // 2)
     steps = math.ceil(len(normals) / half)   # an epoch: one pass over the normal images, as many anomalies
 
     def batches():
-        for _ in range(cfg["seg_epochs"]):
+        for _ in range(eval_config["seg_epochs"]):
             for idx, normal_idx in zip(_epoch(len(images), steps, half, g), _epoch(len(normals), steps, half, g)):
                 yield (torch.cat([images[idx], normals[normal_idx]]),   # [2*half, 3, S, S]
                        torch.cat([masks[idx], torch.zeros_like(masks[idx])]))   # normal: all-zero masks
 
-    model = SegmentationUNet(cfg["seg_width"]).to(device)
-    return _fit(model, cfg["seg_lr"], batches(), cfg["seg_epochs"] * steps, focal_loss, "segmenter", device)
+    model = SegmentationUNet(eval_config["seg_width"]).to(device)
+    return _fit(model, eval_config["seg_lr"], batches(), eval_config["seg_epochs"] * steps, focal_loss, "segmenter",
+                device)
 
 
 @torch.no_grad()
-def segmentation_metrics(model, test, cfg, device):
+def segmentation_metrics(model, test, eval_config, device):
     """The segmenter's anomaly maps of the test images, scored by metrics.segmentation_scores."""
     maps = torch.cat([model(x.to(device)).float().softmax(1)[:, 1:].cpu()
-                      for x in test[0].split(cfg["batch_size"])])   # [N, 1, S, S]
-    return segmentation_scores(maps, test[1], test[2], max(1, round(cfg["pool_window"] * cfg["image_size"] / 256)))
+                      for x in test[0].split(eval_config["batch_size"])])   # [N, 1, S, S]
+    window = max(1, round(eval_config["pool_window"] * eval_config["image_size"] / 256))
+    return segmentation_scores(maps, test[1], test[2], window)
 
 
 def build_resnet(num_classes, path=None):
@@ -228,7 +269,7 @@ def build_resnet(num_classes, path=None):
     return model
 
 
-def classification_accuracy(anomalies, test, num_classes, steps, cfg, device, g, resnet_path=None):
+def classification_accuracy(anomalies, test, num_classes, steps, eval_config, device, g, resnet_path=None):
     """Train a ResNet-34 on a method's anomalies; accuracy over defect types on the held-out real ones.
 
     An epoch is `steps` batches (sized by the normal training set, as the segmenter's), so every method
@@ -237,13 +278,14 @@ def classification_accuracy(anomalies, test, num_classes, steps, cfg, device, g,
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)   # ImageNet statistics
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     images, labels = (anomalies[0] - mean) / std, anomalies[2]
-    batches = ((images[idx], labels[idx]) for _ in range(cfg["cls_epochs"])
-               for idx in _epoch(len(images), steps, cfg["batch_size"], g))
+    batches = ((images[idx], labels[idx]) for _ in range(eval_config["cls_epochs"])
+               for idx in _epoch(len(images), steps, eval_config["batch_size"], g))
     model = build_resnet(num_classes, resnet_path).to(device)
-    model = _fit(model, cfg["cls_lr"], batches, cfg["cls_epochs"] * steps, F.cross_entropy, "classifier", device)
+    model = _fit(model, eval_config["cls_lr"], batches, eval_config["cls_epochs"] * steps, F.cross_entropy,
+                 "classifier", device)
     with torch.no_grad():
         pred = torch.cat([model(((x - mean) / std).to(device)).argmax(1).cpu()
-                          for x in test[0].split(cfg["batch_size"])])
+                          for x in test[0].split(eval_config["batch_size"])])
     return float((pred == test[1]).double().mean())
 
 
@@ -251,16 +293,18 @@ def classification_accuracy(anomalies, test, num_classes, steps, cfg, device, g,
 # A run says its time before the long work starts.
 
 
-def estimate_seconds(ctx, cfg, device, runs):
+def estimate_seconds(ctx, eval_config, device, runs):
     """`runs` trainings of both downstream models, from the time of each one's second step (the first warms up)."""
-    B, S, seconds = cfg["batch_size"], cfg["image_size"], []
-    for model, loss, y in ((SegmentationUNet(cfg["seg_width"]), focal_loss, torch.zeros(B, 1, S, S)),
+    B, S, seconds = eval_config["batch_size"], eval_config["image_size"], []
+    for model, loss, y in ((SegmentationUNet(eval_config["seg_width"]), focal_loss, torch.zeros(B, 1, S, S)),
                            (build_resnet(len(ctx["defects"])), F.cross_entropy, torch.zeros(B, dtype=torch.long))):
+        model = model.to(device).train()
         for _ in range(2):
             t0 = time.perf_counter()
-            _fit(model.to(device), 1e-4, [(torch.rand(B, 3, S, S), y)], 1, loss, "timing", device)
+            _step(model, torch.optim.Adam(model.parameters(), lr=1e-4), torch.rand(B, 3, S, S), y, loss, device)
         seconds.append(time.perf_counter() - t0)
-    steps = math.ceil(len(ctx["normals"]) / max(1, B // 2)) * cfg["seg_epochs"], ctx["cls_steps"] * cfg["cls_epochs"]
+    steps = (math.ceil(len(ctx["normals"]) / max(1, B // 2)) * eval_config["seg_epochs"],
+             ctx["cls_steps"] * eval_config["cls_epochs"])
     return runs * (steps[0] * seconds[0] + steps[1] * seconds[1])
 
 
@@ -268,16 +312,16 @@ def estimate_seconds(ctx, cfg, device, runs):
 # One row of the table per method, its downstream metrics over the seeds, then the script.
 
 
-def evaluate_method(anomalies, ctx, cfg, device, seeds, resnet_path=None):
+def evaluate_method(anomalies, ctx, eval_config, device, seeds, resnet_path=None):
     """Segmentation and classification of one method, trained once per seed: means, stds and every seed's value."""
     runs = []
     for seed in seeds:
         torch.manual_seed(seed)   # the same network initialisation for every method
         g = torch.Generator().manual_seed(seed)
-        segmenter = train_segmenter(anomalies, ctx["normals"], cfg, device, g)
-        runs.append({"segmentation": segmentation_metrics(segmenter, ctx["test"], cfg, device),
+        segmenter = train_segmenter(anomalies, ctx["normals"], eval_config, device, g)
+        runs.append({"segmentation": segmentation_metrics(segmenter, ctx["test"], eval_config, device),
                      "classification": {"accuracy": classification_accuracy(
-                         anomalies, ctx["test_classes"], len(ctx["defects"]), ctx["cls_steps"], cfg, device, g,
+                         anomalies, ctx["test_classes"], len(ctx["defects"]), ctx["cls_steps"], eval_config, device, g,
                          resnet_path)}})
     stat = lambda fn: {part: {k: float(fn([r[part][k] for r in runs])) for k in runs[0][part]} for part in runs[0]}
     return {**stat(np.mean), "std": stat(np.std), "per_seed": dict(zip(map(str, seeds), runs))}
@@ -307,35 +351,36 @@ def markdown_table(results, category, stamp):
 # Toy-world checks (--toy): does the picture follow the caption, and is the defect type recognisable?
 
 
-def toy_checks(gen_anomalies, generated, category, cfg, device, steps=1500, judge_root=toy.TOY_ROOT / "judge", seeds=5):
+def toy_checks(gen_anomalies, generated, category, eval_config, device, steps=1500, judge_root=toy.TOY_ROOT / "judge",
+               seeds=5):
     """Caption colour drawn in the mask (toy.drawn_colour), and the defect type a judge assigns. The judge trains on
     `seeds` other toy worlds' real anomalies, turned and mirrored; its accuracy on this one's real anomalies is known.
     It depends on none of the generated images, so it is trained once per setting and kept in `judge_root`."""
     hits = [toy.drawn_colour(image, mask) == toy.caption_colour(a.caption)
             for a, image, mask in zip(gen_anomalies, generated[0], generated[1]) if toy.caption_colour(a.caption)]
     colour = sum(hits) / len(hits) if hits else None
-    S, check = cfg["image_size"], read_anomalies(category.anomalies, category.defects, cfg["image_size"])
-    torch.manual_seed(cfg["seed"])
+    S, B, seed = eval_config["image_size"], eval_config["batch_size"], eval_config["seed"]
+    check = read_anomalies(category.anomalies, category.defects, S)
+    torch.manual_seed(seed)
     widths = (3, 32, 64, 96, 128)  # a small CNN: the defect type from the image alone
     judge = nn.Sequential(*[layer for cin, cout in zip(widths, widths[1:]) for layer in (
         nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.BatchNorm2d(cout), nn.ReLU())],
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], len(category.defects))).to(device)
-    kept = Path(judge_root) / (f"judge_{category.name}_{S}px_{steps}steps_batch{cfg['batch_size']}_seed{cfg['seed']}"
-                               f"_{seeds}worlds.pt")
+    kept = Path(judge_root) / f"judge_{category.name}_{S}px_{steps}steps_batch{B}_seed{seed}_{seeds}worlds.pt"
     if kept.exists():  # written here before; read as any weights file, so that a damaged one is said in one line
         try:
             judge.load_state_dict(files.read_state_dict(kept, "toy judge", "delete it to train the judge again"))
         except RuntimeError:  # torch lists every key; the file is another judge's
             raise ValueError(f"{kept}: not this judge's weights; delete it to train the judge again") from None
     else:
-        fresh = [a for seed in range(1, seeds + 1) for a in data.load_category(
-            toy.ensure_toy(category.name, Path(judge_root) / f"seed{seed}", seed=seed)).anomalies]
+        fresh = [a for world in range(1, seeds + 1) for a in data.load_category(
+            toy.ensure_toy(category.name, Path(judge_root) / f"seed{world}", seed=world)).anomalies]
         train = read_anomalies(fresh, category.defects, S)
         mirror = lambda x, k: x.flip(3) if k % 8 >= 4 else x  # with k % 4 quarter turns: the square's 8 symmetries
         batches = ((mirror(train[0][idx].rot90(k % 4, (2, 3)), k), train[2][idx]) for k, idx in enumerate(
-            _epoch(len(train[0]), steps, cfg["batch_size"], torch.Generator().manual_seed(cfg["seed"]))))
+            _epoch(len(train[0]), steps, B, torch.Generator().manual_seed(seed))))
         judge = _fit(judge, 1e-3, batches, steps, F.cross_entropy, "toy judge", device)
-        recalibrate_batchnorm(judge, train[0], cfg["batch_size"], device)
+        recalibrate_batchnorm(judge, train[0], B, device)
         files.save_atomic(judge.state_dict(), kept)
     judge.eval()
     with torch.no_grad():
@@ -382,32 +427,29 @@ def parse_args(argv):
         "crop_paste (few-shot anomalies pasted), real (the few-shot anomalies), real+<method> (both)")
     arg("--seeds", help="comma-separated seeds of the downstream models, e.g. 0,1,2 (default: the seed key)")
     arg("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
-    for key, default in EVAL_CONFIG.items():
-        arg(f"--{key}", type=type(default), help=f"evaluation config (toy default: {default})")
+    add_eval_args(parser)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    return args, {k: getattr(args, k) for k in EVAL_CONFIG if getattr(args, k) is not None}
+    return args, {k: getattr(args, k) for k in EVAL_KEYS if getattr(args, k) is not None}
 
 
-def evaluation_settings(args, overrides, category, device):
-    """The evaluation's sizes and budgets (EVAL_CONFIG keys): the preset (the paper's 256 px recipe only on a GPU
-    for images of 256 px or more), then the command line's overrides."""
+def choose_eval_config(args, overrides, category, device):
+    """The evaluation's sizes and budgets: the preset (the paper's 256 px recipe only on a GPU for images of
+    256 px or more), then the command line's overrides (resolve_eval_config), printed once."""
     with Image.open(category.train_good[0]) as im:
         side = min(im.size)
     preset = args.preset or ("mvtec" if device.type == "cuda" and side >= 256 and not args.toy else "toy")
     if not args.preset:
         print(f"preset {preset} ({side} px images, {device.type}); --preset mvtec|toy chooses")
-    cfg = {**EVAL_CONFIG, **EVAL_PRESETS[preset], "preset": preset, **overrides}
-    print("evaluation config:", json.dumps(cfg))
-    if cfg["image_size"] % 32:
-        raise ValueError(f"image_size={cfg['image_size']}: the segmenter pools 5 times, so it must be a multiple of 32")
-    return cfg
+    eval_config = resolve_eval_config(preset, overrides)
+    print("evaluation config:", json.dumps(eval_config))
+    return eval_config
 
 
-def real_data(category, cfg):
+def real_data(category, eval_config):
     """At the evaluation size: the normal training images, the few-shot anomalies (the baselines' material) and
     the test, held-out anomalies + good images, each image labelled by where it comes from."""
-    S, (few, held) = cfg["image_size"], data.few_shot_split(category.anomalies)
+    S, (few, held) = eval_config["image_size"], data.few_shot_split(category.anomalies)
     if not category.test_good or not held:
         raise ValueError(f"{category.folder}: the test needs good test images and held-out anomalies, found "
                          f"{len(category.test_good)} and {len(held)}")
@@ -417,17 +459,18 @@ def real_data(category, cfg):
     print(f"{category.name}: {len(normals)} normal training images, {len(few)} few-shot anomalies, test: "
           f"{len(held)} held-out anomalies + {len(good)} good images; defects {category.defects}")
     return dict(defects=category.defects, normals=normals, real=real, held=test, held_anomalies=held,
-                n_good=len(good), test_classes=(test[0], test[2]), cls_steps=math.ceil(len(normals) / cfg["batch_size"]),
+                n_good=len(good), test_classes=(test[0], test[2]),
+                cls_steps=math.ceil(len(normals) / eval_config["batch_size"]),
                 test=(torch.cat([test[0], good]), torch.cat([test[1], torch.zeros(len(good), *test[1].shape[1:])]),
                       torch.cat([torch.ones(len(held)), torch.zeros(len(good))])))
 
 
-def anomaly_sets(methods, generated, ctx, cfg):
+def anomaly_sets(methods, generated, ctx, eval_config):
     """Each method's (images, masks, defect index); the baselines make as many per defect type as were generated."""
     counts = {d: n for d in range(len(ctx["defects"])) if (n := int((generated[2] == d).sum()))}
-    g, normals, real = torch.Generator().manual_seed(cfg["seed"]), ctx["normals"], ctx["real"]
+    g, normals, real = torch.Generator().manual_seed(eval_config["seed"]), ctx["normals"], ctx["real"]
     make = {"axf": lambda: generated, "real": lambda: real, "crop_paste": lambda: crop_paste_anomalies(
-        real, normals, counts, g), "draem": lambda: draem_anomalies(normals, counts, g, cfg["image_size"])}
+        real, normals, counts, g), "draem": lambda: draem_anomalies(normals, counts, g, eval_config["image_size"])}
     sets = {m: make[m]() for m in make if m in methods or f"real+{m}" in methods}
     return {m: sets[m] if m in sets else combine(real, sets[m.removeprefix("real+")]) for m in methods}
 
@@ -492,43 +535,46 @@ def main(argv=None):
     if set(methods) - set(METHODS):
         raise ValueError(f"--methods: unknown {sorted(set(methods) - set(METHODS))}; choose from {','.join(METHODS)}")
     seeds = (comma_list("--seeds", args.seeds, int, "0,1,2") if args.seeds is not None
-             else [overrides.get("seed", EVAL_CONFIG["seed"])])
+             else [overrides.get("seed", EVAL_KEYS["seed"].default)])
     out, table_path = output_files(args)
     device = cli.pick_device(args.device)
     start = time.time()
 
     category = data.load_category(toy.ensure_toy(args.category) if args.toy else Path(args.data_root) / args.category)
-    cfg = evaluation_settings(args, overrides, category, device)
-    ctx = real_data(category, cfg)
+    eval_config = choose_eval_config(args, overrides, category, device)
+    ctx = real_data(category, eval_config)
     gen_anomalies = data.load_generated(args.generated)   # only its anomalies, never one of the test images
     if unknown := sorted({a.defect for a in gen_anomalies} - set(ctx["defects"])):
         raise ValueError(f"{args.generated}: defect types {unknown} are not in {category.folder}")
     refuse_leaks(gen_anomalies, ctx["held_anomalies"])
-    generated = read_anomalies(gen_anomalies, ctx["defects"], cfg["image_size"])
-    sets = anomaly_sets(methods, generated, ctx, cfg)
+    generated = read_anomalies(gen_anomalies, ctx["defects"], eval_config["image_size"])
+    sets = anomaly_sets(methods, generated, ctx, eval_config)
 
     if args.resnet:   # read now, not when the first method's segmenter has trained
         build_resnet(len(ctx["defects"]), args.resnet)
     inception = load_inception(args.inception, device) if args.inception else None
     lpips = LPIPS(args.vgg).to(device) if args.vgg else None
     if inception is not None:   # the held-out anomalies' features, for KID and FID of every method
-        ctx["held_features"] = inception_features(inception, ctx["held"][0], cfg["batch_size"])[0]
-    eta = estimate_seconds(ctx, cfg, device, len(methods) * len(seeds))
+        ctx["held_features"] = inception_features(inception, ctx["held"][0], eval_config["batch_size"])[0]
+    eta = estimate_seconds(ctx, eval_config, device, len(methods) * len(seeds))
+    preset = eval_config["preset"]
     print(f"estimated time for the downstream models: {eta / 60:.1f} min ({len(methods)} methods x {len(seeds)} seeds"
-          f" on {device.type}, preset {cfg['preset']})" + (" -- on a CPU, --preset toy takes minutes"
-                                                            if cfg["preset"] != "toy" and device.type == "cpu" else ""))
+          f" on {device.type}, preset {preset})" + (" -- on a CPU, --preset toy takes minutes"
+                                                    if preset != "toy" and device.type == "cpu" else ""))
     results = {}
-    for name in tqdm(methods, desc="methods"):
-        gen = (generation_metrics(sets[name], ctx, cfg, device, inception, lpips) if not name.startswith("real+")
-               else dict.fromkeys(("is", "ic_lpips", "kid", "fid")))   # a mix: its parts have their own rows
-        results[name] = {"generation": gen, **evaluate_method(sets[name], ctx, cfg, device, seeds, args.resnet)}
-        tqdm.write(f"{name} ({len(sets[name][0])} anomalies): {json.dumps(results[name]['segmentation'])}")
+    for i, name in enumerate(methods, 1):  # a line each (a bar around the models' own bars would nest them)
+        gen = (dict.fromkeys(("is", "ic_lpips", "kid", "fid")) if name.startswith("real+")  # its parts have rows
+               else generation_metrics(sets[name], ctx, eval_config, device, inception, lpips))
+        results[name] = {"generation": gen,
+                         **evaluate_method(sets[name], ctx, eval_config, device, seeds, args.resnet)}
+        print(f"{i}/{len(methods)} {name} ({len(sets[name][0])} anomalies): "
+              f"{json.dumps(results[name]['segmentation'])}")
 
-    stamp = protocol_stamp(args, cfg, seeds, ctx, generated)
+    stamp = protocol_stamp(args, eval_config, seeds, ctx, generated)
     table = markdown_table(results, args.category, stamp)
     results["protocol"] = stamp
     if args.toy:
-        results["toy_checks"] = toy_checks(gen_anomalies, generated, category, cfg, device)
+        results["toy_checks"] = toy_checks(gen_anomalies, generated, category, eval_config, device)
         table += "\ntoy checks of the generated anomalies: " + json.dumps(results["toy_checks"]) + "\n"
     write_results(out, table_path, results, table)
     print(table + f"\nwrote {out} and {table_path} in {time.time() - start:.0f} s")

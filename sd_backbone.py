@@ -251,7 +251,7 @@ def file_sizes(backbone):
 
 def sd_file(path, parts=tuple(SD_PREFIXES), chunk=1 << 24):
     """What names an SD file (or folder: the part files it reads) in a checkpoint: its path, size in bytes and
-    sha256 (~3 s for SD-1.5's 4 GB). parts=("VAE",) for a separate VAE."""
+    sha256 (hashing SD-1.5's 4 GB takes seconds). parts=("VAE",) for a separate VAE."""
     path = Path(path)
     refuse_special_file(path, "a Stable Diffusion file or folder")
     files = list(diffusers_files(path, parts).values()) if path.is_dir() else [path]

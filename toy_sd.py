@@ -9,25 +9,28 @@ their captions ("a photo of a normal bottle", "A large red contamination lies in
 
     python toy_sd.py --out runs/toy_sd.safetensors        # then: python sd.py --sd runs/toy_sd.safetensors
 
-  1. data     toy.ensure_toy for seeds 1..--seeds (seed 0 is the toy set train.py uses: never seen here),
-              read at --size px; cached in data/toy_sd/
-  2. VAE      vae.py at the toy preset's size, L1 + KL as LDM (vae.vae_loss), on the images of every toy
-              category (no captions) and half its batches made generic (random disks on random backgrounds):
-              a generic codec, as SD's VAE trained on OpenImages; then rescaled so that its
-              latents have SD's std 1 / 0.18215: load_sd sets scale_factor = 0.18215 for every SD file
-  3. LDM      unet.py in SD-1.x's layout at toy widths (8 heads, as load_sd assumes) and a small CLIP text
-              tower (clip.py, text only), ε-prediction on the scaled latents with SD's scaled_linear
-              schedule (ddpm.DDPM), 10% of captions dropped to "" (classifier-free guidance), EMA weights
-  4. file     the EMA weights (training.EMA over both) written by sd.save_sd as an SD-1.x single file (original
-              key layout), checked by reading it back with sd.load_sd
+  1/3 toy world   toy.ensure_toy for seeds 1..--seeds (seed 0 is the toy set train.py uses: never seen here),
+                  read at --size px; cached in data/toy_sd/
+  2/3 VAE         vae.py at the toy preset's size, L1 + KL as LDM (vae.vae_loss), on the images of every toy
+                  category (no captions) and half its batches made generic (random disks on random backgrounds):
+                  a generic codec, as SD's VAE trained on OpenImages; then rescaled so that its
+                  latents have SD's std 1 / 0.18215: load_sd sets scale_factor = 0.18215 for every SD file
+  3/3 UNet + text tower   unet.py in SD-1.x's layout at toy widths (8 heads, as load_sd assumes) and a small CLIP
+                  text tower (clip.py, text only), ε-prediction on the scaled latents with SD's scaled_linear
+                  schedule (ddpm.DDPM), 10% of captions dropped to "" (classifier-free guidance), EMA weights
+  then the file   the EMA weights (training.EMA over both) written by sd.save_sd as an SD-1.x single file
+                  (original key layout), checked by reading it back with sd.load_sd
 
 The text tower is trained together with the UNet, as LDM trained its BERT text encoder: SD's is a frozen
 CLIP that was pretrained contrastively on 400M pairs, and a random tiny tower has learned nothing to freeze.
 The UNet and the text tower see one category only, so that train.py --sd can learn AnomalyXFusion on a
 category they have never seen (cable, with --category bottle). Resumable: re-running the same command
-continues from <out>.train.pt (written atomically). Writes <out>.png: samples for a few captions, two per caption.
-Depends on ddpm.py (DDPM, guided_eps: the schedule and the DDIM sampler), training.py (EMA), files.py (save_atomic),
-sd.py (save_sd, load_sd, SD's constants), clip.py, unet.py, vae.py, and toy.py and data.py (the toy world).
+continues from the last checkpoint of the stage it was in, <out>.vae.pt or <out>.ldm.pt (checkpoints.py, as
+train.py's vae.pt and axf.pt). Writes <out>.png: samples for a few captions, two per caption.
+Its settings are one table of config.py's Key rows (TOY_SD_KEYS): `python toy_sd.py --help` lists them.
+Depends on ddpm.py (DDPM, guided_eps: the schedule and the DDIM sampler), training.py (adamw, warm_up, EMA),
+checkpoints.py and files.py (checkpoints, the world's cache), cli.py (flags, progress), sd.py (save_sd, load_sd,
+SD's constants), clip.py, unet.py, vae.py, and toy.py and data.py (the toy world).
 """
 import argparse
 import math
@@ -36,16 +39,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+import checkpoints
+import cli
 import clip
 import data
 import files
 import sd
 import toy
 import training
+from config import Key, within
 from ddpm import DDPM, guided_eps
-from training import EMA
 from unet import UNet
 from vae import VAE, vae_loss
 
@@ -53,6 +57,35 @@ ROOT = Path(__file__).parent / "data" / "toy_sd"
 TOY_RENDER_SIZE = 128  # toy.ensure_toy's default: train.py reads these 128 px images at its image_size
 SD_PAD = 49407  # SD-1.x pads prompts with the end token (clip.tokenize's pad_id)
 VAE_SIZES = dict(in_channels=3, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=4)  # toy preset's
+VAE_LR = 1e-3
+WARMUP_STEPS = 100  # of the UNet + text tower's learning rate
+GRAD_CLIP = 1.0
+
+# The settings: a resume must keep the fixed ones (it may raise --steps: a longer run continues a shorter one)
+TOY_SD_KEYS = dict(
+    out=Key("runs/toy_sd.safetensors", "the SD-1.x single file to write (.safetensors or .ckpt)"),
+    category=Key("bottle", "the one toy category pretrained on; the others stay unseen for train.py --sd", fixed=True,
+                 choices=toy.TOY_CATEGORIES),
+    seeds=Key(8, "toy worlds 1..N (seed 0, train.py's, is never used)", fixed=True, range=">= 1"),
+    size=Key(64, "image size in px (the toy preset's); latents are size / 4, which the UNet halves twice", fixed=True,
+             range=">= 16", multiple_of=16),
+    vae_steps=Key(800, "2/3 VAE: training steps", fixed=True, range=">= 1"),
+    vae_categories=Key("bottle,cable", "what the VAE trains on (images only, no captions); the UNet and text tower "
+                                       "see --category only (the pill, made later, is seen by none of them)",
+                       fixed=True),
+    vae_batch_size=Key(8, "2/3 VAE: batch size", fixed=True, range=">= 1"),
+    steps=Key(2400, "3/3 UNet + text tower: training steps", range=">= 1"),
+    batch_size=Key(16, "3/3 UNet + text tower: batch size", fixed=True, range=">= 1"),
+    lr=Key(3e-4, f"3/3 UNet + text tower: AdamW learning rate (the VAE's: {VAE_LR:g})", fixed=True, range="> 0"),
+    unet_channels=Key(64, "UNet base width (levels 1x, 2x, 2x)", fixed=True, range=">= 32", multiple_of=32),
+    text_width=Key(128, "text tower width = UNet context width, 64 per attention head", fixed=True, range=">= 64",
+                   multiple_of=64),
+    text_layers=Key(2, "text tower transformer layers", fixed=True, range=">= 1"),
+    caption_dropout=Key(0.1, "share of captions replaced by '' (for guidance)", fixed=True, range="0 <= x <= 1"),
+    ema_decay=Key(0.999, "EMA of the weights written to --out", fixed=True, range="0 <= x < 1"),
+    checkpoint_every=Key(250, "steps between resumable checkpoints", range=">= 1"),
+    threads=Key(0, "torch threads (0: torch's default); 1 on a shared machine", range=">= 0"),
+)
 
 
 def normal_caption(category):
@@ -77,16 +110,17 @@ def build_networks(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. data: many seeds of the toy world, every image with a caption
+# 1/3 toy world: many seeds of it, every image with a caption
 
 
 def load_world(category, seeds, size):
     """-> images uint8 [N, 3, size, size], captions [N], anomalous bool [N]; cached in data/toy_sd/."""
     cache = ROOT / f"{category}_{size}px_seeds1-{seeds}.pt"
     if cache.is_file():
-        return torch.load(cache, weights_only=True)
+        return files.read_torch(cache, advice="delete it: toy_sd.py writes it again")
     images, captions, anomalous = [], [], []
-    for seed in tqdm(range(1, seeds + 1), desc="1/4 toy world"):
+    bar = cli.progress(seeds, "1/3 toy world")
+    for seed in range(1, seeds + 1):
         folder = toy.ensure_toy(category, ROOT / f"seed{seed}", TOY_RENDER_SIZE, seed)
         cat = data.load_category(folder)
         items = [(p, normal_caption(category), False) for p in cat.train_good + cat.test_good]
@@ -95,6 +129,8 @@ def load_world(category, seeds, size):
             images.append((data.read_image(path, size) * 255).round().to(torch.uint8))
             captions.append(caption)
             anomalous.append(bad)
+        bar.update(1)
+    bar.close()
     world = dict(images=torch.stack(images), captions=captions, anomalous=torch.tensor(anomalous))
     files.save_atomic(world, cache)
     return world
@@ -136,7 +172,7 @@ def generic_images(x, generator):
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. the VAE, and its latents at SD's scale
+# 2/3 VAE, and its latents at SD's scale
 
 
 @torch.no_grad()
@@ -160,7 +196,7 @@ def to_unit(images_uint8):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. the latent diffusion model: sampling for the preview
+# 3/3 UNet + text tower: sampling for the preview
 
 
 @torch.no_grad()
@@ -197,87 +233,95 @@ def preview(unet, text, vae, ddpm, category, path, latent_size, per_caption=2, s
 
 
 # ----------------------------------------------------------------------------------------------
-# the run: the command line, then stage 2 (VAE) and stage 3 (UNet + text tower), one resumable loop each,
-# then the file. A checkpoint holds one stage's state: an "ldm" one holds the finished, rescaled VAE too.
+# the run: the command line, then 2/3 VAE and 3/3 UNet + text tower, one resumable loop each (a checkpoint a
+# stage: <out>.vae.pt holds the VAE, finished and rescaled at its last step; <out>.ldm.pt the UNet and text
+# tower), then the file
+
+
+def allowed(key):
+    """What a row's range allows, in words ('>= 32, a multiple of 32'): config.allowed_text for this table."""
+    return ", ".join([key.range] + [f"a multiple of {key.multiple_of}"] * bool(key.multiple_of))
+
+
+def refused(value, key):
+    return not within(value, key.range) or bool(key.multiple_of and value % key.multiple_of)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out", default="runs/toy_sd.safetensors", help="the SD-1.x single file to write (.safetensors or .ckpt)")
-    parser.add_argument("--category", default="bottle", choices=toy.TOY_CATEGORIES,
-                        help="the one toy category pretrained on; the other stays unseen for train.py --sd")
-    parser.add_argument("--seeds", type=int, default=8, help="toy worlds 1..N (292 images each; seed 0 is never used)")
-    parser.add_argument("--size", type=int, default=64, help="image size in px (the toy preset's); latents are size / 4")
-    parser.add_argument("--vae_steps", type=int, default=800, help="stage 2: autoencoder training steps")
-    parser.add_argument("--vae_categories", default="bottle,cable",
-                        help="what the VAE trains on (images only, no captions); the UNet and text tower see --category only "
-                             "(the pill, made later, is seen by none of them)")
-    parser.add_argument("--vae_batch_size", type=int, default=8, help="stage 2 batch size")
-    parser.add_argument("--steps", type=int, default=2400, help="stage 3: UNet + text tower training steps")
-    parser.add_argument("--batch_size", type=int, default=16, help="stage 3 batch size")
-    parser.add_argument("--lr", type=float, default=3e-4, help="stage 3 AdamW learning rate (stage 2 uses 1e-3)")
-    parser.add_argument("--unet_channels", type=int, default=64, help="UNet base width (levels 1x, 2x, 2x; a multiple of 32)")
-    parser.add_argument("--text_width", type=int, default=128, help="text tower width = UNet context width (a multiple of 64)")
-    parser.add_argument("--text_layers", type=int, default=2, help="text tower transformer layers")
-    parser.add_argument("--caption_dropout", type=float, default=0.1, help="share of captions replaced by '' (for guidance)")
-    parser.add_argument("--ema_decay", type=float, default=0.999, help="EMA of the weights written to --out")
-    parser.add_argument("--checkpoint_every", type=int, default=250, help="steps between resumable checkpoints")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 on a shared machine")
-    return parser.parse_args(argv)
+    """The flags of TOY_SD_KEYS, typed like their defaults (cli.value_parser); a value its row does not allow is
+    refused in one line."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for name, key in TOY_SD_KEYS.items():
+        parser.add_argument(f"--{name}", type=cli.value_parser(key.default), default=key.default, choices=key.choices,
+                            metavar=None if key.choices else type(key.default).__name__.upper(),
+                            help=f"{key.help} (default: {key.default})".replace("%", "%%")
+                            + (f" [allowed: {allowed(key)}]" if key.range else ""))
+    args = parser.parse_args(argv)
+    problems = [f"--{name} must be {allowed(key)}, not {value}" for name, key in TOY_SD_KEYS.items()
+                if key.range and refused(value := getattr(args, name), key)]
+    problems += [f"--vae_categories: {name!r} is no toy category ({', '.join(toy.TOY_CATEGORIES)})"
+                 for name in args.vae_categories.split(",") if name not in toy.TOY_CATEGORIES]
+    if problems:
+        parser.error("; ".join(problems))
+    return args
 
 
-def run_settings(args):
-    """What a checkpoint must agree on to be resumed; --steps may grow (a longer run continues a shorter one)."""
-    return {k: v for k, v in vars(args).items() if k not in ("out", "threads", "checkpoint_every", "steps")}
+def recipe(args):
+    """What a checkpoint must agree on to be resumed: the fixed keys of TOY_SD_KEYS."""
+    return {name: getattr(args, name) for name, key in TOY_SD_KEYS.items() if key.fixed}
 
 
-def load_checkpoint(path, settings):
-    """<out>.train.pt, or None when there is none; refused when it was trained with other settings."""
+def trained_on(names):
+    """The toy categories a stage sees and their defect types: a checkpoint's "categories"."""
+    return {name: list(toy.TOY_DEFECTS[name]) for name in names}
+
+
+def read_stage(path, expected, total):
+    """A stage's checkpoint (checkpoints.read_checkpoint: weights-only, each field checked), or None when there is
+    none; one of another recipe than `expected` is refused."""
     if not path.is_file():
         return None
-    state = torch.load(path, weights_only=True)
-    if state["settings"] != settings:
-        raise SystemExit(f"error: {path} was trained with {state['settings']}; rerun with those flags or delete it")
-    print(f"resuming from {path} at {state['stage']} step {state['step']}")
+    state = checkpoints.read_checkpoint(path)
+    if state["config"] != expected:
+        raise ValueError(f"{path} was trained with {state['config']}; rerun with those flags or delete it")
+    print(f"resuming from {path} at step {state['step']}" if state["step"] < total
+          else f"{path}: complete at step {state['step']}")
     return state
 
 
-def save_checkpoint(path, settings, stage, step, generator, **parts):
-    """Everything a resume needs: the state_dict of every part, the step and the batch generator's state."""
-    files.save_atomic(dict(settings=settings, stage=stage, step=step, rng=generator.get_state(),
-                         **{name: part.state_dict() for name, part in parts.items()}), path)
-
-
-def train_vae(vae, world, args, state, generator, ckpt_path, settings):
-    """Stage 2: the autoencoder, then its latents rescaled to SD's std. Returns it frozen, in eval mode."""
-    if state is not None and state["stage"] == "ldm":  # finished and rescaled in an earlier run
-        vae.load_state_dict(state["vae"])
+def train_vae(vae, world, args, generator, path):
+    """2/3 VAE: the autoencoder, then at its last step its latents rescaled to SD's std. Returns it frozen, in eval
+    mode. A finished stage is read back; the batches' generator goes on into 3/3 where this stage left it."""
+    optimizer = training.adamw(vae.parameters(), lr=VAE_LR)
+    state = read_stage(path, recipe(args), args.vae_steps)
+    step = checkpoints.restore(state, args.vae_steps, vae, optimizer, generator=generator, where=path)
+    if step == args.vae_steps:  # finished: restore put back its weights only, and the batches go on from its rng
+        generator.set_state(state["rng"])
         return vae.eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
-    step = 0
-    if state is not None:
-        vae.load_state_dict(state["vae"]), optimizer.load_state_dict(state["optimizer"]), generator.set_state(state["rng"])
-        step = state["step"]
     # the first stage is a generic image codec (SD's saw OpenImages): it may see every toy category, unlabelled
     images = torch.cat([load_world(c, args.seeds, args.size)["images"] for c in args.vae_categories.split(",")])
     vae.train()
-    bar, start, first_step = tqdm(total=args.vae_steps, initial=step, desc="2/4 VAE"), time.time(), step
+    bar, start, first_step = cli.progress(args.vae_steps, "2/3 VAE", initial=step), time.time(), step
     while step < args.vae_steps:
-        x = generic_images(to_unit(images[torch.randint(len(images), (args.vae_batch_size,), generator=generator)]), generator)
+        x = generic_images(to_unit(images[torch.randint(len(images), (args.vae_batch_size,), generator=generator)]),
+                           generator)
         loss, logs = vae_loss(vae, x)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         step += 1
         bar.update(1)
-        bar.set_postfix(l1=f"{logs['rec']:.4f}")
+        bar.set_postfix(l1=f"{logs['rec']:.4f}", refresh=False)
+        if step == args.vae_steps:
+            print(f"VAE: L1 {logs['rec']:.4f} at the last step, "
+                  f"{(time.time() - start) / (step - first_step):.3f} s a step")
+            vae.eval()
+            print(f"VAE: latents rescaled by {match_sd_scale(vae, to_unit(world['images'])):.3f} to SD's std "
+                  f"1 / {sd.SD_SCALE_FACTOR}")
         if step % args.checkpoint_every == 0 or step == args.vae_steps:
-            save_checkpoint(ckpt_path, settings, "vae", step, generator, vae=vae, optimizer=optimizer)
+            checkpoints.save_checkpoint(path, step, recipe(args), vae, optimizer, generator=generator,
+                                        categories=trained_on(args.vae_categories.split(",")))
     bar.close()
-    if step > first_step:
-        print(f"VAE: L1 {logs['rec']:.4f} at the last step, {(time.time() - start) / (step - first_step):.3f} s a step")
-    vae.eval()
-    print(f"VAE: latents rescaled by {match_sd_scale(vae, to_unit(world['images'])):.3f} to SD's std 1 / {sd.SD_SCALE_FACTOR}")
     return vae.requires_grad_(False)
 
 
@@ -292,22 +336,21 @@ def encode_world(vae, world):
     return mean, std, clip.tokenize(world["captions"], pad_id=SD_PAD)
 
 
-def train_ldm(networks, vae, ddpm, world, args, state, generator, ckpt_path, settings):
-    """Stage 3: UNet and text tower (networks = [unet, text]) together, ε-prediction (Eq. (17) without the mask
+def train_ldm(networks, vae, ddpm, world, args, generator, path):
+    """3/3 UNet + text tower (networks = [unet, text]) together, ε-prediction (Eq. (17) without the mask
     weights), with classifier-free guidance's caption dropout. Returns the EMA of both."""
     unet, text = networks
     mean, std, tokens = encode_world(vae, world)
     null = clip.tokenize([""], pad_id=SD_PAD)[0]
-    ema = EMA(networks, args.ema_decay)
-    optimizer = torch.optim.AdamW(networks.parameters(), lr=args.lr)
-    step = 0
-    if state is not None and state["stage"] == "ldm":
-        networks.load_state_dict(state["networks"]), ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"]), generator.set_state(state["rng"])
-        step = state["step"]
+    ema = training.EMA(networks, args.ema_decay)
+    optimizer = training.adamw([{"params": list(networks.parameters()), "base_lr": args.lr}], lr=args.lr)
+    state = read_stage(path, recipe(args), args.steps)
+    step = checkpoints.restore(state, args.steps, networks, optimizer, ema, generator, where=path)
+    if state is not None and step >= args.steps:  # restore puts back a finished stage's weights only
+        ema.load_state_dict(state["ema"])
     networks.train()
     losses, start, first_step = [], time.time(), step
-    bar = tqdm(total=args.steps, initial=step, desc="3/4 UNet + text")
+    bar = cli.progress(args.steps, "3/3 UNet + text tower", initial=step)
     while step < args.steps:
         idx = pick(world, args.batch_size, generator)
         z0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=generator)
@@ -316,32 +359,29 @@ def train_ldm(networks, vae, ddpm, world, args, state, generator, ckpt_path, set
         t = torch.randint(0, ddpm.num_steps, (len(idx),), generator=generator)
         noise = torch.randn(z0.shape, generator=generator)
         loss = F.mse_loss(unet(ddpm.q_sample(z0, t, noise), t, text.encode_text_tokens(tok)), noise)
-        for group in optimizer.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / 100)  # 100 warm-up steps
+        training.warm_up(optimizer, step, WARMUP_STEPS)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(networks.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(networks.parameters(), GRAD_CLIP)
         optimizer.step()
         ema.update(networks, step)
         step += 1
         losses.append(loss.item())
         bar.update(1)
-        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", refresh=False)
         if step % args.checkpoint_every == 0 or step == args.steps:
-            save_checkpoint(ckpt_path, settings, "ldm", step, generator, vae=vae, networks=networks, ema=ema,
-                            optimizer=optimizer)
+            checkpoints.save_checkpoint(path, step, recipe(args), networks, optimizer, ema, generator,
+                                        categories=trained_on([args.category]))
     bar.close()
     if losses:
         n = min(100, len(losses) // 2) or 1
         print(f"loss: first {n} steps {sum(losses[:n]) / n:.4f}, last {n} {sum(losses[-n:]) / n:.4f}; "
               f"{(time.time() - start) / (step - first_step):.3f} s a step")
-    else:
-        print(f"UNet + text tower: already trained for {step} steps")
     return ema
 
 
 def write_file(out, vae, networks, ema, ddpm, args):
-    """4. The SD-1.x file with the EMA weights (like SD's emaonly files), checked by loading it back, and the
+    """The SD-1.x file with the EMA weights (like SD's emaonly files), checked by loading it back, and the
     preview <out>.png drawn by the file's model. Leaves the averages swapped into networks."""
     ema.swap(networks)
     unet, text = networks.eval()
@@ -361,21 +401,23 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out, settings = Path(args.out), run_settings(args)
-    ckpt_path = Path(f"{out}.train.pt")
-    print("toy_sd:", settings)
+    out = Path(args.out)
+    print("toy_sd:", recipe(args))
     torch.manual_seed(0)
     vae, unet, text = build_networks(args)
     networks = torch.nn.ModuleList([unet, text])  # one optimiser and one EMA over both
     ddpm = DDPM(1000, "scaled_linear", 0.00085, 0.012)  # SD's schedule
-    state = load_checkpoint(ckpt_path, settings)
     world = load_world(args.category, args.seeds, args.size)
-    print(f"{len(world['captions'])} images, {int(world['anomalous'].sum())} anomalous, {len(set(world['captions']))} captions")
+    print(f"{len(world['captions'])} images, {int(world['anomalous'].sum())} anomalous, "
+          f"{len(set(world['captions']))} captions")
     generator = torch.Generator().manual_seed(1)  # every batch: a checkpoint holds its state
-    vae = train_vae(vae, world, args, state, generator, ckpt_path, settings)
-    ema = train_ldm(networks, vae, ddpm, world, args, state, generator, ckpt_path, settings)
+    vae = train_vae(vae, world, args, generator, Path(f"{out}.vae.pt"))
+    ema = train_ldm(networks, vae, ddpm, world, args, generator, Path(f"{out}.ldm.pt"))
     write_file(out, vae, networks, ema, ddpm, args)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}")

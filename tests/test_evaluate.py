@@ -177,8 +177,8 @@ def test_generation_metrics_per_defect_type_and_their_mean(lpips):
     probe = Probe()
     ctx = dict(defects=["a", "b"], real=(images[[0, 4]], torch.ones(2, 1, 16, 16), torch.tensor([0, 1])),
                held=(held, None, torch.tensor([0, 0, 0, 1, 1, 1])), held_features=E.inception_features(probe, held)[0])
-    cfg = dict(batch_size=4, is_splits=2, seed=0, kid_subsets=5)
-    out = E.generation_metrics(anomalies, ctx, cfg, "cpu", inception=probe, lpips=lpips)
+    eval_config = dict(batch_size=4, is_splits=2, seed=0, kid_subsets=5)
+    out = E.generation_metrics(anomalies, ctx, eval_config, "cpu", inception=probe, lpips=lpips)
     assert len(out["is"]) == 2 and out["is"][0] >= 1.0 and out["is"][1] >= 0.0
     expected = np.mean([E.ic_lpips(images[:4], images[[0]], lpips), E.ic_lpips(images[4:], images[[4]], lpips)])
     assert out["ic_lpips"] == pytest.approx(expected) and out["ic_lpips"] > 0
@@ -468,17 +468,32 @@ def test_cli_errors_name_the_problem(tmp_path, capsys, monkeypatch):
         E.main(["--category", "widget", "--data_root", str(tmp_path), "--generated", str(tmp_path / "nope"),
                 "--device", "cpu"])
     assert "preset toy (32 px images, cpu)" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="multiple of 32"):
+    with pytest.raises(ValueError, match="--image_size must be >= 32, a multiple of 32, not 48"):
         E.main(base + ["--image_size", "48", "--methods", "draem"])
+    with pytest.raises(ValueError, match="--seg_epochs must be >= 1, not 0; --seg_lr must be > 0, not -0.1"):
+        E.main(base + ["--seg_epochs", "0", "--seg_lr", "-0.1"])
+
+
+def test_eval_config_is_the_table_then_the_preset_then_the_flags(capsys):
+    """One table holds every evaluation key: --help shows each with its toy default and what it allows, the mvtec
+    preset overrides a few, and a flag overrides both."""
+    with pytest.raises(SystemExit):
+        E.parse_args(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for name, key in E.EVAL_KEYS.items():
+        assert f"--{name}" in shown and f"(default: {key.default}) [allowed: {E.allowed(key)}]" in shown
+    mvtec = E.resolve_eval_config("mvtec", {"seg_epochs": 7})
+    assert mvtec["image_size"] == 256 and mvtec["seg_epochs"] == 7 and mvtec["preset"] == "mvtec"
+    assert mvtec["kid_subsets"] == E.EVAL_KEYS["kid_subsets"].default
 
 
 def test_toy_checks_give_full_marks_to_real_toy_anomalies(tmp_path):
     """Real toy anomalies draw exactly the colour their caption names; every check is a fraction."""
     folder = toy.make_toy(tmp_path, "cable", size=64, seed=0)
     category = data.load_category(folder)
-    cfg = {**E.EVAL_CONFIG, "image_size": 64}
+    eval_config = E.resolve_eval_config("toy", {"image_size": 64})
     real = E.read_anomalies(category.anomalies, category.defects, 64)
-    checks = E.toy_checks(category.anomalies, real, category, cfg, torch.device("cpu"), steps=10,
+    checks = E.toy_checks(category.anomalies, real, category, eval_config, torch.device("cpu"), steps=10,
                           judge_root=tmp_path / "judge")
     assert checks["colour_named_is_drawn"] == 1.0
     assert all(0 <= v <= 1 for v in checks.values())
@@ -489,18 +504,18 @@ def test_toy_judge_is_trained_once_and_kept(tmp_path):
     worlds) and gives the same verdicts; another setting (here the seed) trains its own."""
     folder = toy.make_toy(tmp_path, "pill", size=32, seed=0)
     category = data.load_category(folder)
-    cfg = {**E.EVAL_CONFIG, "image_size": 32, "batch_size": 4}
+    eval_config = E.resolve_eval_config("toy", {"image_size": 32, "batch_size": 4})
     real = E.read_anomalies(category.anomalies, category.defects, 32)
     judge_root = tmp_path / "judge"
-    first = E.toy_checks(category.anomalies, real, category, cfg, torch.device("cpu"), steps=3,
+    first = E.toy_checks(category.anomalies, real, category, eval_config, torch.device("cpu"), steps=3,
                          judge_root=judge_root, seeds=1)
     kept = sorted(judge_root.glob("*.pt"))
     assert len(kept) == 1 and "pill_32px_3steps_batch4_seed" in kept[0].name
     for world in judge_root.glob("seed*"):   # a second call must not need the toy worlds the judge trained on
         shutil.rmtree(world)
-    again = E.toy_checks(category.anomalies, real, category, cfg, torch.device("cpu"), steps=3,
+    again = E.toy_checks(category.anomalies, real, category, eval_config, torch.device("cpu"), steps=3,
                          judge_root=judge_root, seeds=1)
     assert again == first and not list(judge_root.glob("seed*"))
-    E.toy_checks(category.anomalies, real, category, {**cfg, "seed": cfg["seed"] + 1}, torch.device("cpu"), steps=3,
-                 judge_root=judge_root, seeds=1)
+    E.toy_checks(category.anomalies, real, category, {**eval_config, "seed": eval_config["seed"] + 1},
+                 torch.device("cpu"), steps=3, judge_root=judge_root, seeds=1)
     assert len(list(judge_root.glob("*.pt"))) == 2
