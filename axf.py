@@ -193,9 +193,8 @@ def texture_ids(rows, category, names):
 
 
 class AnomalyXFusion(nn.Module):
-    """VAE + UNet + MIF + DDF (paper Fig. 1) of categories {name: sorted defect types}. vae, unet, mask_encoder:
-    trained or pretrained networks (default: fresh; the VAE is frozen); sd_adapter: on a Stable Diffusion UNet, the
-    module that turns e_t into its context (sd_backbone.TextEncoderContext)."""
+    """VAE + UNet + MIF + DDF (paper Fig. 1) of categories {name: sorted defect types}; vae, unet, mask_encoder: trained
+    or pretrained (default: fresh; the VAE frozen); sd_adapter: e_t -> an SD UNet's context (sd_backbone.py)."""
 
     def __init__(self, config, clip_model, categories, vae=None, unet=None, mask_encoder=None, sd_adapter=None):
         super().__init__()
@@ -204,62 +203,50 @@ class AnomalyXFusion(nn.Module):
         self.vae = (build_vae(config) if vae is None else vae).requires_grad_(False)
         self.unet = build_unet(config) if unet is None else unet
         self.unet.gradient_checkpointing = config["gradient_checkpointing"]
-        row_categories = [list(self.categories).index(c) for c, _ in self.texture_rows]  # each row's category index
-        self.mif = MultiModalInFusion(config, clip_model, row_categories, mask_encoder)
+        self.mif = MultiModalInFusion(config, clip_model, [list(self.categories).index(c) for c, _ in self.texture_rows],
+                                      mask_encoder)  # each texture row's category index
         self.ddf = DynamicDifFusion(config["context_dim"]) if config["use_ddf"] else None
-        self.sd_adapter, self.ddpm, self.latent_factor = sd_adapter, build_ddpm(config), latent_factor(config)
+        self.sd_adapter, self.ddpm, self.latent_factor = sd_adapter, build_ddpm(config), self.vae.downsample_factor
         # the empty condition: guidance's unconditional branch, and the context of Table 6's first row
-        n = self.mif.num_context or config["num_tokens"]
-        self.null_context = nn.Parameter(torch.randn(1, n, config["context_dim"]) * 0.02)
-        # [x_t, mask]; x_t alone (unet_mask_input False); SD-1.5-inpainting's [x_t, mask, masked-image latent]
+        self.null_context = nn.Parameter(torch.randn(1, self.mif.num_context or config["num_tokens"],
+                                                     config["context_dim"]) * 0.02)
         channels, latent = self.unet.conv_in.in_channels, self.unet.conv_out.out_channels
         self.reads_mask, self.reads_masked_image = channels > latent, channels == 2 * latent + 1
 
     def x_embedding(self, captions, masks, texture_ids, textures=None):
-        """e_X [B, n, d] (Eq. (1)-(5)); the null context when every modality is off."""
-        e_x = self.mif(captions, masks, texture_ids, textures)
+        e_x = self.mif(captions, masks, texture_ids, textures)  # e_X [B, n, d] (Eq. (1)-(5)); None: every modality off
         return self.null_context.expand(len(texture_ids), -1, -1) if e_x is None else e_x
 
     def context(self, e_x, t, drop=None, captions=None):
         """The cross-attention context e_t [B, n, d] (Eq. (13)-(15)); drop: bool [B], conditions made the null one
-        (classifier-free guidance). On an SD UNet (sd_adapter), e_t joins the caption's prompt."""
+        (classifier-free guidance). On an SD UNet, sd_adapter puts e_t beside the caption's prompt."""
         if drop is not None:
             e_x = torch.where(drop[:, None, None], self.null_context.expand_as(e_x), e_x)
         e_t = self.ddf(e_x, t) if self.ddf is not None else e_x  # Eq. (14): e_t = f_phi(e_X, t)
         return e_t if self.sd_adapter is None else self.sd_adapter(e_t, captions, drop)
 
     def condition(self, captions, masks, texture_ids, t, textures=None, drop=None):
-        """The UNet's context from the raw conditions: context(x_embedding(...), t, drop, captions)."""
+        """context(x_embedding(...)): the UNet's context from the raw conditions."""
         return self.context(self.x_embedding(captions, masks, texture_ids, textures), t, drop, captions)
 
     def unet_input(self, x_t, region, masked_latents=None):
-        """What the UNet reads. Deviation: besides x_t, the latent mask (as SD's inpainting model does): Eq. (16)
-        brings the mask into training; given as an input it says *where* directly, and the context *what*."""
+        """What the UNet reads: x_t (Eq. (15)). Deviation, opt-in (--unet_mask_input True): the latent mask too, as
+        SD's inpainting model reads it; SD-1.5-inpainting also the masked image's latent."""
         if self.reads_masked_image and masked_latents is None:
             raise ValueError("this UNet (SD inpainting, 9 channels) also needs the masked image's latent")
         parts = [x_t] + [region] * self.reads_mask + [masked_latents] * self.reads_masked_image
         return torch.cat([part.to(x_t.dtype) for part in parts], dim=1)
 
-    def parameter_groups(self):
-        """The optimiser's groups: the UNet's trained weights (LoRA, full fine-tuning, the mask channel's) at unet_lr;
-        the conditioning (MIF, DDF, mask encoder, texture and null tokens) at lr. On a from-scratch UNet both are lr."""
-        lr, sd_file = self.config["lr"], self.config["sd"]
-        unet_lr = self.config["unet_lr"] if sd_file else lr
-        unet = [p for name, p in self.named_parameters() if p.requires_grad and name.startswith("unet.")]
-        conditioning = [p for name, p in self.named_parameters() if p.requires_grad and not name.startswith("unet.")]
-        return [{"params": unet, "lr": unet_lr, "base_lr": unet_lr}, {"params": conditioning, "lr": lr, "base_lr": lr}]
-
     @torch.no_grad()
     def encode_images(self, images, grey_masks=None):
-        """Images [B, 3, S, S] in [0, 1] -> scaled latents [B, 4, S/f, S/f] (posterior mode); with grey_masks, of
-        the images with their masks grey: the inpainting UNet's third input."""
+        """Images [B, 3, S, S] in [0, 1] -> scaled latents [B, 4, S/f, S/f]; with grey_masks, SD inpainting's input."""
         if grey_masks is not None:
             images = images * (1 - grey_masks) + 0.5 * grey_masks
         return self.vae.encode_latents(images * 2 - 1, sample=False)
 
     def draw_noise(self, latents, generator=None):
-        """What Eq. (17) draws for each latent [B, C, h, w] (DDPM's Algorithm 1): a timestep t ~ U{0..T-1}, noise
-        ε ~ N(0, I), and whether its condition is dropped to the null one (classifier-free guidance)."""
+        """Eq. (17)'s draws for latents [B, C, h, w] (DDPM's Algorithm 1): t ~ U{0..T-1}, ε ~ N(0, I), and whether
+        each condition is dropped to the null one (classifier-free guidance)."""
         B, device = len(latents), latents.device
         t = torch.randint(0, self.ddpm.num_steps, (B,), device=device, generator=generator)
         noise = torch.randn(latents.shape, device=device, generator=generator)
@@ -268,13 +255,11 @@ class AnomalyXFusion(nn.Module):
 
     def loss(self, latents, masks, captions, texture_ids, is_anomaly, t=None, noise=None, drop=None,
              masked_latents=None, generator=None):
-        """The ε-prediction loss of Eq. (17). t, noise, drop: draw_noise's, drawn here when not given (train.py
-        draws them with its batch, so that under DDP every process draws the same numbers for the whole batch).
+        """The ε-prediction loss of Eq. (17); t, noise, drop: draw_noise's (train.py draws them for the whole batch).
         Normal images count every latent cell alike: they teach the object itself. Deviation: anomalous images
         count their mask fully and the rest by `outside_loss_weight`, spending the gradient on the defect."""
         if t is None:
-            draws = self.draw_noise(latents, generator)
-            t, noise, drop = draws["t"], draws["noise"], draws["drop"]
+            t, noise, drop = self.draw_noise(latents, generator).values()
         x_t = self.ddpm.q_sample(latents, t, noise)  # Eq. (10)
         context = self.condition(captions, masks, texture_ids, t, drop=drop)
         region = latent_mask(masks, self.latent_factor)
@@ -285,14 +270,11 @@ class AnomalyXFusion(nn.Module):
         error = ((eps.float() - noise) ** 2 * weight).sum((1, 2, 3)) / (weight.sum((1, 2, 3)) * latents.shape[1])
         return error.mean()
 
-    def forward(self, *args, **kwargs):
-        """The training loss (loss): DDP, which train.py wraps the model in under torchrun, averages the gradients
-        of what forward() computes."""
+    def forward(self, *args, **kwargs):  # the loss: DDP (train.py, torchrun) averages the gradients of forward()
         return self.loss(*args, **kwargs)
 
     def predict_noise(self, x_t, region, t, e_x, guidance_scale, captions=None, masked_latents=None):
-        """ε with classifier-free guidance (ddpm.guided_eps). The unconditional branch is the dropped condition,
-        as in training; DDF runs once for both branches."""
+        """ε with classifier-free guidance (ddpm.guided_eps); the unconditional branch is the dropped condition."""
         drop = torch.arange(2 * len(e_x), device=e_x.device) >= len(e_x)
         both = self.context(torch.cat([e_x, e_x]), torch.cat([t, t]), drop, None if captions is None else list(captions) * 2)
         return guided_eps(self.unet, self.unet_input(x_t, region, masked_latents), t, *both.chunk(2), guidance_scale)
@@ -300,11 +282,9 @@ class AnomalyXFusion(nn.Module):
     @torch.no_grad()
     def sample(self, normal_images, masks, captions, texture_ids, textures=None, sampler="ddim", steps=50,
                guidance_scale=3.0, eta=0.0, generator=None, callback=None):
-        """Draw anomalies into normal images [B, 3, S, S] inside masks [B, 1, S, S] (Eq. (16)).
-
-        Each step, inside the latent mask the model's reverse step, outside the normal image's latent noised
-        to the same step; the decoded image is pasted into the normal one through the pixel mask itself, so
-        every changed pixel lies inside it. callback(t, x_t) sees each blended latent (t = -1: the last);
+        """Draw anomalies into normal images [B, 3, S, S] inside masks [B, 1, S, S] (Eq. (16)): each step, inside the
+        latent mask the model's reverse step, outside the normal image's latent noised to the same step; the decoded
+        image is pasted through the pixel mask itself. callback(t, x_t) sees each blended latent (t = -1: the last);
         generator: one, or one per sample (ddpm.randn), so that a sample's noise is its own."""
         device, B = normal_images.device, len(normal_images)
         z0 = self.encode_images(normal_images)
@@ -317,12 +297,12 @@ class AnomalyXFusion(nn.Module):
         timesteps = self.ddpm.sampling_timesteps(sampler, steps)
         at = lambda step: torch.full((B,), step, device=device, dtype=torch.long)
         # Eq. (11), (13): the reverse chain starts from Gaussian noise x_T, each step conditioned on e_t
-        x = randn(z0.shape, generator, device)
-        x = region * x + (1 - region) * self.ddpm.q_sample(z0, at(timesteps[0][0]), known_noise)
+        x = region * randn(z0.shape, generator, device) + (1 - region) * self.ddpm.q_sample(z0, at(timesteps[0][0]), known_noise)
         for step, step_prev in timesteps:
             t, t_prev = at(step), at(step_prev)
             eps = self.predict_noise(x, region, t, e_x, guidance_scale, captions, masked_latents).float()
-            x_model = self.ddpm.reverse_step(eps, t, t_prev, x, sampler, eta, generator)  # Eq. (15)
+            # Eq. (15) with sampler="ddpm"; deviation: by default DDIM's step (Song et al. 2021), 50 steps, not 1000
+            x_model = self.ddpm.reverse_step(eps, t, t_prev, x, sampler, eta, generator)
             # Deviation: Eq. (16) prints the background at ᾱ_t, but the step has moved to t_prev: both halves must
             # be at one noise level, or their border is a seam the next step reads
             x_known = self.ddpm.q_sample(z0, t_prev, known_noise) if step_prev >= 0 else z0
@@ -332,6 +312,16 @@ class AnomalyXFusion(nn.Module):
         decoded = ((self.vae.decode_latents(x).float() + 1) / 2).clamp(0, 1)
         # the latent region is whole cells and the decoder spreads them further: the pixel mask decides
         return normal_images * (1 - masks) + decoded * masks
+
+
+def parameter_groups(model):
+    """The optimiser's groups: the UNet's trained weights (LoRA, full fine-tuning, the mask channel's) at unet_lr;
+    the conditioning (MIF, DDF, mask encoder, texture and null tokens) at lr. On a from-scratch UNet both are lr."""
+    lr, unet_lr = model.config["lr"], model.config["unet_lr"] if model.config["sd"] else model.config["lr"]
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    unet = [p for name, p in trained if name.startswith("unet.")]
+    conditioning = [p for name, p in trained if not name.startswith("unet.")]
+    return [{"params": unet, "lr": unet_lr, "base_lr": unet_lr}, {"params": conditioning, "lr": lr, "base_lr": lr}]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -149,7 +149,7 @@ def training_step_of(model, config, device):
     """A function that takes the next training step of `model`: train.py's optimiser (training.adamw over
     model.parameter_groups) and EMA, on one fake_batch whose captions' CLIP features are cached, as train.py
     caches them before its loop."""
-    optimizer = training.adamw(model.parameter_groups(), lr=config["lr"], weight_decay=0.0)
+    optimizer = training.adamw(axf.parameter_groups(model), lr=config["lr"], weight_decay=0.0)
     ema, batch, steps = training.EMA(model, config["ema_decay"]), fake_batch(config, device), itertools.count()
     if model.mif.use_text:
         model.mif.encode_captions(batch[2])
@@ -381,7 +381,7 @@ def sd_train_model(sizes, clip_model, mode, context, checkpointing, device):
 def time_training_step(model, config, label, device, repeats, say):
     """One row: axf_training_step (train.py's step, optimiser and EMA), 2 warm-up steps, `repeats` timed; the peak
     memory counts from before the first step (AdamW allocates its moments there)."""
-    groups = model.parameter_groups()
+    groups = axf.parameter_groups(model)
     step = training_step_of(model, config, device)
     n_unet, n_cond = (sum(p.numel() for p in g["params"]) for g in groups)
     mode = config["train_unet"] + (f" (rank {config['lora_rank']})" if config["train_unet"] == "lora" else "")

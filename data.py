@@ -336,7 +336,6 @@ def save_grid(rows, path, cell=128):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Write a toy category (MVTec + MVTec Caption layout) and a preview grid.")
-    p.add_argument("--toy", action="store_true", help=argparse.SUPPRESS)  # accepted from old command lines; no effect
     p.add_argument("--category", default="cable", help=f"one of {', '.join(toy.TOY_CATEGORIES)} (default: cable)")
     p.add_argument("--out", default="out", help="output folder (default: out)")
     p.add_argument("--size", type=int, default=128, help="image size in pixels (default: 128)")

@@ -231,7 +231,7 @@ def load_backbone(config, device="cpu"):
     sd_adapter}, the keyword arguments of axf.AnomalyXFusion. The file's own sizes are file_sizes(); the config
     is not changed here."""
     vae, unet, text = load_sd(config["sd"], device, config["sd_weights"], config["sd_vae"] or None)
-    f = 2 ** (len(vae.sd_sizes["channel_mult"]) - 1) * 2 ** (len(unet.sd_sizes["channel_mult"]) - 1)
+    f = vae.downsample_factor * 2 ** (len(unet.sd_sizes["channel_mult"]) - 1)  # the VAE's, then the UNet's halvings
     if config["image_size"] % f:
         raise ValueError(f"image_size {config['image_size']} must be a multiple of {f} for {config['sd']}")
     unet = adapt_sd_unet(unet, config["train_unet"], config["lora_rank"], config["unet_mask_input"])

@@ -352,7 +352,7 @@ def train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, bac
     if state and backbone:  # an older checkpoint's layout (LoRA keys, a conv_in trained whole) made today's
         sd_backbone.upgrade_checkpoint(state, backbone["unet"])
     model = assemble_model(train, vae, mask_encoder, clip_model, config, device, backbone)
-    groups = model.parameter_groups()
+    groups = axf.parameter_groups(model)
     print(f"trainable: {sum(p.numel() for p in groups[0]['params']):,} UNet and "
           f"{sum(p.numel() for p in groups[1]['params']):,} conditioning parameters")
     optimizer = training.adamw(groups, lr=config["lr"], weight_decay=0.0)

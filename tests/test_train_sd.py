@@ -400,7 +400,7 @@ def test_train_unet_none_trains_the_mask_channel_and_never_the_pretrained_conv_i
     pretrained = sd.load_sd(sd_files["txt2img"])[1].conv_in
     normals, masks, captions, ids = few_shot_batch(toy_root)
     latents = model.encode_images(normals)
-    optimizer = training.adamw(model.parameter_groups(), lr=1e-2)
+    optimizer = training.adamw(axf.parameter_groups(model), lr=1e-2)
     for _ in range(3):
         optimizer.zero_grad()
         model.loss(latents, masks, captions, ids, torch.tensor([True, True])).backward()
