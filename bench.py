@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import axf
 import cli
 import clip
-import config as settings
+from config import resolve
 import metrics
 import sd_backbone
 import training
@@ -362,7 +362,7 @@ def random_weights(module, device):
 def sd_train_model(sizes, clip_model, mode, context, checkpointing, device):
     """(config, model) as train.py --sd builds them (load_backbone's sizes in the config, the sd preset), with
     random SD-1.x networks in place of a file: its frozen VAE and text encoder, its UNet adapted per --train_unet."""
-    config = settings.resolve("sd", {"sd": "(random SD-1.5 weights)", "train_unet": mode, "sd_context": context,
+    config = resolve("sd", {"sd": "(random SD-1.5 weights)", "train_unet": mode, "sd_context": context,
                                      "gradient_checkpointing": checkpointing, "image_size": sizes["image_size"],
                                      "batch_size": sizes["batch"], "context_dim": sizes["clip"]["embed_dim"]})
     with torch.device("meta"):
@@ -552,7 +552,7 @@ def main(argv=None):
     peaks = matmul_peaks(device, args.quick)
     rows = []
     for preset in presets if selected(BENCHES) else []:
-        config = settings.resolve(preset)
+        config = resolve(preset)
         for bench in selected(BENCHES):
             rows += bench(config, device, args.quick)
     for bench in selected(SHARED_BENCHES):

@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 
 import clip
-import config as settings
 import files
 import sd_backbone
 from axf import AnomalyXFusion, build_clip, clip_width
+from config import KEYS, architecture_changes, saved_value
 
 
 def rng_state():
@@ -48,7 +48,7 @@ def load_stage(path, total, config, categories, depends_on=None):
     if not path.exists():
         return None
     state = read_checkpoint(path)  # weights-only, every field checked; memory-mapped: a full UNet is not read twice
-    changed = settings.architecture_changes(state["config"], config, depends_on)
+    changed = architecture_changes(state["config"], config, depends_on)
     if state.get("categories") != categories:
         changed.insert(0, f"categories {','.join(state.get('categories', ['?']))} -> {','.join(categories)}")
     if changed:
@@ -185,8 +185,8 @@ def checked_config(checkpoint, path):
     build reads checked for its type and range: sizes no tensor holds (T, the image size, block counts) could
     otherwise make it allocate any amount."""
     config = checkpoint["config"]
-    for name in settings.KEYS:  # a key the saved config lacks is older than it: the value that run had
-        config[name] = settings.saved_value(config, name)
+    for name in KEYS:  # a key the saved config lacks is older than it: the value that run had
+        config[name] = saved_value(config, name)
 
     def refuse(name, what):
         raise ValueError(f"{path}: its config's {name} is not {what}; {NOT_TRAIN_PY}")
@@ -210,7 +210,7 @@ def checked_config(checkpoint, path):
     for name in ("cond_dropout", "outside_loss_weight", "guidance_scale", "eta"):
         if type(config[name]) not in (int, float):
             refuse(name, "a number")
-    for name, key in settings.KEYS.items():
+    for name, key in KEYS.items():
         if key.choices and config[name] not in key.choices:
             refuse(name, f"one of {', '.join(key.choices)}")
     if config["num_diffusion_steps"] > MAX_DIFFUSION_STEPS:

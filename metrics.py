@@ -349,7 +349,7 @@ def null_because(reason):
     return None
 
 
-def generation_metrics(anomalies, ctx, cfg, device, inception=None, lpips=None):
+def generation_metrics(anomalies, ctx, eval_config, device, inception=None, lpips=None):
     """{"is": [mean, std], "ic_lpips", "kid": [mean, std], "fid", "per_defect": {...}}, means over defect types."""
     images, _, labels = anomalies
     rows = {}
@@ -358,15 +358,15 @@ def generation_metrics(anomalies, ctx, cfg, device, inception=None, lpips=None):
             continue
         generated, row = images[labels == d], rows.setdefault(name, {})
         if inception is not None:
-            pool, probs = inception_features(inception, generated, cfg["batch_size"])
+            pool, probs = inception_features(inception, generated, eval_config["batch_size"])
             real = ctx["held_features"][ctx["held"][2] == d]
-            row["is"] = list(inception_score(probs, splits=min(cfg["is_splits"], len(generated))))
-            g = torch.Generator().manual_seed(cfg["seed"])
-            row["kid"] = list(kid(real, pool, cfg["kid_subsets"], 1000, g)) if min(len(real), len(pool)) > 1 else None
+            row["is"] = list(inception_score(probs, splits=min(eval_config["is_splits"], len(generated))))
+            g = torch.Generator().manual_seed(eval_config["seed"])
+            row["kid"] = list(kid(real, pool, eval_config["kid_subsets"], 1000, g)) if min(len(real), len(pool)) > 1 else None
             row["fid"] = fid(real, pool) if min(len(real), len(pool)) > 1 else None
         if lpips is not None:
             try:
-                row["ic_lpips"] = ic_lpips(generated, ctx["real"][0][ctx["real"][2] == d], lpips, cfg["batch_size"])
+                row["ic_lpips"] = ic_lpips(generated, ctx["real"][0][ctx["real"][2] == d], lpips, eval_config["batch_size"])
             except ValueError:
                 null_because("IC-LPIPS skips defect types whose clusters all hold fewer than 2 images")
     def mean(key):   # over the defect types that have the metric
@@ -403,7 +403,7 @@ def _git_commit():
         return "unknown (no git)"
 
 
-def protocol_stamp(args, cfg, seeds, ctx, generated):
+def protocol_stamp(args, eval_config, seeds, ctx, generated):
     """Everything another lab needs to reproduce a table, or to see why theirs differs."""
     per_defect = lambda labels: {name: n for d, name in enumerate(ctx["defects"]) if (n := int((labels == d).sum()))}
     return {
@@ -412,9 +412,9 @@ def protocol_stamp(args, cfg, seeds, ctx, generated):
         "few_shot": per_defect(ctx["real"][2]), "test": {**per_defect(ctx["held"][2]), "good": ctx["n_good"]},
         "generated": per_defect(generated[2]),
         "ic_lpips": "centres: all few-shot anomalies of the type; no cap on cluster size",
-        "kid": f"{cfg['kid_subsets']} subsets of min(1000, generated, held-out) per defect type vs its held-out",
-        "epochs": {"segmenter": cfg["seg_epochs"], "classifier": cfg["cls_epochs"]}, "seeds": seeds,
-        "preset": cfg["preset"], "image_size": cfg["image_size"],
+        "kid": f"{eval_config['kid_subsets']} subsets of min(1000, generated, held-out) per defect type vs its held-out",
+        "epochs": {"segmenter": eval_config["seg_epochs"], "classifier": eval_config["cls_epochs"]}, "seeds": seeds,
+        "preset": eval_config["preset"], "image_size": eval_config["image_size"],
         "weights": {"inception": _file_id(args.inception), "vgg": _file_id(args.vgg), "resnet": _file_id(args.resnet),
                     "lpips_lin": _file_id(LPIPS_LIN)},
         "git_commit": _git_commit(), "command": "python evaluate.py " + " ".join(args.argv)}

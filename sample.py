@@ -340,14 +340,15 @@ def parse_args(argv):
     parser.add_argument("--reference", help="an anomalous image whose masked pixels set the texture (Eq. (3))")
     parser.add_argument("--reference_mask", help="the mask of --reference")
     parser.add_argument("--out_dir", help="output category folder (default: samples/<category>)")
-    parser.add_argument("--batch_size", type=int, default=16, help="samples per sampler call (default: 16)")
+    parser.add_argument("--sample_batch_size", type=int, default=16,
+                        help="samples per sampler call (default: 16; train.py's --batch_size is its training batch)")
     cli.add_config_args(parser, SAMPLING_KEYS)
     args = parser.parse_args(argv)
     args.category = cli.category_name(args.category)  # bottle/ (tab completion) is bottle; a path is refused
     if args.n < 1:
         raise ValueError(f"--n must be at least 1, got {args.n}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.sample_batch_size < 1:
+        raise ValueError(f"--sample_batch_size must be at least 1, got {args.sample_batch_size}")
     if args.prompt is not None and not args.prompt.strip():
         raise ValueError("--prompt is empty; give a caption, or leave --prompt out for the few-shot captions")
     if args.similar_normals < 0:
@@ -436,7 +437,7 @@ def draw_and_save(model, args, category, jobs, config, device, textures, out):
     each mask, and in the toy world whether the caption's colour was drawn."""
     inside, colours = [], []
     for (defect, index, _, mask, caption), normal, image in draw(model, args.category, jobs, config, device,
-                                                                 args.batch_size, textures):
+                                                                 args.sample_batch_size, textures):
         save_sample(out, defect, index, image, mask, caption)
         inside.append((image - normal)[mask.expand_as(image) > 0].abs().mean().item())
         if toy.caption_colour(caption) and (category.folder / "toy.json").exists():  # the toy world's own check

@@ -142,7 +142,7 @@ def test_a_killed_two_process_run_resumes_from_its_last_checkpoint(two_processes
 
 
 def sample_pill(run, out):
-    sample.main(["--category", "pill", "--ckpt", str(run), "--n", "2", "--batch_size", "3", "--out_dir", str(out)])
+    sample.main(["--category", "pill", "--ckpt", str(run), "--n", "2", "--sample_batch_size", "3", "--out_dir", str(out)])
 
 
 def test_two_processes_sample_the_very_files_of_one(two_processes, tmp_path):

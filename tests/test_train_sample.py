@@ -64,7 +64,7 @@ def test_checkpoint_loads_by_itself_with_its_config(trained):
 @pytest.fixture(scope="module")
 def sampled(trained, tmp_path_factory):
     out = tmp_path_factory.mktemp("samples") / "bottle"
-    sample.main(["--category", "bottle", "--ckpt", str(trained), "--n", "2", "--out_dir", str(out), "--batch_size", "3"])
+    sample.main(["--category", "bottle", "--ckpt", str(trained), "--n", "2", "--out_dir", str(out), "--sample_batch_size", "3"])
     return out
 
 
@@ -111,7 +111,7 @@ def test_every_changed_pixel_of_a_saved_sample_lies_inside_its_saved_mask(sample
     monkeypatch.setattr(axf.AnomalyXFusion, "sample",
                         lambda self, normals, *a, **k: drawn.append(normals) or real_sample(self, normals, *a, **k))
     out = sampled.parent / "again"
-    sample.main(["--category", "bottle", "--ckpt", str(trained), "--n", "2", "--out_dir", str(out), "--batch_size", "6"])
+    sample.main(["--category", "bottle", "--ckpt", str(trained), "--n", "2", "--out_dir", str(out), "--sample_batch_size", "6"])
     normals = torch.cat(drawn)
     images = sorted(p for p in (out / "test").glob("*/*.png") if p.parent.name != "good")
     assert len(images) == len(normals) == 6
@@ -212,7 +212,7 @@ def test_sampling_refuses_a_folder_of_another_category_or_data_folder(sampled, t
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+    (["--sample_batch_size", "0"], "--sample_batch_size must be at least 1, got 0"),
     (["--sample_steps", "51"], "--sample_steps 51: this checkpoint has 50 diffusion steps"),
     (["--eta", "2"], r"--eta 2.0: 0 \(deterministic DDIM\) to 1"),
     (["--defect", "nope"], "--defect 'nope' is not a defect type of bottle"),
