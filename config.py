@@ -61,9 +61,9 @@ KEYS = dict(
     use_text=Key(True, "Table 6: the semantic tokens of the caption (Eq. (1))", fixed=True),
     use_mif=Key(True, "Table 6: the whole MIF: location and texture tokens and the aggregator (Eq. (2)-(5))", fixed=True),
     use_ddf=Key(True, "Table 6: DDF, the timestep-dependent context (Eq. (14))", fixed=True),
-    unet_mask_input=Key(True, "the latent mask as the UNet's extra input channel (a deviation); False: the paper's "
-                        "UNet, which learns where the mask is only through Eq. (16)'s blend and MIF's location "
-                        "tokens", fixed=True),
+    unet_mask_input=Key(False, "the latent mask as the UNet's extra input channel (a deviation, opt-in: it hands every "
+                        "Table 6 row the mask's place and shape); False: the paper's UNet, which learns where the mask "
+                        "is through MIF's location tokens and Eq. (16)'s blend", fixed=True),
     # stage 1 (VAE) and stage 2 (mask autoencoder)
     vae_steps=Key(1000, "stage 1 steps per category; fewer and the VAE decodes a cut wire back to a whole one", range=">= 1"),
     vae_batch_size=Key(8, "stage 1 and 2 batch size (half normal images, half anomalies)", range=">= 2"),

@@ -267,10 +267,10 @@ def test_every_changed_pixel_lies_inside_the_mask(thin):
 
 
 def test_mask_input_false_is_the_papers_unet_reading_x_t_alone():
-    """unet_mask_input False: a UNet of 4 input channels that reads x_t alone. With text and MIF off as well, the
+    """unet_mask_input False (the default): a UNet of 4 input channels that reads x_t alone. With text and MIF off as well, the
     mask reaches ε through nothing (Table 6's first row as the paper has it); sampling still changes pixels
     only inside the mask (Eq. (16)'s blend)."""
-    with_mask, without = tiny_model(), tiny_model(unet_mask_input=False)
+    with_mask, without = tiny_model(unet_mask_input=True), tiny_model()
     assert (with_mask.unet.conv_in.in_channels, without.unet.conv_in.in_channels) == (5, 4)
     x, region = torch.randn(2, 4, 4, 4), (torch.rand(2, 1, 4, 4) > 0.5).float()
     assert torch.equal(without.unet_input(x, region), x) and torch.equal(with_mask.unet_input(x, region)[:, 4:], region)

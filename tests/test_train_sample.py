@@ -313,14 +313,31 @@ def test_resume_refuses_another_architecture_but_allows_a_bigger_budget(trained,
     assert torch.load(tmp_path / "axf.pt", weights_only=True)["step"] == 5
 
 
-def test_a_saved_config_without_a_newer_key_counts_as_its_default():
-    """A checkpoint older than a fixed key was made with that key's default: resuming it with the default is no
-    change, with another value it is; a stage checks only the keys its network depends on."""
+def test_a_saved_config_without_a_newer_key_counts_as_what_that_run_had():
+    """A checkpoint older than a fixed key was made with what runs had then: its default, or (config.OLDER_VALUES)
+    the mask channel, before the paper's UNet became the default. Resuming it with that is no change, with another
+    value it is; a stage checks only the keys its network depends on."""
     current = config.resolve("toy", {})
-    saved = {k: v for k, v in current.items() if k != "unet_mask_input"}
-    assert config.architecture_changes(saved, current) == []
-    assert config.architecture_changes(saved, dict(current, unet_mask_input=False)) == ["unet_mask_input True -> False"]
-    assert config.architecture_changes(saved, dict(current, unet_mask_input=False), ("image_size", "mask_")) == []
+    saved = {k: v for k, v in current.items() if k not in ("unet_mask_input", "center_text")}
+    assert config.architecture_changes(saved, dict(current, unet_mask_input=True)) == []
+    assert config.architecture_changes(saved, current) == ["unet_mask_input True -> False"]
+    assert config.architecture_changes(saved, current, ("image_size", "mask_")) == []
+
+
+def test_a_checkpoint_from_before_the_mask_channel_key_samples_as_what_it_was(toy_root, tmp_path):
+    """Before unet_mask_input existed every UNet read the mask: such a checkpoint (its config lacks the key) builds
+    a UNet of 5 input channels under today's default, loads its weights and samples."""
+    channel_run = tmp_path / "run"
+    train.main(["--category", "bottle", "--data_root", str(toy_root), "--out_dir", str(channel_run),
+                "--unet_mask_input", "True"] + TINY)
+    old = torch.load(channel_run / "axf.pt", weights_only=True)
+    del old["config"]["unet_mask_input"]
+    torch.save(old, tmp_path / "old.pt")
+    model, _ = checkpoints.load_checkpoint(tmp_path / "old.pt")
+    assert model.unet.conv_in.in_channels == 5 and model.reads_mask
+    out = tmp_path / "samples"
+    sample.main(["--category", "bottle", "--ckpt", str(tmp_path / "old.pt"), "--n", "1", "--out_dir", str(out)])
+    assert all((out / "test" / defect / "000.png").is_file() for defect in toy.TOY_DEFECTS["bottle"])
 
 
 def test_table6_rows_share_a_finished_vae_and_mask_encoder(trained, toy_root, tmp_path, capsys):

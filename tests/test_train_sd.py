@@ -33,10 +33,10 @@ SD_TINY = ["--preset", "toy", "--image_size", "32", "--num_tokens", "2", "--cont
            "--checkpoint_every", "2", "--preview_every", "4", "--sample_steps", "2"]
 # one run per --train_unet mode on a text-to-image file (sd_context append, the default), and SD-inpainting's
 # 9 channels from a .ckpt with the authors' splice
-RUNS = {
-    "none": ("txt2img", ["--train_unet", "none", "--sd_vae", "{vae}"]),  # with a separate VAE file
-    "lora": ("txt2img", ["--train_unet", "lora", "--lora_rank", "4"]),
-    "full": ("txt2img", ["--train_unet", "full"]),
+RUNS = {  # the text-to-image runs with the mask channel (opt-in), whose conv_in widening is tested here
+    "none": ("txt2img", ["--train_unet", "none", "--sd_vae", "{vae}", "--unet_mask_input", "True"]),  # a separate VAE
+    "lora": ("txt2img", ["--train_unet", "lora", "--lora_rank", "4", "--unet_mask_input", "True"]),
+    "full": ("txt2img", ["--train_unet", "full", "--unet_mask_input", "True"]),
     "inpainting": ("inpainting", ["--train_unet", "none", "--sd_context", "splice", "--gradient_checkpointing", "True"]),
 }
 NORMALS = 16  # normal training images kept of the toy bottle's 200
@@ -396,7 +396,7 @@ def test_train_unet_none_trains_the_mask_channel_and_never_the_pretrained_conv_i
     first) learn; the pretrained weights of x_t's 4 channels and the bias stay the file's, bit for bit, through
     training steps (AdamW's weight decay alone would move any weight it was given)."""
     torch.manual_seed(0)
-    model = sd_model(sd_files["txt2img"], train_unet="none")
+    model = sd_model(sd_files["txt2img"], train_unet="none", unet_mask_input=True)
     pretrained = sd.load_sd(sd_files["txt2img"])[1].conv_in
     normals, masks, captions, ids = few_shot_batch(toy_root)
     latents = model.encode_images(normals)
