@@ -290,6 +290,30 @@ JITTER = {"none": None,
           "large": dict(angle_range=20, shift=0.1, scale=(0.85, 1.15), flip=True)}
 
 
+def similar_normals(category, anomalies, k, size=64):
+    """For each anomaly, the indices of the k normal training images most like it outside its mask.
+
+    A few-shot mask marks a part of the object as posed in its own image ("the green cable"); on a
+    normal image posed the same way it lands on that part, not beside it. The distance is the L2
+    over the pixels outside the dilated mask, at `size` px: pose, not detail, is what matters.
+    """
+    normals = torch.stack([read_image(p, size) for p in category.train_good])  # [N, 3, s, s]
+    nearest = {}
+    for anomaly in anomalies:
+        image, mask = read_image(anomaly.image, size), read_mask(anomaly, size)
+        outside = 1 - F.max_pool2d(mask[None], 5, stride=1, padding=2)[0]
+        distance = ((normals - image) ** 2 * outside).sum((1, 2, 3))
+        nearest[anomaly.image] = distance.topk(min(k, len(normals)), largest=False).indices.tolist()
+    return nearest
+
+
+def read_anomalies(anomalies, defects, size):
+    """Anomalies as (images [N, 3, S, S], masks [N, 1, S, S], each one's defect type as its index in defects [N])."""
+    return (torch.stack([read_image(a.image, size) for a in anomalies]),
+            torch.stack([read_mask(a, size) for a in anomalies]),
+            torch.tensor([defects.index(a.defect) for a in anomalies]))  # each anomaly's defect type, as a class
+
+
 def sample_mask(size, generator, real_masks=None, p_real=0.5, jitter="large"):
     """A binary, non-empty mask [1, size, size]: with probability p_real one of real_masks [N, 1, h, w]
     (one defect type) under a JITTER of flips, rotation, shift and scale; otherwise DRAEM Perlin blobs."""

@@ -1,13 +1,12 @@
 """Evaluation of synthesised anomalies (paper §5), next to baselines on the same protocol, over seeds, with a
 protocol stamp that makes a table citable. In reading order:
   SegmentationUNet, focal_loss        DRAEM's discriminative U-Net, trained on a method's anomalies (§5.3)
-  read_anomalies                      a method's images (data.load_generated reads --generated)
   draem_anomalies, crop_paste_anomalies, combine, METHODS   baselines: Perlin noise, crop-paste, `real`
                                       (the few-shot real anomalies alone), `real+<method>` (both)
   EVAL_KEYS, EVAL_PRESETS, resolve_eval_config   sizes and budgets, one table of config.py's Key rows: toy
                                       (CPU, minutes), mvtec (one GPU)
   train_segmenter, classification_accuracy   downstream models: fixed epochs, the last one is reported
-  estimate_seconds, evaluate_method, markdown_table, toy_checks
+  estimate_seconds, evaluate_method, markdown_table
   comma_list, output_files, write_results, main   the flags checked before any work (a malformed list, an --out
                                       that is no .json file, a .md beside it that evaluate.py did not write:
                                       one line each), the JSON and the table written atomically
@@ -32,6 +31,7 @@ from PIL import Image
 
 import cli
 import data
+from toy_checks import toy_checks
 import files
 import toy
 from config import Key, within
@@ -88,12 +88,6 @@ def focal_loss(logits, mask, gamma=2.0):
 # ----------------------------------------------------------------------------------------------
 # Anomaly sets: (images [N, 3, S, S], masks [N, 1, S, S], defect index [N]) for each method. A defect's
 # index is its position in the category's sorted list of defect types.
-
-
-def read_anomalies(anomalies, defects, size):
-    return (torch.stack([data.read_image(a.image, size) for a in anomalies]),
-            torch.stack([data.read_mask(a, size) for a in anomalies]),
-            torch.tensor([defects.index(a.defect) for a in anomalies]))  # each anomaly's defect type, as a class
 
 
 def draem_anomalies(normals, counts, g, size):
@@ -347,63 +341,14 @@ def markdown_table(results, category, stamp):
     return "\n".join(lines) + "\n"
 
 
-# ----------------------------------------------------------------------------------------------
-# Toy-world checks (--toy): does the picture follow the caption, and is the defect type recognisable?
-
-
-def toy_checks(gen_anomalies, generated, category, eval_config, device, steps=1500, judge_root=toy.TOY_ROOT / "judge",
-               seeds=5):
-    """Caption colour drawn in the mask (toy.drawn_colour), and the defect type a judge assigns. The judge trains on
-    `seeds` other toy worlds' real anomalies, turned and mirrored; its accuracy on this one's real anomalies is known.
-    It depends on none of the generated images, so it is trained once per setting and kept in `judge_root`."""
-    hits = [toy.drawn_colour(image, mask) == toy.caption_colour(a.caption)
-            for a, image, mask in zip(gen_anomalies, generated[0], generated[1]) if toy.caption_colour(a.caption)]
-    colour = sum(hits) / len(hits) if hits else None
-    S, B, seed = eval_config["image_size"], eval_config["batch_size"], eval_config["seed"]
-    check = read_anomalies(category.anomalies, category.defects, S)
-    torch.manual_seed(seed)
-    widths = (3, 32, 64, 96, 128)  # a small CNN: the defect type from the image alone
-    judge = nn.Sequential(*[layer for cin, cout in zip(widths, widths[1:]) for layer in (
-        nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.BatchNorm2d(cout), nn.ReLU())],
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], len(category.defects))).to(device)
-    kept = Path(judge_root) / f"judge_{category.name}_{S}px_{steps}steps_batch{B}_seed{seed}_{seeds}worlds.pt"
-    if kept.exists():  # written here before; read as any weights file, so that a damaged one is said in one line
-        try:
-            judge.load_state_dict(files.read_state_dict(kept, "toy judge", "delete it to train the judge again"))
-        except RuntimeError:  # torch lists every key; the file is another judge's
-            raise ValueError(f"{kept}: not this judge's weights; delete it to train the judge again") from None
-    else:
-        fresh = [a for world in range(1, seeds + 1) for a in data.load_category(
-            toy.ensure_toy(category.name, Path(judge_root) / f"seed{world}", seed=world)).anomalies]
-        train = read_anomalies(fresh, category.defects, S)
-        mirror = lambda x, k: x.flip(3) if k % 8 >= 4 else x  # with k % 4 quarter turns: the square's 8 symmetries
-        batches = ((mirror(train[0][idx].rot90(k % 4, (2, 3)), k), train[2][idx]) for k, idx in enumerate(
-            _epoch(len(train[0]), steps, B, torch.Generator().manual_seed(seed))))
-        judge = _fit(judge, 1e-3, batches, steps, F.cross_entropy, "toy judge", device)
-        recalibrate_batchnorm(judge, train[0], B, device)
-        files.save_atomic(judge.state_dict(), kept)
-    judge.eval()
-    with torch.no_grad():
-        accuracy = lambda images, labels: float((judge(images.to(device)).argmax(1).cpu() == labels).double().mean())
-        return {"colour_named_is_drawn": colour, "judge_accuracy_on_real": accuracy(check[0], check[2]),
-                "defect_type_recognised": accuracy(generated[0], generated[2])}
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(model, images, batch_size, device):
-    """BatchNorm's running statistics recomputed as the plain average over the un-augmented images ("precise BN").
-    The judge trains on batches turned and mirrored as a whole, so the running statistics it keeps are those of
-    turned objects; an elongated one (the toy pill) upright then meets statistics it was never normalised with,
-    and in eval mode the judge called every real pill anomaly one type, while in train mode (batch statistics) it
-    told them apart (measured: docs/results.md)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches below
-    model.train()
-    for batch in images.split(batch_size):
-        model(batch.to(device))
-    return model.eval()
+def generator_checkpoint(folder):
+    """The checkpoint a sample.py folder was drawn with, as its manifest names it; None for another folder."""
+    manifest = Path(folder) / ".axf_samples.json"  # sample.MANIFEST
+    try:
+        path = json.loads(manifest.read_text(encoding="utf-8"))["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return path if isinstance(path, str) and Path(path).is_file() else None
 
 
 def parse_args(argv):
@@ -427,6 +372,8 @@ def parse_args(argv):
         "crop_paste (few-shot anomalies pasted), real (the few-shot anomalies), real+<method> (both)")
     arg("--seeds", help="comma-separated seeds of the downstream models, e.g. 0,1,2 (default: the seed key)")
     arg("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
+    arg("--ckpt", help="with --toy, the generator's checkpoint, for the control checks (toy_checks.py; default: the "
+        "one the --generated folder's manifest names)")
     add_eval_args(parser)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -455,7 +402,7 @@ def real_data(category, eval_config):
                          f"{len(category.test_good)} and {len(held)}")
     normals, good = (torch.stack([data.read_image(p, S) for p in files]) for files in (category.train_good,
                                                                                        category.test_good))
-    real, test = (read_anomalies(a, category.defects, S) for a in (few, held))
+    real, test = (data.read_anomalies(a, category.defects, S) for a in (few, held))
     print(f"{category.name}: {len(normals)} normal training images, {len(few)} few-shot anomalies, test: "
           f"{len(held)} held-out anomalies + {len(good)} good images; defects {category.defects}")
     return dict(defects=category.defects, normals=normals, real=real, held=test, held_anomalies=held,
@@ -547,7 +494,7 @@ def main(argv=None):
     if unknown := sorted({a.defect for a in gen_anomalies} - set(ctx["defects"])):
         raise ValueError(f"{args.generated}: defect types {unknown} are not in {category.folder}")
     refuse_leaks(gen_anomalies, ctx["held_anomalies"])
-    generated = read_anomalies(gen_anomalies, ctx["defects"], eval_config["image_size"])
+    generated = data.read_anomalies(gen_anomalies, ctx["defects"], eval_config["image_size"])
     sets = anomaly_sets(methods, generated, ctx, eval_config)
 
     if args.resnet:   # read now, not when the first method's segmenter has trained
@@ -574,7 +521,8 @@ def main(argv=None):
     table = markdown_table(results, args.category, stamp)
     results["protocol"] = stamp
     if args.toy:
-        results["toy_checks"] = toy_checks(gen_anomalies, generated, category, eval_config, device)
+        results["toy_checks"] = toy_checks(gen_anomalies, generated, category, eval_config, device,
+                                           args.ckpt or generator_checkpoint(args.generated))
         table += "\ntoy checks of the generated anomalies: " + json.dumps(results["toy_checks"]) + "\n"
     write_results(out, table_path, results, table)
     print(table + f"\nwrote {out} and {table_path} in {time.time() - start:.0f} s")

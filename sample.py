@@ -47,7 +47,6 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -74,27 +73,10 @@ PREVIEW_MARK = ("Software", "AnomalyXFusion sample.py preview")  # a PNG text ch
 # What to draw
 
 
-def similar_normals(category, anomalies, k, size=64):
-    """For each anomaly, the indices of the k normal training images most like it outside its mask.
-
-    A few-shot mask marks a part of the object as posed in its own image ("the green cable"); on a
-    normal image posed the same way it lands on that part, not beside it. The distance is the L2
-    over the pixels outside the dilated mask, at `size` px: pose, not detail, is what matters.
-    """
-    normals = torch.stack([data.read_image(p, size) for p in category.train_good])  # [N, 3, s, s]
-    nearest = {}
-    for anomaly in anomalies:
-        image, mask = data.read_image(anomaly.image, size), data.read_mask(anomaly, size)
-        outside = 1 - F.max_pool2d(mask[None], 5, stride=1, padding=2)[0]
-        distance = ((normals - image) ** 2 * outside).sum((1, 2, 3))
-        nearest[anomaly.image] = distance.topk(min(k, len(normals)), largest=False).indices.tolist()
-    return nearest
-
-
 def plan(category, few_shot, args, size, generator):
     """What to draw: (defect, its index within the defect, normal image path, mask, caption) for every sample."""
     defects = [args.defect] if args.defect else category.defects
-    nearest = similar_normals(category, few_shot, args.similar_normals) if args.similar_normals > 0 else None
+    nearest = data.similar_normals(category, few_shot, args.similar_normals) if args.similar_normals > 0 else None
     jobs = []
     for defect in defects:
         if defect not in category.defects:

@@ -11,6 +11,7 @@ What this file holds, in reading order:
   _draw_bottle, _draw_cable, _draw_pill   one normal object; _toy_defect, _toy_sample add a defect and caption
   make_toy, ensure_toy               write a category folder (data.load_category reads it like MVTec's)
   caption_colour, drawn_colour       did a generator draw the colour its caption names?
+  recoloured                         the same caption naming another colour (evaluate.py's control)
 Depends on numpy, pillow and torch only.
 """
 import fcntl  # Unix; the project runs on Linux (and macOS)
@@ -259,6 +260,20 @@ def caption_colour(caption):
     if "missing" in words and "black" not in colours:
         return "black"
     return colours[-1] if colours else None
+
+
+# the defect types whose caption names the colour drawn, and the colours each may take
+RECOLOURABLE = {"contamination": CONTAMINANTS, "cable_swap": CABLE_WIRES, "color": SPOTS}
+
+
+def recoloured(caption, defect):
+    """The caption with its drawn colour (caption_colour) replaced by each other colour its defect type may take and
+    the caption does not already name: "The blue cable is replaced by a repeated green cable" -> "... a repeated
+    gray cable". A caption of another defect type has none."""
+    drawn, named = caption_colour(caption), set(re.findall(r"[a-z]+", caption.lower()))
+    at = caption.rfind(drawn) if drawn else -1
+    return [caption[:at] + colour + caption[at + len(drawn):] for colour in RECOLOURABLE.get(defect, ())
+            if colour not in named and at >= 0]
 
 
 def drawn_colour(image, mask):

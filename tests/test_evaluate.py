@@ -12,6 +12,7 @@ from PIL import Image
 
 import data
 import toy
+import toy_checks
 import evaluate as E
 import metrics as M
 
@@ -492,11 +493,11 @@ def test_toy_checks_give_full_marks_to_real_toy_anomalies(tmp_path):
     folder = toy.make_toy(tmp_path, "cable", size=64, seed=0)
     category = data.load_category(folder)
     eval_config = E.resolve_eval_config("toy", {"image_size": 64})
-    real = E.read_anomalies(category.anomalies, category.defects, 64)
-    checks = E.toy_checks(category.anomalies, real, category, eval_config, torch.device("cpu"), steps=10,
-                          judge_root=tmp_path / "judge")
-    assert checks["colour_named_is_drawn"] == 1.0
-    assert all(0 <= v <= 1 for v in checks.values())
+    real = data.read_anomalies(category.anomalies, category.defects, 64)
+    checks = toy_checks.toy_checks(category.anomalies, real, category, eval_config, torch.device("cpu"), steps=10,
+                                   judge_root=tmp_path / "judge")
+    assert checks["colour_named_is_drawn"] == 1.0 and checks["control"] is None  # no checkpoint: no control
+    assert all(0 <= v <= 1 for k, v in checks.items() if k != "control" and not k.startswith("n_"))
 
 
 def test_toy_judge_is_trained_once_and_kept(tmp_path):
@@ -505,17 +506,17 @@ def test_toy_judge_is_trained_once_and_kept(tmp_path):
     folder = toy.make_toy(tmp_path, "pill", size=32, seed=0)
     category = data.load_category(folder)
     eval_config = E.resolve_eval_config("toy", {"image_size": 32, "batch_size": 4})
-    real = E.read_anomalies(category.anomalies, category.defects, 32)
+    real = data.read_anomalies(category.anomalies, category.defects, 32)
     judge_root = tmp_path / "judge"
-    first = E.toy_checks(category.anomalies, real, category, eval_config, torch.device("cpu"), steps=3,
-                         judge_root=judge_root, seeds=1)
+    first = toy_checks.toy_checks(category.anomalies, real, category, eval_config, torch.device("cpu"), steps=3,
+                         judge_root=judge_root, worlds=1)
     kept = sorted(judge_root.glob("*.pt"))
     assert len(kept) == 1 and "pill_32px_3steps_batch4_seed" in kept[0].name
     for world in judge_root.glob("seed*"):   # a second call must not need the toy worlds the judge trained on
         shutil.rmtree(world)
-    again = E.toy_checks(category.anomalies, real, category, eval_config, torch.device("cpu"), steps=3,
-                         judge_root=judge_root, seeds=1)
+    again = toy_checks.toy_checks(category.anomalies, real, category, eval_config, torch.device("cpu"), steps=3,
+                         judge_root=judge_root, worlds=1)
     assert again == first and not list(judge_root.glob("seed*"))
-    E.toy_checks(category.anomalies, real, category, {**eval_config, "seed": eval_config["seed"] + 1},
-                 torch.device("cpu"), steps=3, judge_root=judge_root, seeds=1)
+    toy_checks.toy_checks(category.anomalies, real, category, {**eval_config, "seed": eval_config["seed"] + 1},
+                 torch.device("cpu"), steps=3, judge_root=judge_root, worlds=1)
     assert len(list(judge_root.glob("*.pt"))) == 2
