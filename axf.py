@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import clip
+import toy
 from ddpm import DDPM, guided_eps, randn
 from mask_encoder import LocationTokens, MaskAutoencoder, MaskEncoder
 from unet import UNet, timestep_embedding
@@ -351,16 +352,22 @@ def build_ddpm(config):
     return DDPM(config["num_diffusion_steps"], config["schedule"])  # the schedule's own beta range (ddpm.py)
 
 
-def build_clip(config, device="cpu"):
-    """OpenAI CLIP weights from config["clip"], or a small random CLIP of width context_dim (toy preset).
+# the CLIPs that are no file of the user's: a checkpoint holds their weights (the toy CLIP's too, so that a new
+# version of its file never changes what an older checkpoint samples)
+CLIPS_SAVED_IN_CHECKPOINTS = ("", "random", "toy")
 
-    A random text tower still maps different captions to different features, which is all the toy world
-    needs: the conditioning layers learn what the features mean. A CLIP file's width may differ from
-    context_dim: train.py sets context_dim to it (clip_width) before building anything else.
-    """
-    if config["clip"]:
+
+def build_clip(config, device="cpu"):
+    """The frozen CLIP config["clip"] names, with one line saying which: "toy", the one pretrained on the toy world
+    (toy_clip.py); a file of OpenAI weights; or "random" (or ""), a small random CLIP of width context_dim, whose
+    text tower maps different captions to different features and knows nothing else. A CLIP file's width may
+    differ from context_dim: train.py sets context_dim to it (clip_width) before building anything else."""
+    if config["clip"] == "toy":
+        print(f"CLIP: the toy world's, pretrained by toy_clip.py ({toy.TOY_CLIP.name}; --clip random for a random one)")
+        return clip.load(toy.ensure_toy_clip(), device=device)[0]
+    if config["clip"] not in ("", "random"):
         return clip.load(config["clip"], device=device)[0]
-    print("no --clip file given: using a small random CLIP (fine for the toy world; pass OpenAI weights for MVTec)")
+    print("CLIP: a small random one (--clip random, or no --clip outside the toy preset; pass OpenAI weights for MVTec)")
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(config["seed"])
     model = clip.CLIP(embed_dim=config["context_dim"], image_resolution=32, vision_layers=2, vision_width=64,

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import clip
 import files
 import sd_backbone
-from axf import AnomalyXFusion, build_clip, clip_width
+from axf import CLIPS_SAVED_IN_CHECKPOINTS, AnomalyXFusion, build_clip, clip_width
 from config import KEYS, architecture_changes, saved_value
 
 
@@ -237,7 +237,8 @@ def checked_extras(checkpoint, config, path):
     identities."""
     def refuse(key, what):
         raise ValueError(f"{path}: its {key!r} is not {what}; {NOT_TRAIN_PY}")
-    if not (tensor_dict(checkpoint["clip"]) or checkpoint["clip"] is None and config["clip"]):
+    named_file = config["clip"] not in CLIPS_SAVED_IN_CHECKPOINTS
+    if not (tensor_dict(checkpoint["clip"]) or checkpoint["clip"] is None and named_file):
         refuse("clip", "a dict of tensors (nor does its config name a CLIP file)")
     folders = checkpoint.get("data_folders")
     if not isinstance(folders, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in folders.items()):

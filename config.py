@@ -49,8 +49,9 @@ KEYS = dict(
     num_tokens=Key(4, "k, tokens per modality (Eq. (1)-(3))", fixed=True, range=">= 1"),
     context_dim=Key(256, "d, the token width; a --clip file sets it to its embedding width", fixed=True,
                     range=">= 1"),
-    clip=Key("", "a file of OpenAI CLIP weights; empty: a small random CLIP (the toy world). With --sd it still "
-                 "gives Eq. (1)'s caption feature and Eq. (3)'s image feature", fixed=True),
+    clip=Key("", "Eq. (1)'s caption feature and Eq. (3)'s image feature come from this frozen CLIP: a file of OpenAI "
+                 "CLIP weights; toy, the CLIP pretrained on the toy world (toy_clip.py; the toy preset's); random or "
+                 "empty, a small random one. With --sd it still gives both features", fixed=True),
     num_diffusion_steps=Key(1000, "T, the steps of the forward process", fixed=True, range="1 <= x <= 10000"),
     schedule=Key("scaled_linear", "the betas (ddpm.py): linear (DDPM), scaled_linear (LDM, Stable Diffusion), "
                                   "cosine (improved DDPM)", fixed=True, choices=("linear", "scaled_linear", "cosine")),
@@ -116,7 +117,7 @@ KEYS = dict(
 CONFIG = {name: key.default for name, key in KEYS.items()}
 
 PRESETS = {
-    "toy": {},
+    "toy": dict(clip="toy"),
     "mvtec": dict(
         image_size=256,
         vae_channels=128, vae_channel_mult=(1, 2, 4, 4), vae_num_res_blocks=2,  # the kl-f8 layout of SD 1.x

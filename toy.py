@@ -10,11 +10,14 @@ What this file holds, in reading order:
   TOY_CATEGORIES, TOY_COLOURS, ...   the world's constants
   _draw_bottle, _draw_cable, _draw_pill   one normal object; _toy_defect, _toy_sample add a defect and caption
   make_toy, ensure_toy               write a category folder (data.load_category reads it like MVTec's)
+  ensure_toy_clip                    the toy world's pretrained CLIP (toy_clip.py), ready for clip.load
   caption_colour, drawn_colour       did a generator draw the colour its caption names?
   recoloured                         the same caption naming another colour (evaluate.py's control)
-Depends on numpy, pillow and torch only.
+Depends on numpy, pillow, torch and files.py.
 """
 import fcntl  # Unix; the project runs on Linux (and macOS)
+import gzip
+import hashlib
 import json
 import os
 import re
@@ -26,8 +29,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+import files
+
 TOY_CATEGORIES = ("bottle", "cable", "pill")
 TOY_ROOT = Path(__file__).parent / "data" / "toy"
+TOY_CLIP = Path(__file__).parent / "toy_clip.pt.gz"  # a CLIP pretrained on the toy world (toy_clip.py)
 TOY_COLOURS = {"red": (200, 35, 35), "green": (40, 160, 60), "blue": (40, 70, 200), "gray": (140, 140, 140),
                "black": (15, 15, 15), "yellow": (225, 200, 40), "purple": (130, 50, 165), "copper": (190, 110, 50)}
 TOY_DEFECTS = {"bottle": ("broken_large", "broken_small", "contamination"),
@@ -249,6 +255,21 @@ def _write_toy(root, category, size, seed):
 def _toy_matches(folder, category, size, seed):
     marker, want = Path(folder) / "toy.json", dict(category=category, size=size, seed=seed, version=1)
     return marker.is_file() and json.loads(marker.read_text()) == want
+
+
+def ensure_toy_clip(path=TOY_CLIP, folder=TOY_ROOT.parent / "toy_clip"):
+    """The toy world's pretrained CLIP (toy_clip.py made it; train.py --clip toy, the toy preset's): the plain .pt
+    that clip.load reads, decompressed from the gzip `path` into `folder` on first use. Its name holds the gzip's
+    hash, so a changed file is never served from a stale copy."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: toy CLIP file not found; toy_clip.pt.gz ships with this repository, "
+                                f"or make one with: python toy_clip.py --out {path}")
+    blob = Path(path).read_bytes()
+    plain = Path(folder) / f"toy_clip-{hashlib.sha256(blob).hexdigest()[:12]}.pt"
+    if not plain.is_file():
+        with files.atomic_write(plain) as tmp:
+            Path(tmp).write_bytes(gzip.decompress(blob))
+    return plain
 
 
 def caption_colour(caption):

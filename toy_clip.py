@@ -20,7 +20,7 @@ the same way, with clip.py's own CLIP class at toy sizes:
              the toy world's captions repeat, and an image must not be pushed away from its own caption
   3. train   AdamW with CLIP's betas and epsilon, warm-up then cosine decay, the logit scale clamped at 100
   4. file    the state dict in OpenAI's key layout (clip.build_model reads every size back), fp16, gzip-compressed
-             in the repository; ensure_toy_clip() decompresses it into data/ so that clip.load reads it
+             in the repository; toy.ensure_toy_clip() decompresses it into data/ so that clip.load reads it
 
 Deviations from CLIP's recipe, each commented where it is made: the multi-positive targets (2), texts encoded
 once per batch (2), no image augmentation (1), the text context cut to the longest caption while training
@@ -29,7 +29,6 @@ files.py and toy.py.
 """
 import argparse
 import gzip
-import hashlib
 import io
 import itertools
 import math
@@ -46,7 +45,7 @@ import toy
 
 HERE = Path(__file__).parent
 ROOT = HERE / "data" / "toy_clip"  # the toy worlds, their image caches and the decompressed file (ignored by git)
-SHIPPED = HERE / "toy_clip.pt.gz"  # the pretrained file, in the repository
+SHIPPED = toy.TOY_CLIP  # the pretrained file, in the repository
 TOY_RENDER_SIZE = 128  # toy.ensure_toy's default: train.py reads these images at its image_size
 IMAGE_SIZE = 64  # the toy preset's image_size: the images Eq. (3) hands CLIP
 HELD_OUT_SEEDS = (100, 101)  # toy worlds for --measure, never trained on
@@ -238,23 +237,9 @@ def save_toy_clip(model, path, texts):
     return Path(path)
 
 
-def ensure_toy_clip(path=SHIPPED, folder=ROOT):
-    """The plain .pt that clip.load reads, decompressed from the gzip `path` into `folder` on first use. Its name
-    holds the gzip's hash, so a changed file is never served from a stale copy."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: toy CLIP file not found; toy_clip.pt.gz ships with this repository, "
-                                f"or make one with: python toy_clip.py --out {path}")
-    blob = Path(path).read_bytes()
-    plain = Path(folder) / f"toy_clip-{hashlib.sha256(blob).hexdigest()[:12]}.pt"
-    if not plain.is_file():
-        with files.atomic_write(plain) as tmp:
-            Path(tmp).write_bytes(gzip.decompress(blob))
-    return plain
-
-
 def load_toy_clip(path=SHIPPED, device="cpu"):
     """The toy CLIP in eval mode, through clip.load like any OpenAI file."""
-    return clip.load(ensure_toy_clip(path), device=device)[0]
+    return clip.load(toy.ensure_toy_clip(path, ROOT), device=device)[0]
 
 # ----------------------------------------------------------------------------------------------
 # 5. what it knows, on toy worlds it never saw

@@ -364,7 +364,7 @@ def train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, bac
     extra = {"categories": train["categories"], "data_folders": train["folders"],
              "sd_file": sd_backbone.sd_file(config["sd"]) if config["sd"] else None,
              "sd_vae_file": sd_backbone.sd_file(config["sd_vae"], ("VAE",)) if config["sd_vae"] else None,
-             "clip": clip_model.state_dict() if not config["clip"] else None}  # a random CLIP is saved
+             "clip": clip_model.state_dict() if config["clip"] in axf.CLIPS_SAVED_IN_CHECKPOINTS else None}
     losses, started = [], time.time()
     bar = cli.progress(total, "3/3 anomalyxfusion", initial=step)
     while step < total:
@@ -469,7 +469,7 @@ def main(argv=None):
         folders = [cli.category_folder(args, name) for name in names]
     torch.manual_seed(config["seed"])  # before any network is built: a resumed run builds the same ones
     clip_model = axf.build_clip(config, device)  # a bad --clip file stops here, before any writing
-    set_file_sizes(config, {"context_dim": axf.clip_width(clip_model)}, config["clip"] or "the random CLIP")
+    set_file_sizes(config, {"context_dim": axf.clip_width(clip_model)}, f"the CLIP ({config['clip'] or 'random'})")
     backbone = None
     if config["sd"]:  # a bad --sd file too
         backbone = sd_backbone.load_backbone(config, device)

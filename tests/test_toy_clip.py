@@ -8,7 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import axf
 import clip
+import config
+import toy
 import toy_clip
 
 
@@ -59,7 +62,7 @@ def test_clip_loss_with_distinct_captions_is_clips_own():
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory):
     """The shipped file, decompressed into a temporary folder and read by clip.load like any OpenAI file."""
-    path = toy_clip.ensure_toy_clip(toy_clip.SHIPPED, tmp_path_factory.mktemp("toy_clip"))
+    path = toy.ensure_toy_clip(toy_clip.SHIPPED, tmp_path_factory.mktemp("toy_clip"))
     return path, clip.load(path)[0]
 
 
@@ -118,10 +121,23 @@ def test_training_lowers_the_loss_and_the_file_keeps_the_model(tmp_path):
 
     texts = toy_clip.all_texts(world)
     written = toy_clip.save_toy_clip(model, tmp_path / "t.pt.gz", texts)
-    loaded = clip.load(toy_clip.ensure_toy_clip(written, tmp_path))[0]
+    loaded = clip.load(toy.ensure_toy_clip(written, tmp_path))[0]
     with torch.no_grad():
         tokens = clip.tokenize(texts[:3])
         torch.testing.assert_close(loaded.encode_text(tokens), model.encode_text(tokens), atol=0.02, rtol=0.02)
     used = {clip.START_ID, clip.END_ID} | {t for text in texts for t in clip.bpe_tokens(text)}
     nonzero = set(loaded.token_embedding.weight.abs().sum(1).nonzero()[:, 0].tolist())
     assert nonzero == used
+
+
+def test_a_toy_run_conditions_on_the_toy_clip_by_default_and_says_so(capsys):
+    """The toy preset's CLIP is the shipped toy CLIP (clip.load of its file); --clip random gives the random one."""
+    settings = config.resolve("toy")
+    model = axf.build_clip(settings)
+    assert "CLIP: the toy world's, pretrained by toy_clip.py" in capsys.readouterr().out
+    shipped = clip.load(toy.ensure_toy_clip())[0].state_dict()
+    assert all(torch.equal(v, shipped[k]) for k, v in model.state_dict().items())
+    assert axf.clip_width(model) == settings["context_dim"] == 256
+    random_one = axf.build_clip(dict(settings, clip="random"))
+    assert "CLIP: a small random one" in capsys.readouterr().out
+    assert not torch.equal(random_one.token_embedding.weight, model.token_embedding.weight)

@@ -24,7 +24,7 @@ from helpers import kill_after_two_steps_and_resume
 REPO = Path(__file__).resolve().parent.parent
 
 # every stage at the smallest size that still runs the real code paths
-TINY = ["--preset", "toy", "--image_size", "32", "--vae_channels", "32", "--vae_channel_mult", "1,2",
+TINY = ["--preset", "toy", "--clip", "random", "--image_size", "32", "--vae_channels", "32", "--vae_channel_mult", "1,2",
         "--unet_channels", "32", "--unet_channel_mult", "1,2", "--unet_num_res_blocks", "1", "--context_dim", "32",
         "--unet_num_heads", "2", "--num_tokens", "2", "--mask_channels", "8", "--mask_feature_channels", "16",
         "--vae_steps", "2", "--mask_steps", "2", "--steps", "4", "--batch_size", "4", "--vae_batch_size", "4",
@@ -464,7 +464,7 @@ def test_similar_normals_finds_the_normal_image_an_anomaly_was_drawn_on(toy_root
     image, mask = data.read_image(category.train_good[twin], 32), data.read_mask(mask_files, 32)
     sample.save_png(torch.where(mask > 0, 1 - image, image), tmp_path / "anomaly.png")  # inside: the negative
     anomaly = data.Anomaly(image=tmp_path / "anomaly.png", mask_files=mask_files, caption="x", defect="d")
-    nearest = sample.similar_normals(category, [anomaly], k=3, size=32)[anomaly.image]
+    nearest = data.similar_normals(category, [anomaly], k=3, size=32)[anomaly.image]
     assert nearest[0] == twin and len(nearest) == 3 == len(set(nearest))
 
 

@@ -28,7 +28,7 @@ from vae import VAE
 from helpers import kill_after_two_steps_and_resume
 
 # the sizes of tests/test_train_sample.py's TINY that an SD file leaves to the config (the rest is the file's)
-SD_TINY = ["--preset", "toy", "--image_size", "32", "--num_tokens", "2", "--context_dim", "32", "--mask_channels", "8",
+SD_TINY = ["--preset", "toy", "--clip", "random", "--image_size", "32", "--num_tokens", "2", "--context_dim", "32", "--mask_channels", "8",
            "--mask_feature_channels", "16", "--mask_steps", "2", "--steps", "4", "--batch_size", "4",
            "--checkpoint_every", "2", "--preview_every", "4", "--sample_steps", "2"]
 # one run per --train_unet mode on a text-to-image file (sd_context append, the default), and SD-inpainting's
@@ -114,7 +114,7 @@ def few_shot_batch(toy_root, n=2):
 
 def sd_model(file, **overrides):
     """AnomalyXFusion on an SD file as train.py builds it, without training (random conditioning)."""
-    settings = config.resolve("toy", dict(sd=str(file), image_size=32, num_tokens=2, context_dim=32, mask_channels=8,
+    settings = config.resolve("toy", dict(sd=str(file), clip="random", image_size=32, num_tokens=2, context_dim=32, mask_channels=8,
                                           mask_feature_channels=16, **overrides))
     backbone = sd_backbone.load_backbone(settings)
     settings.update(sd_backbone.file_sizes(backbone))
