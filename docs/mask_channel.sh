@@ -3,7 +3,8 @@
 # that decides the default. Per category and seed s, two runs that share their stages 1 and 2 (trained with
 # seed s % BASES, so the spread includes the VAE and the mask encoder) and differ only in --unet_mask_input;
 # each samples --n N per defect type (the same plan: sample.py's draws depend on the seed alone) and is
-# judged by evaluate.py --toy (the downstream segmenter seeded s; the judge shared).
+# judged by evaluate.py --toy (the downstream segmenter seeded s; the judge shared; recall and control). The random
+# CLIP (--clip random), as every toy figure measured before the toy CLIP.
 #
 #     JOBS=2 bash docs/mask_channel.sh            # 3 categories x 5 seeds x 2 settings, two runs at a time
 #     bash docs/mask_channel.sh summary            # the paired table of the runs finished so far
@@ -23,7 +24,7 @@ one_run() {   # category on|off seed
   [ -f "$out" ] && return 0
   mkdir -p "$run" "results/$NAME"
   [ "$run" = "$base" ] || cp -n "$base/vae.pt" "$base/mask_ae.pt" "$run/"
-  { python train.py --toy --category "$c" --out_dir "$run" --seed "$s" --unet_mask_input $flag $EXTRA &&
+  { python train.py --toy --category "$c" --out_dir "$run" --seed "$s" --unet_mask_input $flag --clip random $EXTRA &&
     python sample.py --toy --category "$c" --ckpt "$run" --n "$N" --out_dir "samples/$NAME/$c-$ch-s$s/$c" &&
     python evaluate.py --toy --category "$c" --generated "samples/$NAME/$c-$ch-s$s/$c" --methods axf \
       --seeds "$s" --out "$out"; } > "$run/log.txt" 2>&1 || { echo "failed: $run (see $run/log.txt)"; return 1; }
@@ -36,9 +37,9 @@ if [ "${1:-}" != summary ]; then
   python -c "import sys, toy; [toy.ensure_toy(c) for c in sys.argv[1:]]" $CATEGORIES   # made once, before runs share it
   # first the runs that train stages 1 and 2 (seeds 0 .. BASES-1 with the channel), then the rest
   for c in $CATEGORIES; do for s in $SEEDS; do [ "$s" -lt "$BASES" ] && echo "$c on $s"; done; done |
-    env "${threads[@]}" xargs -P "$JOBS" -L 1 bash -c 'one_run "$@"' _
+    env "${threads[@]}" xargs -P "$JOBS" -L 1 bash -c 'one_run "$@"' _ || true   # a failed run is named; the rest go on
   for c in $CATEGORIES; do for s in $SEEDS; do for ch in on off; do
     [ "$ch" = on ] && [ "$s" -lt "$BASES" ] || echo "$c $ch $s"; done; done; done |
-    env "${threads[@]}" xargs -P "$JOBS" -L 1 bash -c 'one_run "$@"' _
+    env "${threads[@]}" xargs -P "$JOBS" -L 1 bash -c 'one_run "$@"' _ || true
 fi
 python docs/compare.py "results/$NAME" on off
