@@ -149,6 +149,8 @@ def resolve(preset, overrides=None):
         if name not in config:
             raise ValueError(f"unknown config key {name!r}; see --help for the list")
         config[name] = value
+    if config["clip"] == "random":  # the small random CLIP has two names; a checkpoint keeps one ("")
+        config["clip"] = ""
     check(config)
     return config
 
