@@ -13,7 +13,7 @@ The models run as train.py runs them: built by axf.py's builders, under cli.auto
 that multiply bf16 natively, elsewhere fp32), trained by training.py's fused AdamW; the AnomalyXFusion step is
 train.py's stage-3 step (axf_training_step), written here again because a script is never imported.
 Depends on config.py (the presets), axf.py (the whole model), training.py (AdamW, warm-up, EMA), cli.py, unet.py,
-vae.py, clip.py, sd.py and evaluate.py. Measured figures, with their commands: docs/speed.md.
+vae.py, clip.py, sd.py and metrics.py. Measured figures, with their commands: docs/speed.md.
 """
 import argparse
 import gc
@@ -264,19 +264,18 @@ def bench_clip(device, quick):
 
 
 def bench_metrics(device, quick, n=5_000_000):
-    """evaluate.auroc / average_precision / f1_max on 5M pixel scores (a category's pooled test pixels)."""
+    """metrics.auroc / average_precision / f1_max on 5M pixel scores (a category's pooled test pixels)."""
     import numpy as np
 
-    import evaluate
     rng = np.random.default_rng(0)
     labels = rng.random(n) < 0.05
     scores = np.round(rng.random(n) * 0.7 + 0.3 * labels, 3).astype(np.float32)  # 3 decimals: many ties
     rows = []
     for name in ("auroc", "average_precision", "f1_max"):
-        fn = getattr(evaluate, name)
+        fn = getattr(metrics, name)
         t0 = time.perf_counter()
         fn(scores, labels)
-        rows.append({"preset": "any", "benchmark": f"evaluate.{name}, 5M pixels", "batch": n,
+        rows.append({"preset": "any", "benchmark": f"metrics.{name}, 5M pixels", "batch": n,
                      "ms": (time.perf_counter() - t0) * 1e3, "peak memory (MB)": peak_memory_mb(device)})
     return rows
 

@@ -317,12 +317,15 @@ def evaluate_method(anomalies, ctx, eval_config, device, seeds, resnet_path=None
                      "classification": {"accuracy": classification_accuracy(
                          anomalies, ctx["test_classes"], len(ctx["defects"]), ctx["cls_steps"], eval_config, device, g,
                          resnet_path)}})
-    stat = lambda fn: {part: {k: float(fn([r[part][k] for r in runs])) for k in runs[0][part]} for part in runs[0]}
-    return {**stat(np.mean), "std": stat(np.std), "per_seed": dict(zip(map(str, seeds), runs))}
+    stat = lambda fn: {part: {k: fn([r[part][k] for r in runs]) for k in runs[0][part]} for part in runs[0]}
+    sample_std = lambda values: float(np.std(values, ddof=1)) if len(values) > 1 else None  # one seed: no spread
+    return {**stat(lambda values: float(np.mean(values))), "std": stat(sample_std),
+            "per_seed": dict(zip(map(str, seeds), runs))}
 
 
 def markdown_table(results, category, stamp):
-    """IS, KID ×1000, FID, IC-LPIPS raw; the rest in percent as in the paper's tables, mean ± std over seeds."""
+    """IS, KID ×1000, FID, IC-LPIPS raw; the rest in percent as in the paper's tables, the mean ± sample std over
+    seeds (n=1: the one seed's value)."""
     cols = ["pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_au_pro", "image_auroc", "image_ap", "image_f1_max"]
     lines = [f"## {category}", "", "| method | IS | KID ×1000 | FID | IC-LPIPS | " + " | ".join(cols) + " | accuracy |",
              "| --- " * (len(cols) + 6) + "|"]
@@ -331,8 +334,9 @@ def markdown_table(results, category, stamp):
     for name, row in results.items():
         gen = row["generation"]
         cells = [pm(gen["is"], 1, 2), pm(gen["kid"], 1000, 1), one(gen["fid"], 1), one(gen["ic_lpips"], 3)]
-        cells += [pm((row[part][c], row["std"][part][c])) for part, c in
-                  [("segmentation", c) for c in cols] + [("classification", "accuracy")]]
+        seeds = lambda part, c: (f"{row[part][c] * 100:.1f} (n=1)" if row["std"][part][c] is None
+                                 else pm((row[part][c], row["std"][part][c])))
+        cells += [seeds(part, c) for part, c in [("segmentation", c) for c in cols] + [("classification", "accuracy")]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", f"Protocol: {stamp['split']}. Few-shot per type {stamp['few_shot']}; test {stamp['test']}; "
               f"generated {stamp['generated']}. IC-LPIPS {stamp['ic_lpips']}; KID {stamp['kid']}. Epochs "

@@ -372,12 +372,12 @@ def train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, bac
         # Eq. (17)'s draws for every image: its timestep t, its noise ε, whether its condition is dropped (for
         # classifier-free guidance); drawn for the whole batch, so that every process draws the same numbers
         batch.update(model.draw_noise(batch["latents"]))
-        training.warm_up(optimizer, step, config["warmup_steps"])
         with autocast:
             loss = parallel_model(**share(batch))  # the loss of Eq. (17) on this process's rows (axf.py)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for group in groups for p in group["params"]], GRAD_CLIP)
+        training.warm_up(optimizer, step, config["warmup_steps"])
         optimizer.step()
         ema.update(model, step)
         step += 1
