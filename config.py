@@ -271,8 +271,8 @@ OLDER_VALUES = {"unet_mask_input": True}
 
 def saved_value(saved, name):
     """A saved config's value of a key; for a config saved before the key existed, what that run had."""
-    if name in saved:
-        return saved[name]
+    if name in saved:  # "random" is the small random CLIP's other name, saved as "" (resolve) but once as is
+        return "" if name == "clip" and saved[name] == "random" else saved[name]
     if name == "sd_weights" and saved.get("sd"):
         return "raw"  # before the key, a Stable Diffusion file's UNet was read as its raw weights
     return OLDER_VALUES.get(name, KEYS[name].default)

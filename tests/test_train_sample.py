@@ -324,6 +324,17 @@ def test_a_saved_config_without_a_newer_key_counts_as_what_that_run_had():
     assert config.architecture_changes(saved, current, ("image_size", "mask_")) == []
 
 
+def test_the_random_clip_has_two_names_and_either_resumes_a_run_made_with_the_other():
+    """--clip random and --clip "" are the same small random CLIP: resolve keeps one name, and a checkpoint that
+    saved the other ("random", as a run made between the toy CLIP and that rule did) resumes without a change;
+    the toy CLIP is a change."""
+    current = config.resolve("toy", {"clip": "random"})
+    assert current["clip"] == "" and config.resolve("toy", {"clip": ""})["clip"] == ""
+    for saved_name in ("random", ""):
+        assert config.architecture_changes(dict(current, clip=saved_name), current) == []
+    assert config.architecture_changes(dict(current, clip="random"), config.resolve("toy", {})) == ["clip '' -> 'toy'"]
+
+
 def test_a_checkpoint_from_before_the_mask_channel_key_samples_as_what_it_was(toy_root, tmp_path):
     """Before unet_mask_input existed every UNet read the mask: such a checkpoint (its config lacks the key) builds
     a UNet of 5 input channels under today's default, loads its weights and samples."""
