@@ -26,6 +26,17 @@ def small_unet(in_channels=4):
     return unet.eval()
 
 
+def small_unet_with_random_adapters():
+    """small_unet with rank-4 LoRA whose weights are random (fresh adapters are a no-op: up starts at zero)."""
+    unet = small_unet()
+    add_lora(unet, rank=4)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if ".lora." in name:
+                p.normal_(0, 0.1)
+    return unet
+
+
 def unet_inputs(channels=4, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(2, channels, 8, 8, generator=g), torch.tensor([10, 900]), torch.randn(2, 77, 64, generator=g)
@@ -101,12 +112,7 @@ def test_adapted_attention_is_the_frozen_layer_plus_its_adapters_bit_for_bit():
     """LoRA acts from outside the attention layer, by replacing its projections; the layer computes what it did when
     it held the adapters itself: q = W_q x + up(down(x)), k and v likewise on the context, and the output
     W_out h + b_out + up(down(h)), bit for bit."""
-    unet = small_unet()
-    add_lora(unet, rank=4)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if ".lora." in name:
-                p.normal_(0, 0.1)
+    unet = small_unet_with_random_adapters()
     layer = unet.middle_block[1].block.attn2  # cross-attention: k and v from the context
     g = torch.Generator().manual_seed(2)
     x, context = torch.randn(2, 16, 64, generator=g), torch.randn(2, 77, 64, generator=g)
@@ -141,12 +147,8 @@ def test_lora_trains_only_its_adapters_with_distinct_keys():
 
 
 def test_merged_lora_gives_the_same_output():
-    unet = small_unet()
-    add_lora(unet, rank=4)
+    unet = small_unet_with_random_adapters()
     with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if ".lora." in name:
-                p.normal_(0, 0.1)
         x, t, c = unet_inputs()
         adapted = unet(x, t, c)
         merge_lora(unet)
