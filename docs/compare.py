@@ -42,17 +42,17 @@ def runs(folder, category, row):
     return found
 
 
-def cell(values, scale):
+def cell(values, scale, digits):
     n, mean, std = mean_std([scale * v for v in values])
-    return f"{mean:.1f} (n=1)" if std is None else f"{mean:.1f} ± {std:.1f} (n={n})"
+    return f"{mean:.{digits}f} (n=1)" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f} (n={n})"
 
 
-def difference(a, b, scale):
+def difference(a, b, scale, digits):
     n, mean, interval = paired_difference([scale * v for v in a], [scale * v for v in b])
     if interval is None:
-        return f"{mean:+.1f} (n=1)"
+        return f"{mean:+.{digits}f} (n=1)"
     verdict = "not distinguishable" if interval[0] <= 0 <= interval[1] else "higher" if mean > 0 else "lower"
-    return f"{mean:+.1f} [{interval[0]:+.1f}, {interval[1]:+.1f}] (n={n}): {verdict}"
+    return f"{mean:+.{digits}f} [{interval[0]:+.{digits}f}, {interval[1]:+.{digits}f}] (n={n}): {verdict}"
 
 
 def main(folder, rows):
@@ -62,19 +62,19 @@ def main(folder, rows):
     print(f"| metric | category | {' | '.join(rows)} | " + " | ".join(f"{a} → {b}" for a, b in zip(rows, rows[1:])) + " |")
     print("| --- " * (2 + 2 * len(rows) - 1) + "|")
     for name in METRICS:
-        scale = 1 if name.startswith("mean abs") else 100
-        for c in categories + ["pooled"]:
+        scale, digits = (1, 3) if name.startswith("mean abs") else (100, 1)  # pixel values, or percent
+        for c in categories + ["pooled"] * (len(categories) > 1):
             cs = categories if c == "pooled" else [c]
             # a category's runs, as (category, seed) -> value, where the value exists
             per_row = [{(k, s): v[name] for k in cs for s, v in table[k, row].items() if v[name] is not None}
                        for row in rows]
             if not any(per_row):
                 continue
-            cells = [cell(list(r.values()), scale) if r else "" for r in per_row]
+            cells = [cell(list(r.values()), scale, digits) if r else "" for r in per_row]
             diffs = []
             for a, b in zip(per_row, per_row[1:]):
                 shared = sorted(a.keys() & b.keys())
-                diffs.append(difference([a[k] for k in shared], [b[k] for k in shared], scale) if shared else "")
+                diffs.append(difference([a[k] for k in shared], [b[k] for k in shared], scale, digits) if shared else "")
             print(f"| {name} | {c} | " + " | ".join(cells + diffs) + " |")
 
 
