@@ -394,6 +394,9 @@ def choose_eval_config(args, overrides, category, device):
         print(f"preset {preset} ({side} px images, {device.type}); --preset mvtec|toy chooses")
     eval_config = resolve_eval_config(preset, overrides)
     print("evaluation config:", json.dumps(eval_config))
+    if preset == "mvtec" and not args.resnet:  # said before any work: the accuracy column depends on it
+        print("--resnet not given: the classifier (ResNet-34) trains from scratch; the recipe the paper's accuracies "
+              "follow (AnomalyDiffusion's) fine-tunes ImageNet weights: pass torchvision's resnet34 state dict")
     return eval_config
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torchvision
 from PIL import Image
 
 import data
@@ -417,6 +418,24 @@ def test_generated_folder_layouts_sample_py_and_anomalydiffusion(tmp_path):
     assert all(torch.equal(data.read_mask(a, 32), data.read_mask(b, 32)) for a, b in zip(ours, loaded))
     with pytest.raises(FileNotFoundError, match="nowhere: generated folder not found"):
         data.load_generated(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("preset, resnet, says", [("mvtec", False, True), ("mvtec", True, False), ("toy", False, False)])
+def test_the_mvtec_preset_says_before_any_work_when_the_classifier_has_no_imagenet_weights(
+        tmp_path, capsys, preset, resnet, says):
+    """The paper's accuracies come from an ImageNet ResNet-34; without --resnet, the mvtec preset says so at the
+    start (here the run then stops at a leak, before any training); the toy preset trains from scratch silently."""
+    folder = _tiny_category(tmp_path, n_train=4)
+    generated = _tiny_category(tmp_path / "gen", n_train=1, n_good=0, per_defect=2, seed=1)
+    held = data.few_shot_split(data.load_category(folder).anomalies)[1][0]
+    (generated / "test" / held.defect / "001.png").write_bytes(held.image.read_bytes())
+    weights = tmp_path / "resnet34.pt"
+    torch.save(torchvision.models.resnet34(weights=None, num_classes=2).state_dict(), weights)
+    with pytest.raises(ValueError, match="identical to the held-out real anomaly"):
+        E.main(["--category", "widget", "--data_root", str(tmp_path), "--generated", str(generated), "--device", "cpu",
+                "--preset", preset, "--image_size", "32", "--out", str(tmp_path / "x.json")]
+               + ["--resnet", str(weights)] * resnet)
+    assert ("--resnet not given" in capsys.readouterr().out) == says
 
 
 def test_a_generated_copy_of_a_held_out_anomaly_is_refused(tmp_path):
