@@ -1,8 +1,10 @@
 """Evaluation of synthesised anomalies (paper §5), next to baselines on the same protocol, over seeds, with a
 protocol stamp that makes a table citable. In reading order:
   SegmentationUNet, focal_loss        DRAEM's discriminative U-Net, trained on a method's anomalies (§5.3)
-  draem_anomalies, crop_paste_anomalies, combine, METHODS   baselines: Perlin noise, crop-paste, `real`
-                                      (the few-shot real anomalies alone), `real+<method>` (both)
+  draem_anomalies, crop_paste_anomalies, augmented_anomalies, METHODS   baselines: Perlin noise, crop-paste,
+                                      flips/turns/jitter of the real few (`aug`), `real` (the few-shot real
+                                      anomalies alone), `real+<method>` (real's batches, plus the method's in
+                                      extra slots: the real anomalies are seen exactly as in `real`)
   EVAL_KEYS, EVAL_PRESETS, resolve_eval_config   sizes and budgets, one table of config.py's Key rows: toy
                                       (CPU, minutes), mvtec (one GPU)
   train_segmenter, classification_accuracy   downstream models: fixed epochs, the last one is reported
@@ -132,12 +134,29 @@ def crop_paste_anomalies(real, normals, counts, g):
     return torch.stack(out_images), torch.stack(out_masks), torch.tensor(out_labels)
 
 
-def combine(*sets):
-    """One anomaly set from several (real+<method>: the few-shot real anomalies and a method's together)."""
-    return tuple(torch.cat(parts) for parts in zip(*sets))
+def augmented_anomalies(real, counts, g):
+    """The few-shot real anomalies again, each flipped, turned by a multiple of 90° (its mask with it) and
+    colour-jittered (brightness and contrast x U(0.9, 1.1)): what one tries before synthesis."""
+    images, masks, labels = real
+    out_images, out_masks, out_labels = [], [], []
+    for d, n in counts.items():
+        pool = torch.nonzero(labels == d).flatten()
+        for _ in range(n):
+            k = pool[torch.randint(len(pool), (1,), generator=g)].item()
+            image, mask = images[k], masks[k]
+            if torch.rand(1, generator=g) < 0.5:
+                image, mask = image.flip(-1), mask.flip(-1)
+            turns = torch.randint(4, (1,), generator=g).item()
+            image, mask = image.rot90(turns, (1, 2)), mask.rot90(turns, (1, 2))
+            brightness, contrast = (0.9 + 0.2 * torch.rand(2, generator=g)).tolist()
+            mean = image.mean()
+            out_images.append(((image - mean) * contrast + mean * brightness).clamp(0, 1))
+            out_masks.append(mask)
+            out_labels.append(d)
+    return torch.stack(out_images), torch.stack(out_masks), torch.tensor(out_labels)
 
 
-METHODS = ("axf", "draem", "crop_paste", "real", "real+axf", "real+draem", "real+crop_paste")
+METHODS = ("axf", "draem", "crop_paste", "aug", "real", "real+axf", "real+draem", "real+crop_paste", "real+aug")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,21 +244,29 @@ def _fit(model, lr, batches, total, loss_fn, desc, device):
     return model.eval()
 
 
-def train_segmenter(anomalies, normals, eval_config, device, g):
-    """Fixed epochs of focal-loss training, each batch half anomalies and half normal images (DRAEM)."""
+def segmenter_batches(anomalies, normals, eval_config, g, extra=None, g_extra=None):
+    """DRAEM's batches: half anomalies, half normal images (all-zero masks); an epoch is one pass over the normal
+    images. With `extra` (real+<method>), as many of its anomalies again in extra slots, drawn by g_extra alone,
+    so the anomaly and normal slots are exactly those of the run without it."""
     images, masks, _ = anomalies
     half = max(1, eval_config["batch_size"] // 2)
-    steps = math.ceil(len(normals) / half)   # an epoch: one pass over the normal images, as many anomalies
+    steps = math.ceil(len(normals) / half)
+    for _ in range(eval_config["seg_epochs"]):
+        extra_idx = [None] * steps if extra is None else _epoch(len(extra[0]), steps, half, g_extra)
+        for idx, normal_idx, e in zip(_epoch(len(images), steps, half, g), _epoch(len(normals), steps, half, g),
+                                      extra_idx):
+            x, y = [images[idx], normals[normal_idx]], [masks[idx], torch.zeros_like(masks[idx])]
+            if e is not None:
+                x, y = x + [extra[0][e]], y + [extra[1][e]]
+            yield torch.cat(x), torch.cat(y)   # [2 or 3 x half, 3, S, S], [.., 1, S, S]
 
-    def batches():
-        for _ in range(eval_config["seg_epochs"]):
-            for idx, normal_idx in zip(_epoch(len(images), steps, half, g), _epoch(len(normals), steps, half, g)):
-                yield (torch.cat([images[idx], normals[normal_idx]]),   # [2*half, 3, S, S]
-                       torch.cat([masks[idx], torch.zeros_like(masks[idx])]))   # normal: all-zero masks
 
+def train_segmenter(anomalies, normals, eval_config, device, g, extra=None, g_extra=None):
+    """Fixed epochs of focal-loss training on segmenter_batches."""
+    steps = math.ceil(len(normals) / max(1, eval_config["batch_size"] // 2))
     model = SegmentationUNet(eval_config["seg_width"]).to(device)
-    return _fit(model, eval_config["seg_lr"], batches(), eval_config["seg_epochs"] * steps, focal_loss, "segmenter",
-                device)
+    return _fit(model, eval_config["seg_lr"], segmenter_batches(anomalies, normals, eval_config, g, extra, g_extra),
+                eval_config["seg_epochs"] * steps, focal_loss, "segmenter", device)
 
 
 @torch.no_grad()
@@ -263,17 +290,24 @@ def build_resnet(num_classes, path=None):
     return model
 
 
-def classification_accuracy(anomalies, test, num_classes, steps, eval_config, device, g, resnet_path=None):
+def classification_accuracy(anomalies, test, num_classes, steps, eval_config, device, g, resnet_path=None,
+                            extra=None, g_extra=None):
     """Train a ResNet-34 on a method's anomalies; accuracy over defect types on the held-out real ones.
 
     An epoch is `steps` batches (sized by the normal training set, as the segmenter's), so every method
-    gets the same training budget however many anomalies it made.
+    gets the same training budget however many anomalies it made; `extra` adds a batch of its own to each
+    step, drawn by g_extra (as segmenter_batches does).
     """
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)   # ImageNet statistics
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     images, labels = (anomalies[0] - mean) / std, anomalies[2]
-    batches = ((images[idx], labels[idx]) for _ in range(eval_config["cls_epochs"])
-               for idx in _epoch(len(images), steps, eval_config["batch_size"], g))
+    B, epochs = eval_config["batch_size"], range(eval_config["cls_epochs"])
+    batches = ((images[idx], labels[idx]) for _ in epochs for idx in _epoch(len(images), steps, B, g))
+    if extra is not None:
+        extra_images = (extra[0] - mean) / std
+        extra_batches = (idx for _ in epochs for idx in _epoch(len(extra_images), steps, B, g_extra))
+        batches = ((torch.cat([x, extra_images[e]]), torch.cat([y, extra[2][e]]))
+                   for (x, y), e in zip(batches, extra_batches))
     model = build_resnet(num_classes, resnet_path).to(device)
     model = _fit(model, eval_config["cls_lr"], batches, eval_config["cls_epochs"] * steps, F.cross_entropy,
                  "classifier", device)
@@ -299,24 +333,26 @@ def estimate_seconds(ctx, eval_config, device, runs):
         seconds.append(time.perf_counter() - t0)
     steps = (math.ceil(len(ctx["normals"]) / max(1, B // 2)) * eval_config["seg_epochs"],
              ctx["cls_steps"] * eval_config["cls_epochs"])
-    return runs * (steps[0] * seconds[0] + steps[1] * seconds[1])
+    return runs * (steps[0] * seconds[0] + steps[1] * seconds[1])   # a real+<method> run: up to 1.5x, 2x
 
 
 # ----------------------------------------------------------------------------------------------
 # One row of the table per method, its downstream metrics over the seeds, then the script.
 
 
-def evaluate_method(anomalies, ctx, eval_config, device, seeds, resnet_path=None):
-    """Segmentation and classification of one method, trained once per seed: means, stds and every seed's value."""
-    runs = []
+def evaluate_method(material, ctx, eval_config, device, seeds, resnet_path=None):
+    """Segmentation and classification of one method (material: its anomalies and the extra ones, anomaly_sets),
+    trained once per seed: means, stds and every seed's value."""
+    (anomalies, extra), runs = material, []
     for seed in seeds:
         torch.manual_seed(seed)   # the same network initialisation for every method
-        g = torch.Generator().manual_seed(seed)
-        segmenter = train_segmenter(anomalies, ctx["normals"], eval_config, device, g)
+        g = torch.Generator().manual_seed(seed)   # the same draws of real and normal images as `real` makes
+        g_extra = torch.Generator().manual_seed(seed + 2 ** 32)   # the extra slots' own draws
+        segmenter = train_segmenter(anomalies, ctx["normals"], eval_config, device, g, extra, g_extra)
         runs.append({"segmentation": segmentation_metrics(segmenter, ctx["test"], eval_config, device),
                      "classification": {"accuracy": classification_accuracy(
                          anomalies, ctx["test_classes"], len(ctx["defects"]), ctx["cls_steps"], eval_config, device, g,
-                         resnet_path)}})
+                         resnet_path, extra, g_extra)}})
     stat = lambda fn: {part: {k: fn([r[part][k] for r in runs]) for k in runs[0][part]} for part in runs[0]}
     sample_std = lambda values: float(np.std(values, ddof=1)) if len(values) > 1 else None  # one seed: no spread
     return {**stat(lambda values: float(np.mean(values))), "std": stat(sample_std),
@@ -373,7 +409,8 @@ def parse_args(argv):
     arg("--vgg", help="torchvision VGG16 state dict (LPIPS backbone for IC-LPIPS), or 'random'")
     arg("--resnet", help="torchvision ResNet-34 state dict for the classifier (default: from scratch)")
     arg("--methods", default=",".join(METHODS), help="comma-separated rows: axf (--generated), draem (Perlin noise), "
-        "crop_paste (few-shot anomalies pasted), real (the few-shot anomalies), real+<method> (both)")
+        "crop_paste (few-shot anomalies pasted), aug (the few-shot ones flipped, turned, jittered), real (the few-shot "
+        "anomalies), real+<method> (real's batches, the method's anomalies in extra slots)")
     arg("--seeds", help="comma-separated seeds of the downstream models, e.g. 0,1,2 (default: the seed key)")
     arg("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
     arg("--ckpt", help="with --toy, the generator's checkpoint, for the control checks (toy_checks.py; default: the "
@@ -420,13 +457,15 @@ def real_data(category, eval_config):
 
 
 def anomaly_sets(methods, generated, ctx, eval_config):
-    """Each method's (images, masks, defect index); the baselines make as many per defect type as were generated."""
+    """Each method's material: (anomalies, extra), each (images, masks, defect index) or None. The baselines make as
+    many per defect type as were generated; real+<method> trains on the real ones, the method's in extra slots."""
     counts = {d: n for d in range(len(ctx["defects"])) if (n := int((generated[2] == d).sum()))}
     g, normals, real = torch.Generator().manual_seed(eval_config["seed"]), ctx["normals"], ctx["real"]
     make = {"axf": lambda: generated, "real": lambda: real, "crop_paste": lambda: crop_paste_anomalies(
-        real, normals, counts, g), "draem": lambda: draem_anomalies(normals, counts, g, eval_config["image_size"])}
+        real, normals, counts, g), "draem": lambda: draem_anomalies(normals, counts, g, eval_config["image_size"]),
+        "aug": lambda: augmented_anomalies(real, counts, g)}
     sets = {m: make[m]() for m in make if m in methods or f"real+{m}" in methods}
-    return {m: sets[m] if m in sets else combine(real, sets[m.removeprefix("real+")]) for m in methods}
+    return {m: (sets[m], None) if m in sets else (real, sets[m.removeprefix("real+")]) for m in methods}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -517,12 +556,13 @@ def main(argv=None):
                                                     if preset != "toy" and device.type == "cpu" else ""))
     results = {}
     for i, name in enumerate(methods, 1):  # a line each (a bar around the models' own bars would nest them)
-        gen = (dict.fromkeys(("is", "ic_lpips", "kid", "fid")) if name.startswith("real+")  # its parts have rows
-               else generation_metrics(sets[name], ctx, eval_config, device, inception, lpips))
+        anomalies, extra = sets[name]
+        gen = (dict.fromkeys(("is", "ic_lpips", "kid", "fid")) if extra is not None  # its parts have rows
+               else generation_metrics(anomalies, ctx, eval_config, device, inception, lpips))
         results[name] = {"generation": gen,
                          **evaluate_method(sets[name], ctx, eval_config, device, seeds, args.resnet)}
-        print(f"{i}/{len(methods)} {name} ({len(sets[name][0])} anomalies): "
-              f"{json.dumps(results[name]['segmentation'])}")
+        count = f"{len(anomalies[0])}" + ("" if extra is None else f" + {len(extra[0])} in extra slots")
+        print(f"{i}/{len(methods)} {name} ({count} anomalies): {json.dumps(results[name]['segmentation'])}")
 
     stamp = protocol_stamp(args, eval_config, seeds, ctx, generated)
     table = markdown_table(results, args.category, stamp)

@@ -306,13 +306,62 @@ def test_baselines_change_only_the_masked_pixels():
     counts = {0: 3, 1: 2}
     for images, masks, labels in (E.draem_anomalies(normals, counts, g, 32),
                                   E.crop_paste_anomalies(real, normals, counts, g),
-                                  E.combine(real, E.draem_anomalies(normals, counts, g, 32))):
-        assert images.shape[1:] == (3, 32, 32) and masks.shape == (len(images), 1, 32, 32)
-        assert labels.tolist()[-5:] == [0, 0, 0, 1, 1] and torch.all(masks.flatten(1).sum(1) > 0)
+                                  E.augmented_anomalies(real, counts, g)):
+        assert images.shape == (5, 3, 32, 32) and masks.shape == (5, 1, 32, 32)
+        assert labels.tolist() == [0, 0, 0, 1, 1] and torch.all(masks.flatten(1).sum(1) > 0)
     images, masks, _ = E.crop_paste_anomalies(real, normals, counts, g)
     for x, m in zip(images, masks):   # outside the mask, exactly one of the normal images
         assert any(torch.equal(x * (1 - m), n * (1 - m)) for n in normals)
     assert [m.sum().item() for m in masks] == [24] * 3 + [20] * 2   # pasted shapes keep their area
+
+
+def test_augmented_anomalies_turn_and_flip_the_mask_with_its_image():
+    """Each aug anomaly is a real one of its type, flipped and/or turned by a multiple of 90 degrees (the mask
+    exactly so), its pixels an affine brightness/contrast change of the same turned image within U(0.9, 1.1)."""
+    g = torch.Generator().manual_seed(0)
+    masks = torch.zeros(2, 1, 16, 16)
+    masks[0, :, 1:4, 2:9], masks[1, :, 9:15, 12:14] = 1, 1
+    real = (torch.rand(2, 3, 16, 16) * 0.5 + 0.25, masks, torch.tensor([0, 1]))   # no clamping at 0 or 1
+    images, aug_masks, labels = E.augmented_anomalies(real, {0: 6, 1: 6}, g)
+    views = lambda t: [v.rot90(k, (1, 2)) for v in (t, t.flip(-1)) for k in range(4)]   # the 8 turns and flips
+    seen = set()
+    for image, mask, d in zip(images, aug_masks, labels.tolist()):
+        matches = [i for i, m in enumerate(views(masks[d])) if torch.equal(m, mask)]
+        assert matches, "the mask is not a turn or flip of its type's real mask"
+        fits = []
+        for i in matches:
+            view = views(real[0][d])[i]
+            mean = view.mean()
+            contrast = ((image - image.mean()) * (view - mean)).sum() / ((view - mean) ** 2).sum()
+            brightness = (image.mean() / mean).item()
+            fits.append(torch.allclose(image, (view - mean) * contrast + mean * brightness, atol=1e-5)
+                        and 0.9 <= contrast <= 1.1 and 0.9 <= brightness <= 1.1)
+        assert any(fits)
+        seen.add(matches[0])
+    assert len(seen) > 2   # several different turns and flips were drawn
+
+
+def test_real_plus_a_method_sees_the_real_anomalies_exactly_as_real_does():
+    """real+<method> keeps real's anomaly and normal slots draw for draw (the same seed) and adds the method's
+    anomalies in extra slots of their own: real exposure is held constant, the method only adds."""
+    eval_config = E.resolve_eval_config("toy", {"batch_size": 4, "seg_epochs": 2})
+    real = (torch.rand(5, 3, 8, 8), torch.rand(5, 1, 8, 8), torch.arange(5) % 2)
+    extra = (torch.rand(7, 3, 8, 8) + 2, torch.rand(7, 1, 8, 8) + 2, torch.arange(7) % 2)   # values > 1: told apart
+    normals = torch.rand(6, 3, 8, 8) - 2
+    alone = list(E.segmenter_batches(real, normals, eval_config, torch.Generator().manual_seed(3)))
+    added = list(E.segmenter_batches(real, normals, eval_config, torch.Generator().manual_seed(3), extra,
+                                     torch.Generator().manual_seed(9)))
+    assert len(alone) == len(added) == 2 * 3   # 2 epochs of 6 normals / 2 a step
+    for (x, y), (x2, y2) in zip(alone, added):
+        assert torch.equal(x2[:4], x) and torch.equal(y2[:4], y)   # real's slots, unchanged
+        assert x2.shape[0] == 6 and torch.all(x2[4:] >= 2) and torch.all(y2[4:] >= 2)   # + 2 extra slots
+    for epoch in (added[:3], added[3:]):   # each epoch's 6 extra draws: 6 different of the 7 (a permutation)
+        rows = torch.cat([x2[4:] for x2, _ in epoch])
+        assert len({tuple(r.flatten()[:3].tolist()) for r in rows}) == 6
+    ctx = {"normals": normals, "real": real, "defects": ["a", "b"]}
+    sets = E.anomaly_sets(["real", "real+axf", "real+aug"], extra, ctx, eval_config)
+    assert sets["real"][1] is None and sets["real+axf"][0] is real and sets["real+axf"][1] is extra
+    assert sets["real+aug"][0] is real and len(sets["real+aug"][1][0]) == len(extra[0])   # aug at the same count
 
 
 def _write_png(path, array):
