@@ -375,7 +375,7 @@ def markdown_table(results, category, stamp):
         cells += [seeds(part, c) for part, c in [("segmentation", c) for c in cols] + [("classification", "accuracy")]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", f"Protocol: {stamp['split']}. Few-shot per type {stamp['few_shot']}; test {stamp['test']}; "
-              f"generated {stamp['generated']}. IC-LPIPS {stamp['ic_lpips']}; KID {stamp['kid']}. Epochs "
+              f"generated {stamp['generated']}; {stamp['combined']}. IC-LPIPS {stamp['ic_lpips']}; KID {stamp['kid']}. Epochs "
               f"{stamp['epochs']}, seeds {stamp['seeds']}, preset {stamp['preset']} ({stamp['image_size']} px). "
               f"Weights {stamp['weights']}. Commit {stamp['git_commit']}. `{stamp['command']}`"]
     return "\n".join(lines) + "\n"

@@ -411,6 +411,7 @@ def protocol_stamp(args, eval_config, seeds, ctx, generated):
                  "one) is few-shot (baselines' material, IC-LPIPS centres); the rest + all good test images are tested",
         "few_shot": per_defect(ctx["real"][2]), "test": {**per_defect(ctx["held"][2]), "good": ctx["n_good"]},
         "generated": per_defect(generated[2]),
+        "combined": "real+<method>: the real row's batches draw for draw, the method's anomalies in extra slots",
         "ic_lpips": "centres: all few-shot anomalies of the type; no cap on cluster size",
         "kid": f"{eval_config['kid_subsets']} subsets of min(1000, generated, held-out) per defect type vs its held-out",
         "epochs": {"segmenter": eval_config["seg_epochs"], "classifier": eval_config["cls_epochs"]}, "seeds": seeds,
