@@ -3,6 +3,8 @@ paired difference between successive rows (the same categories and seeds) with i
 
     python docs/compare.py results/mask_channel on off          # rows named in the result files
     python docs/compare.py results/table6 none text text+mif text+ddf all
+    python docs/compare.py --methods out/evaluate_bottle.json real   # one evaluate.py JSON: each method against
+                                                                     # `real`, paired by downstream seed
 
 Reads <dir>/<category>-<row>-s<seed>.json (evaluate.py --toy) and, for the mean |generated - normal| inside
 the masks, sample.py's line in runs/<name>/<category>/<row>-s<seed>/log.txt. Prints a markdown table.
@@ -78,5 +80,31 @@ def main(folder, rows):
             print(f"| {name} | {c} | " + " | ".join(cells + diffs) + " |")
 
 
+DOWNSTREAM = {"pixel AP": ("segmentation", "pixel_ap"), "pixel AU-PRO": ("segmentation", "pixel_au_pro"),
+              "image AUROC": ("segmentation", "image_auroc"), "accuracy": ("classification", "accuracy")}
+
+
+def methods_against(path, base):
+    """The rows of one evaluate.py result against its row `base`: mean ± sample std over the downstream seeds and
+    the paired difference (the same seed trains both) with its 95% interval."""
+    result = json.loads(Path(path).read_text())
+    rows = [name for name in result if isinstance(result[name], dict) and "per_seed" in result[name]]
+    seeds = sorted(result[base]["per_seed"])
+    value = lambda name, seed, part, key: result[name]["per_seed"][seed][part][key]
+    print("| method | " + " | ".join(DOWNSTREAM) + " |\n" + "| --- " * (len(DOWNSTREAM) + 1) + "|")
+    for name in rows:
+        cells = []
+        for part, key in DOWNSTREAM.values():
+            values = [value(name, seed, part, key) for seed in seeds]
+            text = cell(values, 100, 1)
+            if name != base:
+                text += "; vs " + base + " " + difference([value(base, s, part, key) for s in seeds], values, 100, 1)
+            cells.append(text)
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:])
+    if sys.argv[1] == "--methods":
+        methods_against(sys.argv[2], sys.argv[3])
+    else:
+        main(sys.argv[1], sys.argv[2:])
