@@ -560,10 +560,10 @@ def test_toy_checks_give_full_marks_to_real_toy_anomalies(tmp_path):
     """Real toy anomalies draw exactly the colour their caption names; every check is a fraction."""
     folder = toy.make_toy(tmp_path, "cable", size=64, seed=0)
     category = data.load_category(folder)
-    eval_config = E.resolve_eval_config("toy", {"image_size": 64})
+    eval_config = E.resolve_eval_config("toy", {"image_size": 64, "batch_size": 4})
     real = data.read_anomalies(category.anomalies, category.defects, 64)
     checks = toy_checks.toy_checks(category.anomalies, real, category, eval_config, torch.device("cpu"), steps=10,
-                                   judge_root=tmp_path / "judge")
+                                   judge_root=tmp_path / "judge", worlds=1)
     assert checks["colour_named_is_drawn"] == 1.0 and checks["control"] is None  # no checkpoint: no control
     assert all(0 <= v <= 1 for k, v in checks.items() if k != "control" and not k.startswith("n_"))
 

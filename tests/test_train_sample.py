@@ -483,20 +483,49 @@ def run_script(*args):
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("args, message", [
+BAD_INPUT = [
     (["train.py", "--category", "bottle", "--data_root", "/nonexistent"], "--toy"),
     (["train.py", "--category", "bottle", "--toy", "--steps", "many"], "invalid"),
     (["train.py", "--category", "bottle", "--toy", "--no_such_key", "1"], "unrecognized arguments"),
     (["train.py", "--category", "bottle", "--toy", "--clip", "/nonexistent/ViT-B-32.pt", "--out_dir", "/tmp/axf_never"],
      "ViT-B-32.pt"),
     (["sample.py", "--category", "bottle", "--ckpt", "/nonexistent/axf.pt"], "no such checkpoint"),
-])
-def test_bad_input_gets_one_clear_line_and_nonzero_exit(args, message):
+]
+
+# Each command of BAD_INPUT run as `python <script> ...` runs it (its `if __name__ == "__main__"` block), in one
+# interpreter for all of them (an interpreter starting torch takes seconds): the exit status and the last line of
+# standard error that the interpreter would give, SystemExit's text included.
+RUN_EACH = """
+import contextlib, io, json, runpy, sys
+results = []
+for argv in json.loads(sys.argv[1]):
+    sys.argv, err, code = argv, io.StringIO(), 0
+    with contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(argv[0], run_name="__main__")
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+            if isinstance(stop.code, str):
+                print(stop.code, file=err)
+    results.append((code, err.getvalue()))
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def bad_input_results():
+    result = run_script("-c", RUN_EACH, json.dumps([args for args, _ in BAD_INPUT]))
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUT)))
+def test_bad_input_gets_one_clear_line_and_nonzero_exit(bad_input_results, case):
     """Bad flags, missing folders and missing weight files stop the script with a message a user can act on."""
-    result = run_script(*args)
-    assert result.returncode != 0
-    last_line = result.stderr.strip().splitlines()[-1]
-    assert message in last_line, result.stderr
+    returncode, stderr = bad_input_results[case]
+    assert returncode != 0
+    last_line = stderr.strip().splitlines()[-1]
+    assert BAD_INPUT[case][1] in last_line, stderr
 
 
 def test_help_explains_config_keys_with_axf_help(capsys):
