@@ -46,7 +46,9 @@ def runs(folder, category, row):
 
 def cell(values, scale, digits):
     n, mean, std = mean_std([scale * v for v in values])
-    return f"{mean:.{digits}f} (n=1)" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f} (n={n})"
+    if std is None or round(std, digits) == 0:  # one run, or runs that agree to the digits shown
+        return f"{mean:.{digits}f} (n={n}" + (", all equal)" if n > 1 else ")")
+    return f"{mean:.{digits}f} ± {std:.{digits}f} (n={n})"
 
 
 def difference(a, b, scale, digits):
