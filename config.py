@@ -149,8 +149,7 @@ def resolve(preset, overrides=None):
         if name not in config:
             raise ValueError(f"unknown config key {name!r}; see --help for the list")
         config[name] = value
-    if config["clip"] == "random":  # the small random CLIP has two names; a checkpoint keeps one ("")
-        config["clip"] = ""
+    config["clip"] = clip_name(config["clip"])
     check(config)
     return config
 
@@ -269,10 +268,15 @@ def architecture_changes(saved, current, depends_on=None):
 OLDER_VALUES = {"unet_mask_input": True}
 
 
+def clip_name(name):
+    """The small random CLIP has two names, "random" and ""; a config keeps one (""), whatever a run saved then."""
+    return "" if name == "random" else name
+
+
 def saved_value(saved, name):
     """A saved config's value of a key; for a config saved before the key existed, what that run had."""
-    if name in saved:  # "random" is the small random CLIP's other name, saved as "" (resolve) but once as is
-        return "" if name == "clip" and saved[name] == "random" else saved[name]
+    if name in saved:
+        return clip_name(saved[name]) if name == "clip" else saved[name]
     if name == "sd_weights" and saved.get("sd"):
         return "raw"  # before the key, a Stable Diffusion file's UNet was read as its raw weights
     return OLDER_VALUES.get(name, KEYS[name].default)
