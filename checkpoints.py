@@ -204,7 +204,7 @@ def checked_config(checkpoint, path):
     for name in ("use_text", "use_mif", "use_ddf", "unet_mask_input", "gradient_checkpointing"):
         if type(config[name]) is not bool:
             refuse(name, "true or false")
-    for name in ("clip", "sd", "sd_vae", "sd_prompt"):
+    for name in ("clip", "vae_weights", "sd", "sd_vae", "sd_prompt"):
         if not isinstance(config[name], str):
             refuse(name, "a text")
     for name in ("cond_dropout", "outside_loss_weight", "guidance_scale", "eta"):

@@ -66,6 +66,9 @@ KEYS = dict(
                         "Table 6 row the mask's place and shape); False: the paper's UNet, which learns where the mask "
                         "is through MIF's location tokens and Eq. (16)'s blend", fixed=True),
     # stage 1 (VAE) and stage 2 (mask autoencoder)
+    vae_weights=Key("train", "stage 1: train, a VAE trained on the categories of the run; toy, the VAE pretrained on the "
+                             "toy world (toy_vae.py; the toy preset's), which skips stage 1 as the paper's frozen "
+                             "autoencoder does; or a file toy_vae.py wrote", fixed=True),
     vae_steps=Key(1000, "stage 1 steps per category; fewer and the VAE decodes a cut wire back to a whole one", range=">= 1"),
     vae_batch_size=Key(8, "stage 1 and 2 batch size (half normal images, half anomalies)", range=">= 2"),
     vae_lr=Key(1e-3, "stage 1 learning rate", range="> 0"),
@@ -117,7 +120,7 @@ KEYS = dict(
 CONFIG = {name: key.default for name, key in KEYS.items()}
 
 PRESETS = {
-    "toy": dict(clip="toy"),
+    "toy": dict(clip="toy", vae_weights="toy"),
     "mvtec": dict(
         image_size=256,
         vae_channels=128, vae_channel_mult=(1, 2, 4, 4), vae_num_res_blocks=2,  # the kl-f8 layout of SD 1.x
@@ -265,7 +268,7 @@ def architecture_changes(saved, current, depends_on=None):
 
 # What a run had before a key existed, where that is not the key's default today: a checkpoint it saved lacks the
 # key and must read as the run it was (its UNet read the mask)
-OLDER_VALUES = {"unet_mask_input": True}
+OLDER_VALUES = {"unet_mask_input": True, "vae_weights": "train"}
 
 
 def clip_name(name):

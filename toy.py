@@ -34,6 +34,7 @@ import files
 TOY_CATEGORIES = ("bottle", "cable", "pill")
 TOY_ROOT = Path(__file__).parent / "data" / "toy"
 TOY_CLIP = Path(__file__).parent / "toy_clip.pt.gz"  # a CLIP pretrained on the toy world (toy_clip.py)
+TOY_VAE = Path(__file__).parent / "toy_vae.pt.gz"  # a VAE pretrained on the toy world (toy_vae.py)
 TOY_COLOURS = {"red": (200, 35, 35), "green": (40, 160, 60), "blue": (40, 70, 200), "gray": (140, 140, 140),
                "black": (15, 15, 15), "yellow": (225, 200, 40), "purple": (130, 50, 165), "copper": (190, 110, 50)}
 TOY_DEFECTS = {"bottle": ("broken_large", "broken_small", "contamination"),
@@ -257,19 +258,33 @@ def _toy_matches(folder, category, size, seed):
     return marker.is_file() and json.loads(marker.read_text()) == want
 
 
-def ensure_toy_clip(path=TOY_CLIP, folder=TOY_ROOT.parent / "toy_clip"):
-    """The toy world's pretrained CLIP (toy_clip.py made it; train.py --clip toy, the toy preset's): the plain .pt
-    that clip.load reads, decompressed from the gzip `path` into `folder` on first use. Its name holds the gzip's
-    hash, so a changed file is never served from a stale copy."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: toy CLIP file not found; toy_clip.pt.gz ships with this repository, "
-                                f"or make one with: python toy_clip.py --out {path}")
-    blob = Path(path).read_bytes()
-    plain = Path(folder) / f"toy_clip-{hashlib.sha256(blob).hexdigest()[:12]}.pt"
+def unpacked(path, folder, maker):
+    """A file shipped gzip-compressed in the repository (`maker` made it), decompressed into `folder` on first
+    use -> the plain file's path. Its name holds the gzip's hash, so a changed file is never served from a stale
+    copy."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; {path.name} ships with this repository, or make one with: "
+                                f"python {maker} --out {path}")
+    blob = path.read_bytes()
+    plain = Path(folder) / f"{path.name.split('.')[0]}-{hashlib.sha256(blob).hexdigest()[:12]}.pt"
     if not plain.is_file():
         with files.atomic_write(plain) as tmp:
             Path(tmp).write_bytes(gzip.decompress(blob))
     return plain
+
+
+def ensure_toy_clip(path=TOY_CLIP, folder=TOY_ROOT.parent / "toy_clip"):
+    """The toy world's pretrained CLIP (toy_clip.py made it; train.py --clip toy, the toy preset's): the plain .pt
+    that clip.load reads."""
+    return unpacked(path, folder, "toy_clip.py")
+
+
+def read_toy_vae(path=TOY_VAE, folder=TOY_ROOT.parent / "toy_vae"):
+    """The toy world's pretrained VAE (toy_vae.py made it; train.py --vae_weights toy, the toy preset's): its state
+    dict in fp32."""
+    state = files.read_torch(unpacked(path, folder, "toy_vae.py"), advice="make it again with toy_vae.py")
+    return {k: v.float() for k, v in state.items()}
 
 
 def caption_colour(caption):

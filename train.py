@@ -10,7 +10,9 @@ Stages, in order, each a checkpoint in --out_dir (default runs/<category>; sever
 runs/all), each one explicit loop:
   1. vae.pt       the KL autoencoder on normal and few-shot anomalous images (vae.py), defect pixels
                   weighted up and random-colour blobs painted on normal images so that it can draw
-                  any defect; its latent scale factor is measured at the end (unit-std latents)
+                  any defect; its latent scale factor is measured at the end (unit-std latents). The toy
+                  preset skips the training, as the paper's frozen autoencoder: --vae_weights toy loads the
+                  VAE toy_vae.py pretrained with this stage on toy worlds the run never sees
   2. mask_ae.pt   the mask encoder pre-trained as a mask autoencoder (mask_encoder.py, Eq. (2))
   3. axf.pt       AnomalyXFusion: MIF + DDF + UNet with the loss of Eq. (17) (axf.py)
 
@@ -47,6 +49,7 @@ import cli
 import data
 import files
 import sd_backbone
+import toy
 import training
 from config import PRESETS, default_preset, resolve
 from vae import vae_loss
@@ -187,11 +190,13 @@ def vae_batch(train, config, device):
     return images * 2 - 1, 1 + config["vae_defect_weight"] * masks
 
 
-def train_vae(train, config, out_dir, device):
+def train_vae(train, config, out_dir, device, pretrained=None):
     path, total = out_dir / "vae.pt", config["vae_steps"] * len(train["categories"])
     vae = axf.build_vae(config).to(device)
     optimizer = training.adamw(vae.parameters(), lr=config["vae_lr"])
     state = checkpoints.load_stage(path, total, config, train["categories"], depends_on=("image_size", "vae_"))
+    if state is None and pretrained:
+        return pretrained_vae(vae, optimizer, pretrained, train, config, path, total, device)
     step = checkpoints.restore(state, total, vae, optimizer, where=path)
     parallel_vae, autocast = data_parallel(vae, device), cli.autocast(device, config["bf16"])
     # the posterior sample's ε, drawn as DiagonalGaussian.sample would draw it: in the latent's dtype
@@ -210,14 +215,48 @@ def train_vae(train, config, out_dir, device):
         optimizer.step()
         step += 1
         log_step(bar, loss=f"{mean_over_processes(loss):.4f}")
-        if step == total:  # LDM's 0.18215 was found the same way: scaled latents get unit std
-            with torch.no_grad():
-                all_images = torch.cat([train["normals"], train["images"]]).split(64)
-                vae.measure_scale_factor(torch.cat([vae.encode(x.to(device) * 2 - 1).mode() for x in all_images]))
-            print(f"vae: latent scale factor {vae.scale_factor.item():.4f}")
+        if step == total:
+            measure_scale_factor(vae, train, device)
         if step % config["checkpoint_every"] == 0 or step == total:
             checkpoints.save_checkpoint(path, step, config, vae, optimizer, categories=train["categories"])
     bar.close()
+    return vae
+
+
+@torch.no_grad()
+def measure_scale_factor(vae, train, device):
+    """LDM's 0.18215 was found the same way: latents times the scale factor have unit std (on this training set)."""
+    all_images = torch.cat([train["normals"], train["images"]]).split(64)
+    vae.measure_scale_factor(torch.cat([vae.encode(x.to(device) * 2 - 1).mode() for x in all_images]))
+    print(f"vae: latent scale factor {vae.scale_factor.item():.4f}")
+
+
+def read_vae_weights(config):
+    """--vae_weights as a state dict the config's VAE loads (None for train), read before anything is written: a
+    missing file or one of other sizes stops the run in one line."""
+    if config["vae_weights"] == "train" or config["sd"]:  # an SD file brings its own VAE
+        return None
+    source = toy.TOY_VAE if config["vae_weights"] == "toy" else Path(config["vae_weights"])
+    state = toy.read_toy_vae(source)
+    try:
+        axf.build_vae(config).load_state_dict(state)
+    except RuntimeError:  # another network's sizes: one line, not torch's list of every mismatched tensor
+        raise ValueError(f"{source}: a VAE of other sizes than --image_size {config['image_size']} --vae_channels "
+                         f"{config['vae_channels']} --vae_channel_mult {config['vae_channel_mult']} "
+                         f"--vae_num_res_blocks {config['vae_num_res_blocks']}; pass --vae_weights train to train one "
+                         f"(stage 1)") from None
+    return source, state
+
+
+def pretrained_vae(vae, optimizer, pretrained, train, config, path, total, device):
+    """Stage 1 skipped, as the paper's frozen autoencoder: the weights of --vae_weights (toy: toy_vae.py's file,
+    made on toy worlds this run never sees), the latent scale factor measured on this run's images, and vae.pt
+    written complete, so that a resume and sample.py find the stage done."""
+    source, state = pretrained
+    vae.load_state_dict(state)
+    print(f"vae: pretrained, from {source} (stage 1 skipped)")
+    measure_scale_factor(vae, train, device)
+    checkpoints.save_checkpoint(path, total, config, vae, optimizer, categories=train["categories"])
     return vae
 
 
@@ -470,6 +509,7 @@ def main(argv=None):
     torch.manual_seed(config["seed"])  # before any network is built: a resumed run builds the same ones
     clip_model = axf.build_clip(config, device)  # a bad --clip file stops here, before any writing
     set_file_sizes(config, {"context_dim": axf.clip_width(clip_model)}, f"the CLIP ({config['clip'] or 'random'})")
+    pretrained_vae_weights = read_vae_weights(config)  # a bad --vae_weights file too
     backbone = None
     if config["sd"]:  # a bad --sd file too
         backbone = sd_backbone.load_backbone(config, device)
@@ -488,7 +528,7 @@ def main(argv=None):
     print(f"device {device}" + (f", {world_size} processes" if world_size > 1 else ""))
     with holding(out_dir):  # the first write: the folder is made if new
         refuse_sd_switch(out_dir, config)
-        vae = backbone["vae"] if backbone else train_vae(train, config, out_dir, device)  # SD's VAE: no stage 1
+        vae = backbone["vae"] if backbone else train_vae(train, config, out_dir, device, pretrained_vae_weights)
         mask_encoder = pretrain_mask_encoder(train, config, out_dir, device)
         train_axf(train, vae, mask_encoder, clip_model, config, out_dir, device, backbone)
     cli.finish_distributed()

@@ -55,6 +55,8 @@ def difference(a, b, scale, digits):
     n, mean, interval = paired_difference([scale * v for v in a], [scale * v for v in b])
     if interval is None:
         return f"{mean:+.{digits}f} (n=1)"
+    if n < 3:  # two pairs: an interval from one degree of freedom, zero-wide where both differ alike
+        return f"{mean:+.{digits}f} [{interval[0]:+.{digits}f}, {interval[1]:+.{digits}f}] (n={n}): too few pairs to say"
     verdict = "not distinguishable" if interval[0] <= 0 <= interval[1] else "higher" if mean > 0 else "lower"
     return f"{mean:+.{digits}f} [{interval[0]:+.{digits}f}, {interval[1]:+.{digits}f}] (n={n}): {verdict}"
 

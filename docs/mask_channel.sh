@@ -4,7 +4,8 @@
 # seed s % BASES, so the spread includes the VAE and the mask encoder) and differ only in --unet_mask_input;
 # each samples --n N per defect type (the same plan: sample.py's draws depend on the seed alone) and is
 # judged by evaluate.py --toy (the downstream segmenter seeded s; the judge shared; recall and control). The random
-# CLIP (--clip random), as every toy figure measured before the toy CLIP.
+# CLIP (--clip random) and a VAE trained per run (--vae_weights train), as every toy figure measured before the
+# toy CLIP and the toy VAE.
 #
 #     JOBS=2 bash docs/mask_channel.sh            # 3 categories x 5 seeds x 2 settings, two runs at a time
 #     bash docs/mask_channel.sh summary            # the paired table of the runs finished so far
@@ -24,7 +25,8 @@ one_run() {   # category on|off seed
   [ -f "$out" ] && return 0
   mkdir -p "$run" "results/$NAME"
   [ "$run" = "$base" ] || cp -n "$base/vae.pt" "$base/mask_ae.pt" "$run/"
-  { python train.py --toy --category "$c" --out_dir "$run" --seed "$s" --unet_mask_input $flag --clip random $EXTRA &&
+  { python train.py --toy --category "$c" --out_dir "$run" --seed "$s" --unet_mask_input $flag --clip random \
+      --vae_weights train $EXTRA &&
     python sample.py --toy --category "$c" --ckpt "$run" --n "$N" --out_dir "samples/$NAME/$c-$ch-s$s/$c" &&
     python evaluate.py --toy --category "$c" --generated "samples/$NAME/$c-$ch-s$s/$c" --methods axf \
       --seeds "$s" --out "$out"; } > "$run/log.txt" 2>&1 || { echo "failed: $run (see $run/log.txt)"; return 1; }

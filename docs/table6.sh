@@ -3,17 +3,19 @@
 # every toy category with several seeds, sampled, and judged by evaluate.py --toy: recall (the few-shot (mask,
 # caption) pairs drawn again) and control (captions naming another colour; captions on new masks), the downstream
 # segmenter and classifier. Every row runs the paper's UNet (--unet_mask_input False, whatever the default: an
-# ablation of conditioning must not hand every row the mask) on the random CLIP (--clip random) unless EXTRA says
-# otherwise.
+# ablation of conditioning must not hand every row the mask) on the random CLIP (--clip random) and the VAE of the
+# base run (--vae_weights train) unless EXTRA says otherwise.
 #
 #     JOBS=2 bash docs/table6.sh                       # the whole table, two runs at a time, one thread each
 #     CATEGORIES=bottle SEEDS="0 1" bash docs/table6.sh  # one slice of it
 #     bash docs/table6.sh summary                      # only the summary of the runs finished so far
 #     NAME=toy_clip ROWS="text all" EXTRA="--clip toy" bash docs/table6.sh   # other runs beside the table
+#     NAME=toy_vae ROWS=all EXTRA="--clip toy --vae_weights toy" STAGES=mask_ae.pt bash docs/table6.sh
 #
 # Stages 1 and 2 (the VAE and the mask encoder) do not depend on the switches: seed s takes them from the run
 # BASE/<category>/on-s<s % BASES> of docs/mask_channel.sh (trained with that seed), so that the spread over seeds
-# includes them and every row of a seed shares them. The "all" row is that script's run without the mask channel
+# includes them and every row of a seed shares them (STAGES: the checkpoints copied; without vae.pt, a run with
+# --vae_weights toy loads the pretrained VAE instead). The "all" row is that script's run without the mask channel
 # (off-s<s>), linked here. A finished run is skipped, so the script resumes where it was stopped. Per run:
 # runs/$NAME/<category>/<row>-s<seed>/ (checkpoints, log.txt) and results/$NAME/<category>-<row>-s<seed>.json;
 # the summary (docs/compare.py: n, sample std, paired differences of successive rows with 95% intervals):
@@ -25,6 +27,7 @@ JOBS=${JOBS:-1}           # runs at a time; with more than one, each gets one th
 export N=${N:-48}         # samples per defect type
 export EXTRA=${EXTRA:-}   # more train.py flags, the same for every run
 export NAME=${NAME:-table6} ROWS=${ROWS:-none text text+mif text+ddf all} BASE=${BASE:-runs/mask_channel} BASES=${BASES:-2}
+export STAGES=${STAGES:-vae.pt mask_ae.pt}
 
 one_run() {   # category row seed: train stage 3 (stages 1 and 2 copied from the base), sample, evaluate, each logged
   local c=$1 row=$2 s=$3 switches
@@ -43,9 +46,9 @@ one_run() {   # category row seed: train stage 3 (stages 1 and 2 copied from the
     return 0
   fi
   mkdir -p "$run" "results/$NAME"
-  cp -n "$base/vae.pt" "$base/mask_ae.pt" "$run/"
+  for stage in $STAGES; do cp -n "$base/$stage" "$run/"; done
   { python train.py --toy --category "$c" --out_dir "$run" --seed "$s" --unet_mask_input False --clip random \
-      $switches $EXTRA &&
+      --vae_weights train $switches $EXTRA &&
     python sample.py --toy --category "$c" --ckpt "$run" --n "$N" --out_dir "samples/$NAME/$c-$row-s$s/$c" &&
     python evaluate.py --toy --category "$c" --generated "samples/$NAME/$c-$row-s$s/$c" --methods axf \
       --seeds "$s" --out "$out"; } > "$run/log.txt" 2>&1 || { echo "failed: $run (see $run/log.txt)"; return 1; }

@@ -41,7 +41,7 @@ def root(tmp_path_factory):
 @pytest.fixture
 def stop_at_stage_1(monkeypatch):
     """train_vae raises Stop with the output folder and the categories it was given."""
-    def stop(train_set, config, out_dir, device):
+    def stop(train_set, config, out_dir, device, pretrained=None):
         raise Stop(out_dir, list(train_set["categories"]))
     monkeypatch.setattr(train, "train_vae", stop)
 

@@ -24,7 +24,7 @@ from helpers import kill_after_two_steps_and_resume
 REPO = Path(__file__).resolve().parent.parent
 
 # every stage at the smallest size that still runs the real code paths
-TINY = ["--preset", "toy", "--clip", "random", "--image_size", "32", "--vae_channels", "32", "--vae_channel_mult", "1,2",
+TINY = ["--preset", "toy", "--clip", "random", "--vae_weights", "train", "--image_size", "32", "--vae_channels", "32", "--vae_channel_mult", "1,2",
         "--unet_channels", "32", "--unet_channel_mult", "1,2", "--unet_num_res_blocks", "1", "--context_dim", "32",
         "--unet_num_heads", "2", "--num_tokens", "2", "--mask_channels", "8", "--mask_feature_channels", "16",
         "--vae_steps", "2", "--mask_steps", "2", "--steps", "4", "--batch_size", "4", "--vae_batch_size", "4",
