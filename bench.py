@@ -33,7 +33,7 @@ import sd_backbone
 import training
 from sd import SD_SCALE_FACTOR
 from unet import UNet
-from vae import VAE
+from vae import VAE, vae_loss
 
 GRAD_CLIP = 1.0  # train.py's
 ANOMALY_FRACTION = 0.75  # of a stage-3 batch, as train.py draws it
@@ -195,8 +195,44 @@ def bench_unet(config, device, quick):
     return rows
 
 
+def stage_steps(config, device, repeats, note):
+    """Stages 1 and 2 as train.py takes their steps (copied: scripts are not imported): the VAE's weighted L1 + KL
+    at vae_batch_size (its defect pixels weighted 11x), and the mask autoencoder's BCE, each with AdamW."""
+    B, S = config["vae_batch_size"], config["image_size"]
+    vae = axf.build_vae(config).to(device)
+    vae_optimizer = training.adamw(vae.parameters(), lr=config["vae_lr"])
+    images = torch.rand(B, 3, S, S, device=device) * 2 - 1
+    weights = 1 + config["vae_defect_weight"] * (torch.rand(B, 1, S, S, device=device) < 0.05)
+    noise_dtype = torch.bfloat16 if cli.uses_bf16(device, config["bf16"]) else torch.float32
+    noise = torch.randn(B, axf.LATENT_CHANNELS, S // axf.latent_factor(config), S // axf.latent_factor(config),
+                        device=device, dtype=noise_dtype)
+    autoencoder = axf.build_mask_autoencoder(config).to(device)
+    mask_optimizer = training.adamw(autoencoder.parameters(), lr=1e-3)
+    masks = (torch.rand(B, 1, S, S, device=device) < 0.1).float()
+
+    def vae_step():
+        with cli.autocast(device, config["bf16"]):
+            loss, _ = vae_loss(vae, images, 1e-6, weights, noise, weights.expand_as(images).sum())
+        vae_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        vae_optimizer.step()
+
+    def mask_step():
+        loss, _ = autoencoder(masks)  # its forward is its loss, as in train.py (no autocast there)
+        mask_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        mask_optimizer.step()
+
+    rows = []
+    for name, fn in (("stage 1: VAE training step", vae_step), ("stage 2: mask autoencoder training step", mask_step)):
+        reset_peak_memory(device)
+        rows.append(row(config, name, B, measure(fn, device, repeats), device, note))
+    return rows
+
+
 def bench_vae(config, device, quick):
-    """The KL autoencoder: encoding a batch of images to latents, decoding latents to images."""
+    """The KL autoencoder: encoding a batch of images to latents, decoding latents to images; and the training steps
+    of stages 1 and 2 (stage_steps)."""
     B, repeats, note = batch_and_repeats(config, device, quick)
     vae = axf.build_vae(config).to(device).eval()
     x = torch.rand(B, 3, config["image_size"], config["image_size"], device=device) * 2 - 1
@@ -219,7 +255,7 @@ def bench_vae(config, device, quick):
     for what, fn in (("encode", encode), ("decode", decode)):
         reset_peak_memory(device)
         rows.append(row(config, f"{name}: {what}", B, measure(fn, device, repeats), device, note))
-    return rows
+    return rows + stage_steps(config, device, repeats, note)
 
 
 def bench_axf(config, device, quick):
