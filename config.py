@@ -66,9 +66,11 @@ KEYS = dict(
                         "Table 6 row the mask's place and shape); False: the paper's UNet, which learns where the mask "
                         "is through MIF's location tokens and Eq. (16)'s blend", fixed=True),
     # stage 1 (VAE) and stage 2 (mask autoencoder)
-    vae_weights=Key("train", "stage 1: train, a VAE trained on the categories of the run; toy, the VAE pretrained on the "
-                             "toy world (toy_vae.py; the toy preset's), which skips stage 1 as the paper's frozen "
-                             "autoencoder does; or a file toy_vae.py wrote", fixed=True),
+    vae_weights=Key("train", "stage 1: train, a VAE trained on the categories of the run; or pretrained weights that skip "
+                             "stage 1, frozen as the paper's autoencoder: toy, the VAE pretrained on the toy world "
+                             "(toy_vae.py; the toy preset's), a .pt.gz toy_vae.py wrote, or a Stable Diffusion VAE "
+                             "file or folder (vae-ft-mse-840000-ema-pruned.safetensors: the mvtec preset's sizes)",
+                    fixed=True),
     vae_steps=Key(1000, "stage 1 steps per category; fewer and the VAE decodes a cut wire back to a whole one", range=">= 1"),
     vae_batch_size=Key(8, "stage 1 and 2 batch size (half normal images, half anomalies)", range=">= 2"),
     vae_lr=Key(1e-3, "stage 1 learning rate", range="> 0"),

@@ -48,6 +48,7 @@ import checkpoints
 import cli
 import data
 import files
+import sd
 import sd_backbone
 import toy
 import training
@@ -237,7 +238,10 @@ def read_vae_weights(config):
     if config["vae_weights"] == "train" or config["sd"]:  # an SD file brings its own VAE
         return None
     source = toy.TOY_VAE if config["vae_weights"] == "toy" else Path(config["vae_weights"])
-    state = toy.read_toy_vae(source)
+    if source.name.endswith(".pt.gz"):  # toy_vae.py's file
+        state = toy.read_toy_vae(source)
+    else:  # a Stable Diffusion VAE (vae-ft-mse-840000-ema-pruned.safetensors, a diffusers AutoencoderKL folder)
+        state = sd.build("VAE", sd.read_vae(source), str(source), "cpu").state_dict()
     try:
         axf.build_vae(config).load_state_dict(state)
     except RuntimeError:  # another network's sizes: one line, not torch's list of every mismatched tensor

@@ -6,27 +6,34 @@ import torch
 
 import axf
 import config
+import files
+import sd
 import toy
 import toy_vae
 import train
 from test_train_sample import TINY, toy_root  # noqa: F401 (a fixture)
 
 
-def tiny_vae_file(tmp_path):
-    """A random VAE of TINY's sizes (32 px, channels 32, mult 1,2), written as toy_vae.py writes its file."""
+def tiny_vae_file(tmp_path, kind):
+    """A random VAE of TINY's sizes (32 px, channels 32, mult 1,2), written as toy_vae.py writes its file (fp16,
+    gzip) or as a Stable Diffusion VAE file (vae-ft-mse-840000's layout: LDM's names, safetensors, fp32)."""
     settings = config.resolve("toy", {"image_size": 32, "vae_channel_mult": (1, 2)})
     torch.manual_seed(3)
     vae = axf.build_vae(settings)
     with torch.no_grad():
         for p in vae.parameters():
             p.add_(0.01 * torch.randn_like(p))  # not the initialisation stage 1 would start from
-    return toy_vae.save_toy_vae(vae, tmp_path / "vae.pt.gz"), vae
+    if kind == "toy":
+        return toy_vae.save_toy_vae(vae, tmp_path / "vae.pt.gz"), {k: v.half().float() for k, v in vae.state_dict().items()}
+    files.write_safetensors(sd.vae_to_sd(vae.state_dict()), tmp_path / "vae.safetensors", metadata={"format": "pt"})
+    return tmp_path / "vae.safetensors", vae.state_dict()
 
 
-def test_a_run_with_pretrained_weights_skips_stage_1_and_keeps_them(toy_root, tmp_path, capsys):  # noqa: F811
-    """--vae_weights FILE: no VAE step is taken; vae.pt holds the file's weights (fp16 in the file, so exactly
-    their fp32 values) and a latent scale factor measured on this run's images; a resume finds stage 1 complete."""
-    path, source = tiny_vae_file(tmp_path)
+@pytest.mark.parametrize("kind", ["toy", "sd"])
+def test_a_run_with_pretrained_weights_skips_stage_1_and_keeps_them(toy_root, tmp_path, capsys, kind):  # noqa: F811
+    """--vae_weights FILE (toy_vae.py's, or a Stable Diffusion VAE): no VAE step is taken; vae.pt holds the file's
+    weights exactly and a latent scale factor measured on this run's images; a resume finds stage 1 complete."""
+    path, source = tiny_vae_file(tmp_path, kind)
     out = tmp_path / "run"
     args = ["--category", "bottle", "--data_root", str(toy_root), "--out_dir", str(out)] + TINY + [
         "--vae_weights", str(path), "--steps", "1", "--preview_every", "100"]
@@ -35,9 +42,9 @@ def test_a_run_with_pretrained_weights_skips_stage_1_and_keeps_them(toy_root, tm
     assert f"vae: pretrained, from {path}" in printed.out and "1/3 vae" not in printed.err
     saved = torch.load(out / "vae.pt", weights_only=True)
     assert saved["step"] == 2 and saved["config"]["vae_weights"] == str(path)  # TINY's --vae_steps: complete
-    for name, value in source.state_dict().items():
+    for name, value in source.items():
         if name != "scale_factor":
-            assert torch.equal(saved["model"][name], value.half().float()), name
+            assert torch.equal(saved["model"][name], value), name
     scale = saved["model"]["scale_factor"].item()
     assert scale != 1.0 and f"vae: latent scale factor {scale:.4f}" in printed.out
     train.main(args)
