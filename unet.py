@@ -48,18 +48,23 @@ def zero_init(module):
     return module
 
 
+# On a CPU in bf16, attention of at most this many (query, key) pairs per head runs as plain matmuls
+CPU_PLAIN_ATTENTION_MAX = 256 * 256
+
+
 def attention(q, k, v, num_heads):
     """Multi-head scaled dot-product attention: [B, N, C] queries over [B, M, C] keys/values -> [B, N, C].
 
     The one attention function of the UNet: self-attention passes k, v from the pixels, cross-attention
-    from the context. On a GPU F.scaled_dot_product_attention picks a fused (flash / memory-efficient) kernel.
+    from the context. F.scaled_dot_product_attention picks a fused (flash / memory-efficient) kernel.
     """
     B, N, C = q.shape
     # heads split the channels; transpose is a view, SDPA takes strided inputs without a copy
     q, k, v = (x.view(B, -1, num_heads, C // num_heads).transpose(1, 2) for x in (q, k, v))  # [B, h, N, C/h]
-    if q.is_cpu:
-        # on a CPU, plain matmuls: the fused kernel's backward is slow at these head widths, the more so in bf16
-        # (measured: docs/speed.md); under autocast the two products run in bf16 and the softmax in fp32
+    if q.is_cpu and q.dtype == torch.bfloat16 and N * k.shape[-2] <= CPU_PLAIN_ATTENTION_MAX:
+        # on a CPU under bf16 autocast, small attention runs faster as two plain matmuls (bf16) and a softmax
+        # (fp32) than in the fused kernel, whose bf16 backward is slow; the fused kernel wins in fp32, and from
+        # 32x32 latents on in bf16 (measured per shape: docs/speed.md)
         weights = (q @ k.transpose(-2, -1)) * (C // num_heads) ** -0.5  # [B, h, N, M]
         out = weights.softmax(-1) @ v
     else:

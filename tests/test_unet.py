@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import unet
 from unet import UNet, timestep_embedding
 
 TINY = dict(in_channels=4, out_channels=4, channels=32, channel_mult=(1, 2), num_res_blocks=1,
@@ -121,3 +122,25 @@ def test_overfits_one_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+
+
+@pytest.mark.parametrize("dtype, N, fused", [(torch.float32, 64, True), (torch.bfloat16, 64, False),
+                                             (torch.bfloat16, 512, True)])
+def test_attention_is_softmax_of_scaled_products_on_either_cpu_path(monkeypatch, dtype, N, fused):
+    """unet.attention against the formula written per head, in fp64: on a CPU in bf16, up to
+    CPU_PLAIN_ATTENTION_MAX (query, key) pairs per head run as plain matmuls, more in the fused kernel; fp32 always
+    in the fused kernel. Both paths give softmax(q k^T / sqrt(d)) v."""
+    calls = []
+    fused_kernel = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(unet.F, "scaled_dot_product_attention", lambda *a: calls.append(1) or fused_kernel(*a))
+    monkeypatch.setattr(unet, "CPU_PLAIN_ATTENTION_MAX", 256 * 256)
+    torch.manual_seed(0)
+    B, heads, d = 2, 2, 8
+    q, k, v = (torch.randn(B, N, heads * d) for _ in range(3))
+    out = unet.attention(*(x.to(dtype) for x in (q, k, v)), heads)
+    split = lambda x: x.double().view(B, -1, heads, d).transpose(1, 2)  # [B, h, N, d]
+    expected = ((split(q) @ split(k).transpose(-2, -1)) / d ** 0.5).softmax(-1) @ split(v)
+    expected = expected.transpose(1, 2).reshape(B, N, heads * d)
+    tolerance = 1e-5 if dtype == torch.float32 else 0.05
+    torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=tolerance)
+    assert bool(calls) == fused
