@@ -29,11 +29,10 @@ def tiny_vae_file(tmp_path, kind):
     return tmp_path / "vae.safetensors", vae.state_dict()
 
 
-@pytest.mark.parametrize("kind", ["toy", "sd"])
-def test_a_run_with_pretrained_weights_skips_stage_1_and_keeps_them(toy_root, tmp_path, capsys, kind):  # noqa: F811
-    """--vae_weights FILE (toy_vae.py's, or a Stable Diffusion VAE): no VAE step is taken; vae.pt holds the file's
-    weights exactly and a latent scale factor measured on this run's images; a resume finds stage 1 complete."""
-    path, source = tiny_vae_file(tmp_path, kind)
+def test_a_run_with_pretrained_weights_skips_stage_1_and_keeps_them(toy_root, tmp_path, capsys):  # noqa: F811
+    """--vae_weights FILE (toy_vae.py's): no VAE step is taken; vae.pt holds the file's weights exactly and a latent
+    scale factor measured on this run's images; a resume finds stage 1 complete."""
+    path, source = tiny_vae_file(tmp_path, "toy")
     out = tmp_path / "run"
     args = ["--category", "bottle", "--data_root", str(toy_root), "--out_dir", str(out)] + TINY + [
         "--vae_weights", str(path), "--steps", "1", "--preview_every", "100"]
@@ -49,6 +48,16 @@ def test_a_run_with_pretrained_weights_skips_stage_1_and_keeps_them(toy_root, tm
     assert scale != 1.0 and f"vae: latent scale factor {scale:.4f}" in printed.out
     train.main(args)
     assert f"{out / 'vae.pt'}: complete" in capsys.readouterr().out
+
+
+def test_a_stable_diffusion_vae_file_gives_its_weights_as_they_are(tmp_path):
+    """--vae_weights vae-ft-mse-840000-ema-pruned.safetensors (here a tiny one in its layout): read through sd.py,
+    every tensor as the file holds it, for the VAE of the config."""
+    path, source = tiny_vae_file(tmp_path, "sd")
+    settings = config.resolve("toy", {"image_size": 32, "vae_channel_mult": (1, 2), "vae_weights": str(path)})
+    read_from, state = train.read_vae_weights(settings)
+    assert read_from == path
+    assert all(torch.equal(state[k], v) for k, v in source.items() if k != "scale_factor")
 
 
 def test_pretrained_weights_of_other_sizes_are_refused_in_one_line(toy_root, tmp_path):  # noqa: F811

@@ -512,7 +512,8 @@ def test_a_run_is_not_resumed_with_sd_switched_on_or_off(trained, toy_root, sd_f
     scratch = tmp_path / "scratch"
     train.main(["--category", "bottle", "--data_root", str(toy_root), "--out_dir", str(scratch), "--vae_channels", "32",
                 "--vae_channel_mult", "1,2", "--unet_channels", "32", "--unet_channel_mult", "1,2",
-                "--unet_num_heads", "8", "--vae_steps", "1", "--vae_batch_size", "2", "--steps", "1"] + SD_TINY)
+                "--unet_num_heads", "8", "--vae_steps", "1", "--vae_batch_size", "2", "--steps", "1"] + SD_TINY +
+               ["--vae_weights", "train"])
     with pytest.raises(ValueError, match="--sd"):
         train.main(sd_args(toy_root, scratch, sd_files["txt2img"], ["--train_unet", "none"]))
     sd_run = tmp_path / "sd_run"
