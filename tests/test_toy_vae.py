@@ -29,18 +29,17 @@ def tiny_vae_file(tmp_path, kind):
     return tmp_path / "vae.safetensors", vae.state_dict()
 
 
-def test_a_run_with_pretrained_weights_skips_stage_1_and_keeps_them(toy_root, tmp_path, capsys):  # noqa: F811
-    """--vae_weights FILE (toy_vae.py's): no VAE step is taken; vae.pt, written complete, holds the file's weights
+def test_pretrained_weights_skip_stage_1_and_are_kept(toy_root, tmp_path, capsys):  # noqa: F811
+    """--vae_weights FILE (toy_vae.py's): train_vae takes no step; vae.pt, written complete, holds the file's weights
     exactly and a latent scale factor measured on this run's images."""
     path, source = tiny_vae_file(tmp_path, "toy")
-    out = tmp_path / "run"
-    args = ["--category", "bottle", "--data_root", str(toy_root), "--out_dir", str(out)] + TINY + [
-        "--vae_weights", str(path), "--steps", "1", "--preview_every", "100"]
-    train.main(args)
+    settings = config.resolve("toy", dict(image_size=32, vae_channel_mult=(1, 2), vae_steps=2, vae_weights=str(path)))
+    training_set = train.load_training_set([toy_root / "bottle"], settings)
+    train.train_vae(training_set, settings, tmp_path, torch.device("cpu"), train.read_vae_weights(settings))
     printed = capsys.readouterr()
     assert f"vae: pretrained, from {path}" in printed.out and "1/3 vae" not in printed.err
-    saved = torch.load(out / "vae.pt", weights_only=True)
-    assert saved["step"] == 2 and saved["config"]["vae_weights"] == str(path)  # TINY's --vae_steps: complete
+    saved = torch.load(tmp_path / "vae.pt", weights_only=True)
+    assert saved["step"] == 2 and saved["config"]["vae_weights"] == str(path)  # --vae_steps 2: complete
     for name, value in source.items():
         if name != "scale_factor":
             assert torch.equal(saved["model"][name], value), name
