@@ -270,7 +270,7 @@ def architecture_changes(saved, current, depends_on=None):
 
 # What a run had before a key existed, where that is not the key's default today: a checkpoint it saved lacks the
 # key and must read as the run it was (its UNet read the mask)
-OLDER_VALUES = {"unet_mask_input": True, "vae_weights": "train"}
+OLDER_VALUES = {"unet_mask_input": True}  # (vae_weights: its default, train, is what older runs did)
 
 
 def clip_name(name):
