@@ -3,9 +3,9 @@
     python bench.py [--device cpu|cuda] [--preset toy|mvtec|all] [--quick] [--only NAMES]
     python bench.py --device cuda --only sd_train     # AnomalyXFusion's training step on SD-1.5, per --train_unet
 
-Each `bench_<thing>(config, device, quick)` function returns rows (dicts with the columns below); add a
-new figure by writing such a function and listing it in BENCHES. Times are the median of a few runs
-after one warm-up run (one run for the MVTec preset on CPU). FLOPs are counted by torch.utils.flop_counter (matmuls, convolutions and
+Each `bench_<thing>(config, device, quick)` function returns rows (dicts with the columns below); add a new figure
+by writing such a function and listing it in BENCHES. Times are the median of a few runs after one warm-up run (one
+run for the MVTec preset on CPU). FLOPs are counted by torch.utils.flop_counter (matmuls, convolutions and
 attention; elementwise ops are free), and compared with this machine's dense matmul peaks in bf16 and fp32,
 measured in the same run on a large square matmul, so "% of bf16 peak" and "% of fp32 peak" say how well the
 model uses the hardware (a GPU's yardstick is bf16's). "images/s" counts the images a timed run handled.
@@ -196,43 +196,32 @@ def bench_unet(config, device, quick):
 
 
 def stage_steps(config, device, repeats, note):
-    """Stages 1 and 2 as train.py takes their steps (copied: scripts are not imported): the VAE's weighted L1 + KL
-    at vae_batch_size (its defect pixels weighted 11x), and the mask autoencoder's BCE, each with AdamW."""
-    B, S = config["vae_batch_size"], config["image_size"]
-    vae = axf.build_vae(config).to(device)
-    vae_optimizer = training.adamw(vae.parameters(), lr=config["vae_lr"])
-    images = torch.rand(B, 3, S, S, device=device) * 2 - 1
-    weights = 1 + config["vae_defect_weight"] * (torch.rand(B, 1, S, S, device=device) < 0.05)
-    noise_dtype = torch.bfloat16 if cli.uses_bf16(device, config["bf16"]) else torch.float32
-    noise = torch.randn(B, axf.LATENT_CHANNELS, S // axf.latent_factor(config), S // axf.latent_factor(config),
-                        device=device, dtype=noise_dtype)
-    autoencoder = axf.build_mask_autoencoder(config).to(device)
-    mask_optimizer = training.adamw(autoencoder.parameters(), lr=1e-3)
-    masks = (torch.rand(B, 1, S, S, device=device) < 0.1).float()
-
-    def vae_step():
-        with cli.autocast(device, config["bf16"]):
-            loss, _ = vae_loss(vae, images, 1e-6, weights, noise, weights.expand_as(images).sum())
-        vae_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        vae_optimizer.step()
-
-    def mask_step():
-        loss, _ = autoencoder(masks)  # its forward is its loss, as in train.py (no autocast there)
-        mask_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        mask_optimizer.step()
-
+    """Stages 1 and 2's steps as train.py takes them (copied): the VAE's weighted L1 + KL, the mask AE's BCE."""
+    B, S, s = config["vae_batch_size"], config["image_size"], config["image_size"] // axf.latent_factor(config)
+    vae, autoencoder = axf.build_vae(config).to(device), axf.build_mask_autoencoder(config).to(device)
+    images, masks = torch.rand(B, 3, S, S, device=device) * 2 - 1, (torch.rand(B, 1, S, S, device=device) < .1).float()
+    weights = 1 + config["vae_defect_weight"] * masks  # defect pixels weighted up
+    dtype = torch.bfloat16 if cli.uses_bf16(device, config["bf16"]) else torch.float32  # the posterior's ε
+    noise = torch.randn(B, axf.LATENT_CHANNELS, s, s, device=device, dtype=dtype)
+    losses = {"stage 1: VAE training step": (vae, config["vae_lr"], lambda: vae_loss(
+                  vae, images, 1e-6, weights, noise, weights.expand_as(images).sum())[0]),
+              "stage 2: mask autoencoder training step": (autoencoder, 1e-3, lambda: autoencoder(masks)[0])}
     rows = []
-    for name, fn in (("stage 1: VAE training step", vae_step), ("stage 2: mask autoencoder training step", mask_step)):
+    for name, (network, lr, loss_fn) in losses.items():
+        optimizer = training.adamw(network.parameters(), lr=lr)
+        def step():
+            with cli.autocast(device, config["bf16"] and network is vae):  # train.py runs stage 2 in fp32
+                loss = loss_fn()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
         reset_peak_memory(device)
-        rows.append(row(config, name, B, measure(fn, device, repeats), device, note))
+        rows.append(row(config, name, B, measure(step, device, repeats), device, note))
     return rows
 
 
 def bench_vae(config, device, quick):
-    """The KL autoencoder: encoding a batch of images to latents, decoding latents to images; and the training steps
-    of stages 1 and 2 (stage_steps)."""
+    """The KL autoencoder: encoding images to latents, decoding latents; stages 1 and 2's steps (stage_steps)."""
     B, repeats, note = batch_and_repeats(config, device, quick)
     vae = axf.build_vae(config).to(device).eval()
     x = torch.rand(B, 3, config["image_size"], config["image_size"], device=device) * 2 - 1
