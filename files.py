@@ -18,6 +18,7 @@ refuse_inflating_pickles, check_tensors, safetensors_entries), before a network 
 nothing of the project.
 """
 import fcntl  # Unix; the project runs on Linux (and macOS)
+import gzip
 import io
 import json
 import math
@@ -370,6 +371,16 @@ def save_atomic(obj, path):
     """torch.save through atomic_write."""
     with atomic_write(path) as tmp:
         torch.save(obj, tmp)
+
+
+def save_gzipped(obj, path):
+    """torch.save, gzip-compressed (level 9, no date in the header: the same object writes the same bytes), through
+    atomic_write: how the toy world's pretrained CLIP and VAE ship in the repository."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with atomic_write(path) as tmp:
+        Path(tmp).write_bytes(gzip.compress(buffer.getvalue(), compresslevel=9, mtime=0))
+    return Path(path)
 
 
 def remove_stale_temporaries(folder, names):

@@ -28,8 +28,6 @@ once per batch (2), no image augmentation (1), the text context cut to the longe
 files.py and toy.py.
 """
 import argparse
-import gzip
-import io
 import itertools
 import math
 import time
@@ -229,12 +227,7 @@ def save_toy_clip(model, path, texts):
     used = torch.zeros(SIZES["vocab_size"], dtype=torch.bool)
     used[[clip.START_ID, clip.END_ID] + [t for text in texts for t in clip.bpe_tokens(text)]] = True
     state["token_embedding.weight"][~used] = 0
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    with files.atomic_write(path) as tmp:
-        # mtime=0: the gzip header holds no date, so the same run writes the same bytes
-        Path(tmp).write_bytes(gzip.compress(buffer.getvalue(), compresslevel=9, mtime=0))
-    return Path(path)
+    return files.save_gzipped(state, path)
 
 
 def load_toy_clip(path=SHIPPED, device="cpu"):

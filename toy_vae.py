@@ -20,8 +20,6 @@ defect pixels weigh 10x), run on many toy worlds of every toy category instead o
 Depends on train.py (stage 1), toy_clip.py (the worlds), config.py, files.py and toy.py.
 """
 import argparse
-import gzip
-import io
 import time
 from pathlib import Path
 
@@ -54,12 +52,7 @@ def training_set(world):
 
 def save_toy_vae(vae, path):
     """The VAE's state dict (its latent scale factor included) in fp16, gzip-compressed, the same bytes each time."""
-    state = {k: v.detach().half().clone() for k, v in vae.state_dict().items()}
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    with files.atomic_write(path) as tmp:
-        Path(tmp).write_bytes(gzip.compress(buffer.getvalue(), compresslevel=9, mtime=0))
-    return Path(path)
+    return files.save_gzipped({k: v.detach().half().clone() for k, v in vae.state_dict().items()}, path)
 
 
 @torch.no_grad()
