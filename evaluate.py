@@ -381,14 +381,17 @@ def markdown_table(results, category, stamp):
     return "\n".join(lines) + "\n"
 
 
-def generator_checkpoint(folder):
-    """The checkpoint a sample.py folder was drawn with, as its manifest names it; None for another folder."""
+def generator_of(folder):
+    """(checkpoint, sampling settings) a sample.py folder was drawn with, as its manifest names them; None for
+    what it does not name (another folder; a manifest older than the sampling settings)."""
     manifest = Path(folder) / ".axf_samples.json"  # sample.MANIFEST
     try:
-        path = json.loads(manifest.read_text(encoding="utf-8"))["checkpoint"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return path if isinstance(path, str) and Path(path).is_file() else None
+        content = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, None
+    path, sampling = (content.get(key) if isinstance(content, dict) else None for key in ("checkpoint", "sampling"))
+    return (path if isinstance(path, str) and Path(path).is_file() else None,
+            sampling if isinstance(sampling, dict) else None)
 
 
 def parse_args(argv):
@@ -414,7 +417,7 @@ def parse_args(argv):
     arg("--seeds", help="comma-separated seeds of the downstream models, e.g. 0,1,2 (default: the seed key)")
     arg("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
     arg("--ckpt", help="with --toy, the generator's checkpoint, for the control checks (toy_checks.py; default: the "
-        "one the --generated folder's manifest names)")
+        "one the --generated folder's manifest names), drawn with the folder's sampling settings, else the checkpoint's")
     add_eval_args(parser)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -568,8 +571,9 @@ def main(argv=None):
     table = markdown_table(results, args.category, stamp)
     results["protocol"] = stamp
     if args.toy:
+        checkpoint, sampling = generator_of(args.generated)
         results["toy_checks"] = toy_checks(gen_anomalies, generated, category, eval_config, device,
-                                           args.ckpt or generator_checkpoint(args.generated))
+                                           args.ckpt or checkpoint, sampling)
         table += "\ntoy checks of the generated anomalies: " + json.dumps(results["toy_checks"]) + "\n"
     write_results(out, table_path, results, table)
     print(table + f"\nwrote {out} and {table_path} in {time.time() - start:.0f} s")

@@ -59,6 +59,7 @@ import toy
 from config import KEYS
 
 SAMPLING_KEYS = ("sampler", "sample_steps", "guidance_scale", "eta", "seed", "device")
+SAMPLER_KEYS = SAMPLING_KEYS[:4]  # how each sample was drawn: recorded in the manifest, for evaluate.py's control
 MANIFEST = ".axf_samples.json"  # not an image: MVTec readers (data.py, anomalib) skip it
 # the names sample.py writes into --out_dir, relative to it: the only ones a manifest may list
 OWN_NAME = re.compile(r"(train|test)/good/[^/\0]+|test/[^/\0]+/\d+\.png|ground_truth/[^/\0]+/\d+_mask\.png"
@@ -180,10 +181,11 @@ def check_output(out, origin, category, planned):
     return content["written"]
 
 
-def fill_output(out, origin, category, planned, defects, checkpoint):
+def fill_output(out, origin, category, planned, defects, checkpoint, sampling):
     """Ready `out` for the samples, holding its lock: check it again (another run may have written since the
     first check), delete the normal images and the samples of `defects` sample.py wrote before (only files
-    its manifest lists), write the manifest, then put in the category's normal images."""
+    its manifest lists), write the manifest (with the checkpoint and the `sampling` settings), then put in
+    the category's normal images."""
     written = check_output(out, origin, category, planned)
     files.remove_stale_temporaries(out, [MANIFEST])
     replaced = {f for f in written if f.split("/")[1] == "good" or f.split("/")[1] in defects}
@@ -191,7 +193,7 @@ def fill_output(out, origin, category, planned, defects, checkpoint):
         (out / name).unlink(missing_ok=True)
     # written before any other file, for every process: after a kill it lists every file written, so a
     # re-run can replace them
-    write_manifest(out, (written - replaced) | planned, origin, checkpoint)
+    write_manifest(out, (written - replaced) | planned, origin, checkpoint, sampling)
     for split, paths in (("train", category.train_good), ("test", category.test_good)):
         for p in paths:  # the category's own normal images: a detector trains and is scored on them
             place(p, out / split / "good" / p.name)
@@ -224,9 +226,11 @@ def save_sample(out, defect, index, image, mask, caption):
     (out / files[2]).write_text(caption + "\n", encoding="utf-8")
 
 
-def write_manifest(out, written, origin, checkpoint):
-    """The manifest, written whole or not at all (files.atomic_write): a kill never leaves half of one."""
-    content = {"written": sorted(written), **origin, "checkpoint": str(checkpoint)}
+def write_manifest(out, written, origin, checkpoint, sampling):
+    """The manifest, written whole or not at all (files.atomic_write): a kill never leaves half of one. The
+    checkpoint and the sampling settings are the last run's: evaluate.py --toy draws its control samples with
+    them, so that recall (this folder) and control are drawn alike."""
+    content = {"written": sorted(written), **origin, "checkpoint": str(checkpoint), "sampling": sampling}
     with files.atomic_write(out / MANIFEST) as tmp:
         tmp.write_text(json.dumps(content, indent=1), encoding="utf-8")
 
@@ -438,7 +442,9 @@ def main(argv=None):
     planned = normal_files(category) | {name for job in jobs for name in sample_files(job[0], job[1])}
     check_output(out, origin, category, planned)  # every process, before anything is written anywhere
     check_preview(preview_path(out))
-    with writing_into(out, lambda: fill_output(out, origin, category, planned, {job[0] for job in jobs}, path)):
+    sampling = {key: config[key] for key in SAMPLER_KEYS}
+    with writing_into(out, lambda: fill_output(out, origin, category, planned, {job[0] for job in jobs}, path,
+                                               sampling)):
         if cli.is_main():
             print(f"sampling {len(jobs)} anomalies with {path} ({config['sampler']}, {config['sample_steps']} steps, "
                   f"guidance {config['guidance_scale']}) into {out}")

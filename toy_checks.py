@@ -29,9 +29,11 @@ from metrics import connected_regions
 JUDGE_WIDTHS = (3, 32, 64, 96, 128)  # a small CNN: the defect type from the image alone
 
 
-def toy_checks(gen_anomalies, generated, category, eval_config, device, checkpoint=None, **judge_options):
+def toy_checks(gen_anomalies, generated, category, eval_config, device, checkpoint=None, sampling=None,
+               **judge_options):
     """Recall on the generated anomalies (their images, masks, defect indices: `generated`), the judge's accuracy on
-    the category's real anomalies, and control from `checkpoint` (None: not measured, with the reason).
+    the category's real anomalies, and control from `checkpoint` (None: not measured, with the reason), drawn with
+    the generated anomalies' `sampling` settings (sample.SAMPLER_KEYS; None: the checkpoint's own).
     judge_options: train_judge's steps, judge_root, worlds."""
     judge = train_judge(category, eval_config, device, **judge_options)
     real = data.read_anomalies(category.anomalies, category.defects, eval_config["image_size"])
@@ -47,7 +49,8 @@ def toy_checks(gen_anomalies, generated, category, eval_config, device, checkpoi
     results["control"] = {}
     for kind in ("swapped_colour", "new_masks"):
         chosen = [job for job in jobs if job["kind"] == kind]
-        images, masks = draw(model, category, chosen, eval_config["seed"], device), torch.stack([j["mask"] for j in chosen])
+        images = draw(model, category, chosen, eval_config["seed"], device, sampling)
+        masks = torch.stack([j["mask"] for j in chosen])
         if size != eval_config["image_size"]:
             images = F.interpolate(images, eval_config["image_size"], mode="bilinear", antialias=True).clamp(0, 1)
             masks = F.interpolate(masks, eval_config["image_size"], mode="nearest")
@@ -118,11 +121,15 @@ def shifted(mask, dy, dx):
 
 
 @torch.no_grad()
-def draw(model, category, jobs, seed, device, batch_size=16):
-    """Sample the jobs with the checkpoint's own sampling settings; every sample's noise from its own seed."""
+def draw(model, category, jobs, seed, device, sampling=None, batch_size=16):
+    """Sample the jobs with `sampling`'s settings where it has them, else the checkpoint's own; every sample's
+    noise from its own seed."""
     config, size, images = model.config, model.config["image_size"], []
+    settings = {key: config[key] for key in ("sampler", "sample_steps", "guidance_scale", "eta")}
+    settings |= {key: value for key, value in (sampling or {}).items() if key in settings}
     model = model.to(device)
-    bar = cli.progress(len(jobs), "control samples")
+    bar = cli.progress(len(jobs), f"control samples ({settings['sampler']}, {settings['sample_steps']} steps, "
+                                  f"guidance {settings['guidance_scale']})")
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start:start + batch_size]
         normals = torch.stack([data.read_image(j["normal"], size) for j in batch]).to(device)
@@ -131,9 +138,9 @@ def draw(model, category, jobs, seed, device, batch_size=16):
         generators = [torch.Generator(device).manual_seed((seed << 32) + i)
                       for i in range(start, start + len(batch))]
         with cli.autocast(device, config["bf16"]):
-            drawn = model.sample(normals, masks, [j["caption"] for j in batch], ids, sampler=config["sampler"],
-                                 steps=config["sample_steps"], guidance_scale=config["guidance_scale"],
-                                 eta=config["eta"], generator=generators)
+            drawn = model.sample(normals, masks, [j["caption"] for j in batch], ids, sampler=settings["sampler"],
+                                 steps=settings["sample_steps"], guidance_scale=settings["guidance_scale"],
+                                 eta=settings["eta"], generator=generators)
         images.append(drawn.float().cpu())
         bar.update(len(batch))
     bar.close()

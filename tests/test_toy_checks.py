@@ -3,6 +3,7 @@ colour on the few-shot masks, and the few-shot captions on blobs where no exampl
 import pytest
 import torch
 
+import checkpoints
 import data
 import toy
 import toy_checks
@@ -55,3 +56,19 @@ def test_control_draws_new_pairings_from_the_checkpoint(tiny_run, tmp_path):
     assert checks["colour_named_is_drawn"] == 1.0  # the real anomalies drew what they say
     for part in (control, control["swapped_colour"], control["new_masks"]):
         assert 0 <= part["colour_named_is_drawn"] <= 1 and 0 <= part["defect_type_recognised"] <= 1
+
+
+def test_control_is_drawn_with_the_generated_folders_sampling_settings(tiny_run, monkeypatch):
+    """Recall and control judge one sampler: the settings the generated folder was drawn with (its manifest, passed
+    as `sampling`) replace the checkpoint's own; without them, the checkpoint's."""
+    category, checkpoint = tiny_run
+    model, _ = checkpoints.load_checkpoint(checkpoint, device=torch.device("cpu"))
+    calls = []
+    monkeypatch.setattr(model, "sample", lambda normals, *rest, **settings: calls.append(settings) or normals)
+    jobs = toy_checks.control_jobs(category, model.config["image_size"], torch.Generator().manual_seed(0))[:2]
+    assert model.config["guidance_scale"] != 1.0 and model.config["sample_steps"] != 7
+    toy_checks.draw(model, category, jobs, 0, torch.device("cpu"), {"guidance_scale": 1.0, "sample_steps": 7})
+    toy_checks.draw(model, category, jobs, 0, torch.device("cpu"))
+    assert [(c["guidance_scale"], c["steps"], c["sampler"], c["eta"]) for c in calls] == [
+        (1.0, 7, model.config["sampler"], model.config["eta"]),
+        (model.config["guidance_scale"], model.config["sample_steps"], model.config["sampler"], model.config["eta"])]

@@ -14,6 +14,7 @@ import checkpoints
 import clip
 import config
 import data
+import evaluate
 import files
 import toy
 import training
@@ -68,14 +69,19 @@ def sampled(trained, tmp_path_factory):
     return out
 
 
-def test_sampling_writes_one_mvtec_category_folder(sampled, toy_root):
+def test_sampling_writes_one_mvtec_category_folder(sampled, toy_root, trained):
     """sample.py's output is one MVTec AD category, read back by data.load_category, with the preview beside it;
-    its manifest records the category and the data folder the samples were drawn on."""
+    its manifest records the category and the data folder the samples were drawn on, and the checkpoint and
+    sampling settings they were drawn with."""
     category, source = data.load_category(sampled), data.load_category(toy_root / "bottle")
     assert len(category.anomalies) == 2 * len(category.defects)
     assert (sampled.parent / "bottle_preview.png").is_file()
     manifest = json.loads((sampled / sample.MANIFEST).read_text())
     assert (manifest["category"], manifest["data_folder"]) == ("bottle", str((toy_root / "bottle").resolve()))
+    model, _ = checkpoints.load_checkpoint(trained / "axf.pt")  # drawn with the checkpoint's settings, as no flag changed them
+    assert manifest["sampling"] == {key: model.config[key] for key in ("sampler", "sample_steps", "guidance_scale", "eta")}
+    checkpoint, sampling = evaluate.generator_of(sampled)  # what evaluate.py --toy's control is drawn with
+    assert Path(checkpoint).samefile(trained / "axf.pt") and sampling == manifest["sampling"]
     assert len(category.train_good) == len(source.train_good) and len(category.test_good) == len(source.test_good)
     for anomaly in category.anomalies:
         assert anomaly.caption and (sampled / "prompt" / anomaly.defect).is_dir()
