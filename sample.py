@@ -21,7 +21,8 @@ data.load_category, evaluate.py and detector libraries (anomalib's MVTecAD reade
     test/<defect>/NNN.png   ground_truth/<defect>/NNN_mask.png   prompt/<defect>/NNN.txt
     .axf_samples.json the files sample.py wrote, the category and the data folder they were drawn on
                       (a re-run deletes only those files; it refuses any other non-empty folder, so it never
-                      deletes a dataset's own files, and a folder of another category or data folder)
+                      deletes a dataset's own files, and a folder of another category or data folder), and
+                      the last run's checkpoint and sampling settings (evaluate.py --toy draws alike)
 The preview grid goes beside it: <out_dir>_preview.png (e.g. samples/cable_preview.png), never inside,
 since anomalib reads every image file under the category folder as a sample. sample.py overwrites a
 file of that name only if it wrote it (a PNG text chunk says so).
