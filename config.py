@@ -139,6 +139,9 @@ PRESETS = {
 }
 
 
+# how a sample is drawn: sample.py records these in its folder's manifest, toy_checks.py draws control with them
+SAMPLER_KEYS = ("sampler", "sample_steps", "guidance_scale", "eta")
+
 def default_preset(toy, sd_file=""):
     """The preset a run gets unless --preset names one: toy on the toy world, sd on a Stable Diffusion file (--sd),
     mvtec otherwise."""

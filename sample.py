@@ -57,10 +57,9 @@ import cli
 import data
 import files
 import toy
-from config import KEYS
+from config import KEYS, SAMPLER_KEYS
 
-SAMPLING_KEYS = ("sampler", "sample_steps", "guidance_scale", "eta", "seed", "device")
-SAMPLER_KEYS = SAMPLING_KEYS[:4]  # how each sample was drawn: recorded in the manifest, for evaluate.py's control
+SAMPLING_KEYS = SAMPLER_KEYS + ("seed", "device")
 MANIFEST = ".axf_samples.json"  # not an image: MVTec readers (data.py, anomalib) skip it
 # the names sample.py writes into --out_dir, relative to it: the only ones a manifest may list
 OWN_NAME = re.compile(r"(train|test)/good/[^/\0]+|test/[^/\0]+/\d+\.png|ground_truth/[^/\0]+/\d+_mask\.png"

@@ -24,6 +24,7 @@ import data
 import files
 import toy
 from axf import texture_ids
+from config import SAMPLER_KEYS
 from metrics import connected_regions
 
 JUDGE_WIDTHS = (3, 32, 64, 96, 128)  # a small CNN: the defect type from the image alone
@@ -33,7 +34,7 @@ def toy_checks(gen_anomalies, generated, category, eval_config, device, checkpoi
                **judge_options):
     """Recall on the generated anomalies (their images, masks, defect indices: `generated`), the judge's accuracy on
     the category's real anomalies, and control from `checkpoint` (None: not measured, with the reason), drawn with
-    the generated anomalies' `sampling` settings (sample.SAMPLER_KEYS; None: the checkpoint's own).
+    the generated anomalies' `sampling` settings (config.SAMPLER_KEYS; None: the checkpoint's own).
     judge_options: train_judge's steps, judge_root, worlds."""
     judge = train_judge(category, eval_config, device, **judge_options)
     real = data.read_anomalies(category.anomalies, category.defects, eval_config["image_size"])
@@ -125,7 +126,7 @@ def draw(model, category, jobs, seed, device, sampling=None, batch_size=16):
     """Sample the jobs with `sampling`'s settings where it has them, else the checkpoint's own; every sample's
     noise from its own seed."""
     config, size, images = model.config, model.config["image_size"], []
-    settings = {key: config[key] for key in ("sampler", "sample_steps", "guidance_scale", "eta")}
+    settings = {key: config[key] for key in SAMPLER_KEYS}
     settings |= {key: value for key, value in (sampling or {}).items() if key in settings}
     model = model.to(device)
     bar = cli.progress(len(jobs), f"control samples ({settings['sampler']}, {settings['sample_steps']} steps, "
