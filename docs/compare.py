@@ -5,6 +5,8 @@ paired difference between successive rows (the same categories and seeds) with i
     python docs/compare.py results/table6 none text text+mif text+ddf all
     python docs/compare.py --methods out/evaluate_bottle.json real   # one evaluate.py JSON: each method against
                                                                      # `real`, paired by downstream seed
+    python docs/compare.py --methods results/downstream/*.json real  # several (one per generator run, named
+        # <category>-s<seed>.json): each run's mean over its downstream seeds, paired by run, per category and pooled
 
 Reads <dir>/<category>-<row>-s<seed>.json (evaluate.py --toy) and, for the mean |generated - normal| inside
 the masks, sample.py's line in runs/<name>/<category>/<row>-s<seed>/log.txt. Prints a markdown table.
@@ -88,27 +90,39 @@ DOWNSTREAM = {"pixel AP": ("segmentation", "pixel_ap"), "pixel AU-PRO": ("segmen
               "image AUROC": ("segmentation", "image_auroc"), "accuracy": ("classification", "accuracy")}
 
 
-def methods_against(path, base):
-    """The rows of one evaluate.py result against its row `base`: mean ± sample std over the downstream seeds and
-    the paired difference (the same seed trains both) with its 95% interval."""
-    result = json.loads(Path(path).read_text())
-    rows = [name for name in result if isinstance(result[name], dict) and "per_seed" in result[name]]
-    seeds = sorted(result[base]["per_seed"])
-    value = lambda name, seed, part, key: result[name]["per_seed"][seed][part][key]
-    print("| method | " + " | ".join(DOWNSTREAM) + " |\n" + "| --- " * (len(DOWNSTREAM) + 1) + "|")
-    for name in rows:
-        cells = []
-        for part, key in DOWNSTREAM.values():
-            values = [value(name, seed, part, key) for seed in seeds]
-            text = cell(values, 100, 1)
-            if name != base:
-                text += "; vs " + base + " " + difference([value(base, s, part, key) for s in seeds], values, 100, 1)
-            cells.append(text)
-        print(f"| {name} | " + " | ".join(cells) + " |")
+def methods_against(paths, base):
+    """The rows of evaluate.py results against their row `base`. One file: mean ± sample std over its downstream
+    seeds and the paired difference (the same seed trains both) with its 95% interval. Several files (one per
+    generator run): the unit is the run, valued by its mean over its downstream seeds, so that the spread and the
+    interval include the generator's seed; per category (the name's part before the first "-") and pooled."""
+    results = {Path(p).stem: json.loads(Path(p).read_text()) for p in paths}
+    first = next(iter(results.values()))
+    rows = [name for name in first if isinstance(first[name], dict) and "per_seed" in first[name]]
+
+    def values(result, name, part, key):  # the run's values of a method: per downstream seed, or their mean
+        per_seed = [result[name]["per_seed"][s][part][key] for s in sorted(result[base]["per_seed"])]
+        return per_seed if len(results) == 1 else [sum(per_seed) / len(per_seed)]
+
+    categories = sorted({run.split("-")[0] for run in results})
+    groups = [(c, [r for r in results if r.split("-")[0] == c]) for c in categories]
+    if len(results) > 1 and len(categories) > 1:
+        groups.append(("pooled", list(results)))
+    print("| category | method | " + " | ".join(DOWNSTREAM) + " |\n" + "| --- " * (len(DOWNSTREAM) + 2) + "|")
+    for category, runs_of in groups:
+        for name in rows:
+            cells = []
+            for part, key in DOWNSTREAM.values():
+                run_values = [v for r in runs_of for v in values(results[r], name, part, key)]
+                text = cell(run_values, 100, 1)
+                if name != base:
+                    base_values = [v for r in runs_of for v in values(results[r], base, part, key)]
+                    text += f"; vs {base} " + difference(base_values, run_values, 100, 1)
+                cells.append(text)
+            print(f"| {category} | {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "--methods":
-        methods_against(sys.argv[2], sys.argv[3])
+        methods_against(sys.argv[2:-1], sys.argv[-1])
     else:
         main(sys.argv[1], sys.argv[2:])
