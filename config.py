@@ -87,7 +87,8 @@ KEYS = dict(
     ema_decay=Key(0.999, "decay of the weights' moving average that samples are drawn from", range="0 <= x < 1"),
     outside_loss_weight=Key(0.1, "Eq. (17) weight of an anomalous image's latent cells outside its mask",
                             range=">= 0"),
-    center_text=Key(True, "subtract the captions' mean CLIP feature before Eq. (1)'s L2 norm"),
+    center_text=Key(False, "Deviation, opt-in: subtract each category's mean caption feature before Eq. (1)'s L2 "
+                    "norm (measured no better with the toy CLIP: docs/toy_clip.md)"),
     cond_dropout=Key(0.1, "share of conditions dropped to the null one: classifier-free guidance",
                      range="0 <= x <= 1"),
     checkpoint_every=Key(250, "steps between resumable checkpoints", range=">= 1"),

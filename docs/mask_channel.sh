@@ -4,8 +4,8 @@
 # seed s % BASES, so the spread includes the VAE and the mask encoder) and differ only in --unet_mask_input;
 # each samples --n N per defect type (the same plan: sample.py's draws depend on the seed alone) and is
 # judged by evaluate.py --toy (the downstream segmenter seeded s; the judge shared; recall and control). The random
-# CLIP (--clip random) and a VAE trained per run (--vae_weights train), as every toy figure measured before the
-# toy CLIP and the toy VAE.
+# CLIP (--clip random), a VAE trained per run (--vae_weights train) and centred captions (--center_text True), as
+# every toy figure measured before the toy CLIP, the toy VAE and Eq. (1) as written.
 #
 #     JOBS=2 bash docs/mask_channel.sh            # 3 categories x 5 seeds x 2 settings, two runs at a time
 #     bash docs/mask_channel.sh summary            # the paired table of the runs finished so far
@@ -26,6 +26,7 @@ one_run() {   # category on|off seed
   mkdir -p "$run" "results/$NAME"
   [ "$run" = "$base" ] || cp -n "$base/vae.pt" "$base/mask_ae.pt" "$run/"
   { python train.py --toy --category "$c" --out_dir "$run" --seed "$s" --unet_mask_input $flag --clip random \
+      --center_text True \
       --vae_weights train $EXTRA &&
     python sample.py --toy --category "$c" --ckpt "$run" --n "$N" --out_dir "samples/$NAME/$c-$ch-s$s/$c" &&
     python evaluate.py --toy --category "$c" --generated "samples/$NAME/$c-$ch-s$s/$c" --methods axf \

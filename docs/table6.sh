@@ -3,8 +3,9 @@
 # every toy category with several seeds, sampled, and judged by evaluate.py --toy: recall (the few-shot (mask,
 # caption) pairs drawn again) and control (captions naming another colour; captions on new masks), the downstream
 # segmenter and classifier. Every row runs the paper's UNet (--unet_mask_input False, whatever the default: an
-# ablation of conditioning must not hand every row the mask) on the random CLIP (--clip random) and the VAE of the
-# base run (--vae_weights train) unless EXTRA says otherwise.
+# ablation of conditioning must not hand every row the mask) on the random CLIP (--clip random), the VAE of the
+# base run (--vae_weights train) and centred captions (--center_text True: the table began with them) unless EXTRA
+# says otherwise.
 #
 #     JOBS=2 bash docs/table6.sh                       # the whole table, two runs at a time, one thread each
 #     CATEGORIES=bottle SEEDS="0 1" bash docs/table6.sh  # one slice of it
@@ -48,6 +49,7 @@ one_run() {   # category row seed: train stage 3 (stages 1 and 2 copied from the
   mkdir -p "$run" "results/$NAME"
   for stage in $STAGES; do cp -n "$base/$stage" "$run/"; done
   { python train.py --toy --category "$c" --out_dir "$run" --seed "$s" --unet_mask_input False --clip random \
+      --center_text True \
       --vae_weights train $switches $EXTRA &&
     python sample.py --toy --category "$c" --ckpt "$run" --n "$N" --out_dir "samples/$NAME/$c-$row-s$s/$c" &&
     python evaluate.py --toy --category "$c" --generated "samples/$NAME/$c-$row-s$s/$c" --methods axf \

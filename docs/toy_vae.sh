@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The toy preset's defaults on the generator, every module on (the paper's UNet, the toy CLIP), with the shipped toy
-# VAE (--vae_weights toy): per category and seed s, stage 2 from docs/mask_channel.sh's run of seed s, stage 3
-# seeded s, trained to 600 steps and judged, then resumed to 900 (a resumed run continues the same run: weights,
-# optimiser, EMA, RNG) and judged again. Each judged run samples --n N per defect type and is judged by
+# VAE (--vae_weights toy) and captions centred (--center_text True, the default when these runs were made): per
+# category and seed s, stage 2 from docs/mask_channel.sh's run of seed s, stage 3 seeded s, trained to 600 steps
+# and judged, then resumed to 900 (a resumed run continues the same run: weights, optimiser, EMA, RNG) and judged
+# again. Each judged run samples --n N per defect type and is judged by
 # evaluate.py --toy (recall, control, the downstream segmenter seeded s). docs/toy_clip.md's runs (NAME=toy_clip in
 # docs/table6.sh) are the same at 900 steps with the VAE trained per run.
 #
@@ -23,7 +24,7 @@ for s in $SEEDS; do for c in $CATEGORIES; do
     name=toy_vae; [ $steps = 600 ] && name=toy_vae600
     [ -f "results/$name/$c-all-s$s.json" ] && continue
     { python train.py --toy --category "$c" --out_dir "$run" --seed "$s" --unet_mask_input False --clip toy \
-        --vae_weights toy --steps $steps &&
+        --center_text True --vae_weights toy --steps $steps &&
       python sample.py --toy --category "$c" --ckpt "$run" --n "$N" --out_dir "samples/$name/$c-all-s$s/$c" &&
       python evaluate.py --toy --category "$c" --generated "samples/$name/$c-all-s$s/$c" --methods axf --seeds "$s" \
         --out "results/$name/$c-all-s$s.json"; } >> "$run/log.txt" 2>&1 || { echo "failed: $run ($steps steps)"; break; }

@@ -23,7 +23,8 @@ CATEGORIES = "bottle,cable,pill"
 # fp32: a share of the batch is rounded alike in bf16 only up to its kernels' choices, and the property tested
 # is that the processes take one process's steps, up to the order of a sum
 # the stages' budgets are per category: 3 categories x (1, 1, 2) steps
-ARGS = TINY + ["--warmup_steps", "0", "--bf16", "False", "--vae_steps", "1", "--mask_steps", "1", "--steps", "2"]
+ARGS = TINY + ["--warmup_steps", "0", "--bf16", "False", "--vae_steps", "1", "--mask_steps", "1", "--steps", "2",
+               "--center_text", "True"]  # the opt-in caption centring keeps a mean per category
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def two_processes(toy_root, tmp_path_factory):
 
 def test_one_model_of_three_categories_draws_each_of_them(one_process, tmp_path):
     """The checkpoint names its categories; per category a "good" row and one texture row per defect type, and
-    a caption mean of its own; sample.py --category X --ckpt RUN writes X's usual one-category folder."""
+    a caption mean of its own (--center_text True); sample.py --category X --ckpt RUN writes X's usual one-category folder."""
     model, checkpoint = checkpoints.load_checkpoint(one_process / "axf.pt")
     assert list(checkpoint["categories"]) == ["bottle", "cable", "pill"]
     assert model.texture_rows[4] == ("cable", "good") and len(model.texture_rows) == 4 + 4 + 3 == len(model.mif.texture_tokens)
