@@ -3,6 +3,7 @@ paired difference between successive rows (the same categories and seeds) with i
 
     python docs/compare.py results/mask_channel on off          # rows named in the result files
     python docs/compare.py results/table6 none text text+mif text+ddf all
+    python docs/compare.py --pairs text:text+mif,text:text+ddf results/table6 text text+mif text+ddf  # chosen pairs
     python docs/compare.py --methods out/evaluate_bottle.json real   # one evaluate.py JSON: each method against
                                                                      # `real`, paired by downstream seed
     python docs/compare.py --methods results/downstream/*.json real  # several (one per generator run, named
@@ -63,12 +64,14 @@ def difference(a, b, scale, digits):
     return f"{mean:+.{digits}f} [{interval[0]:+.{digits}f}, {interval[1]:+.{digits}f}] (n={n}): {verdict}"
 
 
-def main(folder, rows):
+def main(folder, rows, pairs=None):
+    """pairs: the (row, row) differences shown; default: successive rows."""
     folder = Path(folder)
+    pairs = pairs or list(zip(rows, rows[1:]))
     categories = sorted({p.name.split("-")[0] for p in folder.glob("*-s*.json")})
     table = {(c, row): runs(folder, c, row) for c in categories for row in rows}
-    print(f"| metric | category | {' | '.join(rows)} | " + " | ".join(f"{a} → {b}" for a, b in zip(rows, rows[1:])) + " |")
-    print("| --- " * (2 + 2 * len(rows) - 1) + "|")
+    print(f"| metric | category | {' | '.join(rows)} | " + " | ".join(f"{a} → {b}" for a, b in pairs) + " |")
+    print("| --- " * (2 + len(rows) + len(pairs)) + "|")
     for name in METRICS:
         scale, digits = (1, 3) if name.startswith("mean abs") else (100, 1)  # pixel values, or percent
         for c in categories + ["pooled"] * (len(categories) > 1):
@@ -80,7 +83,7 @@ def main(folder, rows):
                 continue
             cells = [cell(list(r.values()), scale, digits) if r else "" for r in per_row]
             diffs = []
-            for a, b in zip(per_row, per_row[1:]):
+            for a, b in ((per_row[rows.index(x)], per_row[rows.index(y)]) for x, y in pairs):
                 shared = sorted(a.keys() & b.keys())
                 diffs.append(difference([a[k] for k in shared], [b[k] for k in shared], scale, digits) if shared else "")
             print(f"| {name} | {c} | " + " | ".join(cells + diffs) + " |")
@@ -124,5 +127,7 @@ def methods_against(paths, base):
 if __name__ == "__main__":
     if sys.argv[1] == "--methods":
         methods_against(sys.argv[2:-1], sys.argv[-1])
+    elif sys.argv[1] == "--pairs":  # --pairs text:text+mif,text:text+ddf FOLDER ROW ...
+        main(sys.argv[3], sys.argv[4:], [tuple(pair.split(":")) for pair in sys.argv[2].split(",")])
     else:
         main(sys.argv[1], sys.argv[2:])
