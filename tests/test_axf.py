@@ -286,6 +286,18 @@ def test_mask_input_false_is_the_papers_unet_reading_x_t_alone():
     assert not (changed & (b["masks"] == 0)).any() and changed[b["masks"] > 0].float().mean() > 0.9
 
 
+def test_guidance_does_nothing_when_every_condition_is_off():
+    """Table 6's first row (no caption, no MIF, no DDF): the conditional and unconditional branches both read the
+    null context, so guidance's scale cannot change a sample; with the caption on it does."""
+    b = example_batch()
+    for switches, guidance_matters in ((dict(use_text=False, use_mif=False, use_ddf=False), False), ({}, True)):
+        model = tiny_model(**switches)
+        one, three = (model.sample(b["images"], b["masks"], b["captions"], b["texture_ids"], steps=3,
+                                   guidance_scale=scale, generator=torch.Generator().manual_seed(0))
+                      for scale in (1.0, 3.0))
+        assert torch.allclose(one, three, atol=1e-5) != guidance_matters
+
+
 def test_changing_only_the_caption_changes_pixels_only_inside_the_mask():
     """The caption steers what is drawn, never the background."""
     model = tiny_model()
