@@ -18,8 +18,8 @@
 # BASE/<category>/stages-s<s>, trained here once with seed s before the rows (one stage-3 step, never used), so
 # that the spread over seeds includes them and every row of a seed shares them (STAGES: the checkpoints copied;
 # without vae.pt, a run with --vae_weights toy loads the pretrained VAE instead). The "all" row is that script's
-# run without the mask channel (off-s<s>), linked here. A finished run is skipped, so the script resumes where it was stopped. Per run:
-# runs/$NAME/<category>/<row>-s<seed>/ (checkpoints, log.txt) and results/$NAME/<category>-<row>-s<seed>.json;
+# run without the mask channel (off-s<s>), linked here. A finished run is skipped, so the script resumes where it
+# was stopped. Per run: runs/$NAME/<category>/<row>-s<seed>/ (checkpoints, log.txt) and results/$NAME/<category>-<row>-s<seed>.json;
 # the summary (docs/compare.py: n, sample std, paired differences of successive rows with 95% intervals):
 # results/$NAME/table6.md.
 set -euo pipefail
