@@ -326,7 +326,8 @@ def test_a_checkpoint_that_trained_conv_in_whole_loads_as_the_model_it_was(train
             assert torch.equal(model.unet.conv_in(x), F.conv2d(x, weight, bias, padding=1))
         today, _ = checkpoints.load_checkpoint(trained("none") / "axf.pt", use_ema=part == "ema")
         rest = {k: v for k, v in today.state_dict().items() if not k.startswith("unet.conv_in.")}
-        assert all(torch.equal(model.state_dict()[k], v) for k, v in rest.items())
+        loaded = model.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in rest.items())
 
 
 # ----------------------------------------------------------------------------- resuming
