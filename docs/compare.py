@@ -8,6 +8,7 @@ paired difference between successive rows (the same categories and seeds) with i
                                                                      # `real`, paired by downstream seed
     python docs/compare.py --methods results/downstream/*.json real  # several (one per generator run, named
         # <category>-s<seed>.json): each run's mean over its downstream seeds, paired by run, per category and pooled
+    python docs/compare.py --chain results/counts/merged/*.json real  # each row against the one before it
 
 Reads <dir>/<category>-<row>-s<seed>.json (evaluate.py --toy) and, for the mean |generated - normal| inside
 the masks, sample.py's line in runs/<name>/<category>/<row>-s<seed>/log.txt. Prints a markdown table.
@@ -93,11 +94,12 @@ DOWNSTREAM = {"pixel AP": ("segmentation", "pixel_ap"), "pixel AU-PRO": ("segmen
               "image AUROC": ("segmentation", "image_auroc"), "accuracy": ("classification", "accuracy")}
 
 
-def methods_against(paths, base):
+def methods_against(paths, base, chain=False):
     """The rows of evaluate.py results against their row `base`. One file: mean ± sample std over its downstream
     seeds and the paired difference (the same seed trains both) with its 95% interval. Several files (one per
     generator run): the unit is the run, valued by its mean over its downstream seeds, so that the spread and the
-    interval include the generator's seed; per category (the name's part before the first "-") and pooled."""
+    interval include the generator's seed; per category (the name's part before the first "-") and pooled. With
+    chain, each row against the row before it (the files' order of rows) instead of against `base`."""
     results = {Path(p).stem: json.loads(Path(p).read_text()) for p in paths}
     first = next(iter(results.values()))
     rows = [name for name in first if isinstance(first[name], dict) and "per_seed" in first[name]]
@@ -112,14 +114,15 @@ def methods_against(paths, base):
         groups.append(("pooled", list(results)))
     print("| category | method | " + " | ".join(DOWNSTREAM) + " |\n" + "| --- " * (len(DOWNSTREAM) + 2) + "|")
     for category, runs_of in groups:
-        for name in rows:
+        for i, name in enumerate(rows):
+            against = rows[i - 1] if chain and i > 0 else None if chain else base
             cells = []
             for part, key in DOWNSTREAM.values():
                 run_values = [v for r in runs_of for v in values(results[r], name, part, key)]
                 text = cell(run_values, 100, 1)
-                if name != base:
-                    base_values = [v for r in runs_of for v in values(results[r], base, part, key)]
-                    text += f"; vs {base} " + difference(base_values, run_values, 100, 1)
+                if against not in (None, name):
+                    base_values = [v for r in runs_of for v in values(results[r], against, part, key)]
+                    text += f"; vs {against} " + difference(base_values, run_values, 100, 1)
                 cells.append(text)
             print(f"| {category} | {name} | " + " | ".join(cells) + " |")
 
@@ -127,6 +130,8 @@ def methods_against(paths, base):
 if __name__ == "__main__":
     if sys.argv[1] == "--methods":
         methods_against(sys.argv[2:-1], sys.argv[-1])
+    elif sys.argv[1] == "--chain":  # --chain FILE ... FIRST_ROW: each row against the one before it
+        methods_against(sys.argv[2:-1], sys.argv[-1], chain=True)
     elif sys.argv[1] == "--pairs":  # --pairs text:text+mif,text:text+ddf FOLDER ROW ...
         main(sys.argv[3], sys.argv[4:], [tuple(pair.split(":")) for pair in sys.argv[2].split(",")])
     else:

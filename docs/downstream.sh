@@ -10,11 +10,12 @@
 #     bash docs/downstream.sh summary            # the paired table of the runs finished so far
 #
 # Per generator run: results/downstream/<category>-s<seed>.json (and .md). A finished one is skipped. More
-# evaluate.py flags in EXTRA (e.g. "--seg_epochs 20" for 4x the segmenter's epochs, with NAME=downstream_epochs4).
+# evaluate.py flags in EXTRA (e.g. "--seg_epochs 20" for 4x the segmenter's epochs, with NAME=downstream_epochs4), other
+# rows in METHODS.
 set -euo pipefail
 CATEGORIES=${CATEGORIES:-bottle cable pill} SEEDS=${SEEDS:-0 1} DSEEDS=${DSEEDS:-0,1,2,3,4}
 NAME=${NAME:-downstream} GENERATED=${GENERATED:-samples/toy_vae} EXTRA=${EXTRA:-}
-METHODS=real,real+axf,real+aug,real+crop_paste
+METHODS=${METHODS:-real,real+axf,real+aug,real+crop_paste}
 [ "${1:-}" = summary ] && SEEDS=
 mkdir -p "results/$NAME"
 for s in $SEEDS; do for c in $CATEGORIES; do
