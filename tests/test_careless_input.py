@@ -86,7 +86,7 @@ def refused(error):
     ("vae_channel_mult", "1,2,2,2,2,2", "--image_size 32 is too small: --vae_channel_mult 1,2,2,2,2,2 halves it 5 "
                                         "times and --unet_channel_mult 1,2 1 times more; give at least 64"),
     ("unet_attention_levels", "2", "--unet_attention_levels 2 must each be a level of --unet_channel_mult 1,2: 0 to 1"),
-    ("unet_num_heads", "3", "--unet_num_heads 3 must divide the width of every level with attention: 32, 64"),
+    ("unet_num_heads", "3", "--unet_num_heads 3 must divide the width of every level with attention: 64"),
 ])
 def test_a_value_out_of_range_is_refused_in_one_line_before_anything_is_written(root, tmp_path, stop_at_stage_1,
                                                                                 flag, value, message):

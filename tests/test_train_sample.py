@@ -18,6 +18,7 @@ import evaluate
 import files
 import toy
 import training
+import unet
 import sample
 import train
 from helpers import kill_after_two_steps_and_resume
@@ -355,6 +356,25 @@ def test_a_checkpoint_from_before_the_mask_channel_key_samples_as_what_it_was(to
     out = tmp_path / "samples"
     sample.main(["--category", "bottle", "--ckpt", str(tmp_path / "old.pt"), "--n", "1", "--out_dir", str(out)])
     assert all((out / "test" / defect / "000.png").is_file() for defect in toy.TOY_DEFECTS["bottle"])
+
+
+def test_a_run_with_attention_at_both_levels_samples_and_resumes_only_as_what_it_was(toy_root, tmp_path, capsys):
+    """The toy UNet attended at levels 0 and 1 before level 1 alone became the default: such a checkpoint (its
+    config names its levels) builds its transformers at level 0 under today's default and samples; resuming it
+    without the flag is refused in one line naming the key."""
+    run = tmp_path / "run"
+    args = ["--category", "bottle", "--data_root", str(toy_root), "--out_dir", str(run)] + TINY
+    train.main(args + ["--unet_attention_levels", "0,1"])
+    model, _ = checkpoints.load_checkpoint(run / "axf.pt")
+    level0 = model.unet.input_blocks[0]
+    assert any(isinstance(layer, unet.SpatialTransformer) for layer in level0)
+    assert config.resolve("toy", {})["unet_attention_levels"] == (1,)
+    out = tmp_path / "samples"
+    sample.main(["--category", "bottle", "--ckpt", str(run), "--n", "1", "--out_dir", str(out)])
+    assert all((out / "test" / defect / "000.png").is_file() for defect in toy.TOY_DEFECTS["bottle"])
+    capsys.readouterr()
+    with pytest.raises(ValueError, match=r"unet_attention_levels \(0, 1\) -> \(1,\)"):
+        train.main(args + ["--steps", "5"])
 
 
 def test_table6_rows_share_a_finished_vae_and_mask_encoder(trained, toy_root, tmp_path, capsys):
