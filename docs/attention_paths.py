@@ -1,6 +1,6 @@
 """The UNet's training step with each CPU attention path forced: plain matmuls (every shape) against the fused
 kernel, F.scaled_dot_product_attention (every shape), in bf16 autocast and in fp32, at the toy preset's UNet
-(16x16 latents) and at a UNet of 32x32 latents (channels 64, mult 1-2-4, 8 heads). unet.attention picks the
+attending at levels 0 and 1 (16x16 latents; the toy default until it attended at level 1 only) and at a UNet of 32x32 latents (channels 64, mult 1-2-4, 8 heads). unet.attention picks the
 path per shape and dtype from these figures (unet.CPU_PLAIN_ATTENTION_MAX).
 
     OMP_NUM_THREADS=1 python docs/attention_paths.py     # median ms of 5 steps at batch 16, two rounds, alternating
@@ -16,7 +16,7 @@ import training  # noqa: E402
 import unet  # noqa: E402
 
 SHAPES = {
-    "toy preset, 16x16 latents": (dict(channels=64, channel_mult=(1, 2, 2), num_heads=4), 16),
+    "toy UNet, levels 0 and 1, 16x16 latents": (dict(channels=64, channel_mult=(1, 2, 2), num_heads=4), 16),
     "32x32 latents": (dict(channels=64, channel_mult=(1, 2, 4), num_heads=8), 32),
 }
 PATHS = {"plain": float("inf"), "fused": 0}  # CPU_PLAIN_ATTENTION_MAX: plain for every shape, or for none

@@ -26,6 +26,7 @@ one_run() {   # category on|off seed
   mkdir -p "$run" "results/$NAME"
   [ "$run" = "$base" ] || cp -n "$base/vae.pt" "$base/mask_ae.pt" "$run/"
   { python train.py --toy --category "$c" --out_dir "$run" --seed "$s" --unet_mask_input $flag --clip random \
+      --unet_attention_levels 0,1 \
       --center_text True \
       --vae_weights train $EXTRA &&
     python sample.py --toy --category "$c" --ckpt "$run" --n "$N" --out_dir "samples/$NAME/$c-$ch-s$s/$c" &&

@@ -65,6 +65,7 @@ one_run() {   # category row seed: train stage 3 (stages 1 and 2 copied from the
   mkdir -p "$run" "results/$NAME"
   for stage in $STAGES; do cp -n "$base/$stage" "$run/"; done
   { python train.py --toy --category "$c" --out_dir "$run" --seed "$s" --unet_mask_input False --clip random \
+      --unet_attention_levels 0,1 \
       --center_text True \
       --vae_weights train $switches $EXTRA &&
     python sample.py --toy --category "$c" --ckpt "$run" --n "$N" --out_dir "samples/$NAME/$c-$row-s$s/$c" &&

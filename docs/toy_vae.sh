@@ -24,6 +24,7 @@ for s in $SEEDS; do for c in $CATEGORIES; do
     name=toy_vae; [ $steps = 600 ] && name=toy_vae600
     [ -f "results/$name/$c-all-s$s.json" ] && continue
     { python train.py --toy --category "$c" --out_dir "$run" --seed "$s" --unet_mask_input False --clip toy \
+        --unet_attention_levels 0,1 \
         --center_text True --vae_weights toy --steps $steps &&
       python sample.py --toy --category "$c" --ckpt "$run" --n "$N" --out_dir "samples/$name/$c-all-s$s/$c" &&
       python evaluate.py --toy --category "$c" --generated "samples/$name/$c-all-s$s/$c" --methods axf --seeds "$s" \
