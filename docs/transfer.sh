@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Captions across categories: can a caption the model never saw for a category work? One model of the toy bottle,
 # cable and pill (train.py --category bottle,cable,pill, the toy defaults of the time: the UNet attending at levels
-# 0 and 1) is asked for the pill's spot defect ("color") in colours the pill's own captions never name but the
-# other categories' captions do (green, purple: the bottle's contaminations, the cable's wires), and for reference
-# in the pill's own spot colours (red, blue, yellow), on the few-shot spot masks (jittered, as sample.py draws
-# them). A caption feature that is a hash of its tokens (the random CLIP) cannot carry "green" from the bottle's captions to the pill's; a text encoder that
-# knows the word (the toy CLIP) might. Trained with each CLIP, the same seeds: pairs differ in the CLIP alone.
+# 0 and 1) is asked for the pill's spot defect ("color") in colours the pill's own captions never name but the other
+# categories' captions do (green, purple: the bottle's contaminations, the cable's wires), and for reference in the
+# pill's own spot colours (red, blue, yellow), on the few-shot spot masks (jittered, as sample.py draws them). A
+# caption feature that is a hash of its tokens (the random CLIP) cannot carry "green" from the bottle's captions to
+# the pill's; a text encoder that knows the word (the toy CLIP) might. Trained with each CLIP, the same seeds: pairs
+# differ in the CLIP alone.
 #
 #     SEEDS="0 1 2" bash docs/transfer.sh       # 2 runs per seed, each about 40 minutes on one thread
 #     bash docs/transfer.sh summary             # the table of the runs finished so far
