@@ -7,6 +7,7 @@ What this file holds, in reading order:
   few_shot_split                     the first third of each defect type trains the generator (§5)
   read_image, read_mask              tensors: images [3, S, S] in [0, 1], masks [1, S, S] in {0, 1}
   perlin_mask, JITTER, sample_mask   masks to generate at: DRAEM's Perlin blobs or jittered real masks
+  shifted, mask_centre, mixed_mask   new masks of a defect type: two of its examples mixed by the mask autoencoder
   save_grid, main                    preview grids; `python data.py --category cable --out DIR`
 Depends on torch, numpy and pillow; main() on toy.py.
 """
@@ -332,6 +333,42 @@ def sample_mask(size, generator, real_masks=None, p_real=0.5, jitter="large"):
         if mask.sum() > 0:
             return mask[0]
     return real[0]
+
+
+def shifted(mask, dy, dx):
+    """mask [1, S, S] moved dy rows down and dx columns right; what leaves the square is gone, never wrapped round."""
+    S, out = mask.shape[-1], torch.zeros_like(mask)
+    out[:, max(dy, 0):S + min(dy, 0), max(dx, 0):S + min(dx, 0)] = mask[:, max(-dy, 0):S - max(dy, 0),
+                                                                        max(-dx, 0):S - max(dx, 0)]
+    return out
+
+
+def mask_centre(mask):
+    """The (row, column) of a non-empty mask's centre of mass, rounded."""
+    return [int(v) for v in torch.nonzero(mask[0]).float().mean(0).round()]
+
+
+@torch.no_grad()
+def mixed_mask(autoencoder, mask, partner, generator, weights=(0.25, 0.75), tries=10):
+    """A new mask of a defect type from two of its examples [1, S, S]: a shape between theirs, at the first one's
+    place. Both are moved so that their centres are the image's, encoded by the stage-2 mask autoencoder
+    (mask_encoder.MaskAutoencoder), their 8x8 features mixed with a weight w drawn from `weights` (w of the
+    partner's), decoded (logits > 0), and moved to the first mask's centre, where its caption says the defect is.
+    An empty decode is drawn again; after `tries` empty ones, the first mask itself."""
+    S = mask.shape[-1]
+    centred = lambda m: shifted(m, S // 2 - mask_centre(m)[0], S // 2 - mask_centre(m)[1])
+    device = next(autoencoder.parameters()).device
+    features = autoencoder.encoder(torch.stack([centred(mask), centred(partner)]).to(device))
+    for _ in range(tries):
+        w = weights[0] + (weights[1] - weights[0]) * torch.rand(1, generator=generator).item()
+        logits = autoencoder.decoder((1 - w) * features[:1] + w * features[1:])
+        new = (logits[0] > 0).float().cpu()
+        if new.sum() > 0:
+            (y, x), (ny, nx) = mask_centre(mask), mask_centre(new)
+            new = shifted(new, y - ny, x - nx)
+            if new.sum() > 0:
+                return new
+    return mask
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,8 +8,10 @@
 
 For each defect type (or --defect), --n anomalies are drawn on normal training images (one of the
 --similar_normals most like the few-shot source the mask and caption come from), inside
-masks (a few-shot real mask of that defect under a small random affine --jitter, or Perlin-noise
-blobs with --masks perlin), steered by a caption (the few-shot caption that goes with the mask, or
+masks (a few-shot real mask of that defect under a small random affine --jitter; Perlin-noise
+blobs with --masks perlin; or with --masks learned a new shape between two of the defect's few-shot
+masks, mixed by the run's stage-2 mask autoencoder, at the place of the one its caption goes with, under the
+same --jitter), steered by a caption (the few-shot caption that goes with the mask, or
 --prompt) and the defect's learned texture tokens (or the CLIP features of --reference and
 --reference_mask, Eq. (3)). Blended sampling (Eq. (16), axf.py) keeps the image outside the mask: every
 pixel that differs from the normal image lies inside the saved mask (checked on every sample).
@@ -74,8 +76,9 @@ PREVIEW_MARK = ("Software", "AnomalyXFusion sample.py preview")  # a PNG text ch
 # What to draw
 
 
-def plan(category, few_shot, args, size, generator):
-    """What to draw: (defect, its index within the defect, normal image path, mask, caption) for every sample."""
+def plan(category, few_shot, args, size, generator, autoencoder=None):
+    """What to draw: (defect, its index within the defect, normal image path, mask, caption) for every sample.
+    autoencoder: the stage-2 mask autoencoder, for --masks learned."""
     defects = [args.defect] if args.defect else category.defects
     nearest = data.similar_normals(category, few_shot, args.similar_normals) if args.similar_normals > 0 else None
     jobs = []
@@ -89,6 +92,12 @@ def plan(category, few_shot, args, size, generator):
             normal = category.train_good[candidates[int(torch.randint(len(candidates), (1,), generator=generator))]]
             if args.masks == "perlin":
                 mask = data.perlin_mask(size, generator)
+            elif args.masks == "learned":  # a shape between the source's and another example's, at the source's place
+                others = [a for a in examples if a is not source] or examples
+                partner = others[int(torch.randint(len(others), (1,), generator=generator))]
+                mixed = data.mixed_mask(autoencoder, data.read_mask(source, size), data.read_mask(partner, size),
+                                        generator)
+                mask = data.sample_mask(size, generator, real_masks=mixed[None], p_real=1.0, jitter=args.jitter)
             else:  # the source's own mask, jittered: the caption describes what lies under it
                 mask = data.sample_mask(size, generator, real_masks=data.read_mask(source, size)[None], p_real=1.0,
                                         jitter=args.jitter)
@@ -313,8 +322,10 @@ def parse_args(argv):
     parser.add_argument("--n", type=int, default=100, help="anomalies per defect type (default: 100)")
     parser.add_argument("--defect", help="only this defect type (default: every defect type)")
     parser.add_argument("--prompt", help="one caption for every sample (default: the few-shot captions)")
-    parser.add_argument("--masks", choices=("real", "perlin"), default="real",
-                        help="jittered few-shot masks (default) or Perlin-noise blobs")
+    parser.add_argument("--masks", choices=("real", "perlin", "learned"), default="real",
+                        help="jittered few-shot masks (default), Perlin-noise blobs, or learned: new shapes between "
+                             "two few-shot masks of the defect type, mixed by the run's mask autoencoder (mask_ae.pt "
+                             "beside the checkpoint)")
     parser.add_argument("--jitter", choices=tuple(data.JITTER), default="small",
                         help="how far a real mask moves: none; small (default: 5 degrees, 1.5%% shift, 5%% scale, "
                              "so it stays on the part its caption names); large (also flips, 20 degrees, 5%% shift, "
@@ -384,6 +395,21 @@ def load_model(args):
     return model.to(device), config, device, path, category
 
 
+def mask_autoencoder(path, config):
+    """The stage-2 mask autoencoder train.py left beside the checkpoint (mask_ae.pt), for --masks learned."""
+    stage2 = path.parent / "mask_ae.pt"
+    if not stage2.is_file():
+        raise FileNotFoundError(f"--masks learned mixes masks with the stage-2 mask autoencoder, {stage2}: no file "
+                                f"there (train.py writes it beside axf.pt)")
+    checkpoint = checkpoints.read_checkpoint(stage2)
+    autoencoder = axf.build_mask_autoencoder(checkpoint["config"])
+    autoencoder.load_state_dict(checkpoint["model"])
+    if checkpoint["config"]["image_size"] != config["image_size"]:
+        raise ValueError(f"{stage2} is of {checkpoint['config']['image_size']} px masks, {path} of "
+                         f"{config['image_size']} px")
+    return autoencoder.eval()
+
+
 def reference_textures(model, args, config, device):
     """Texture tokens from --reference and its mask (Eq. (3)), or None: each defect's learned ones."""
     if not args.reference:
@@ -435,7 +461,9 @@ def main(argv=None):
     args = parse_args(argv)
     model, config, device, path, category = load_model(args)
     few_shot, _ = data.few_shot_split(category.anomalies)
-    jobs = plan(category, few_shot, args, config["image_size"], torch.Generator().manual_seed(config["seed"]))
+    autoencoder = mask_autoencoder(path, config) if args.masks == "learned" else None
+    jobs = plan(category, few_shot, args, config["image_size"], torch.Generator().manual_seed(config["seed"]),
+                autoencoder)
     textures = reference_textures(model, args, config, device)
     out = Path(args.out_dir or Path("samples") / args.category)
     origin = {"category": args.category, "data_folder": str(category.folder.resolve())}

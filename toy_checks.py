@@ -108,17 +108,8 @@ def blob_like(mask, generator):
     blob = data.perlin_mask(mask.shape[-1], generator, max_area=min(0.5, 2 * mask.mean().item()))
     regions = connected_regions(blob)[0]
     blob = (regions == regions[regions > 0].mode().values).float()[None]  # the label most pixels hold
-    centre = lambda m: [int(v) for v in torch.nonzero(m[0]).float().mean(0).round()]
-    (y, x), (by, bx) = centre(mask), centre(blob)
-    return shifted(blob, y - by, x - bx)
-
-
-def shifted(mask, dy, dx):
-    """mask [1, S, S] moved dy rows down and dx columns right; what leaves the square is gone."""
-    S, out = mask.shape[-1], torch.zeros_like(mask)
-    out[:, max(dy, 0):S + min(dy, 0), max(dx, 0):S + min(dx, 0)] = mask[:, max(-dy, 0):S - max(dy, 0),
-                                                                        max(-dx, 0):S - max(dx, 0)]
-    return out
+    (y, x), (by, bx) = data.mask_centre(mask), data.mask_centre(blob)
+    return data.shifted(blob, y - by, x - bx)
 
 
 @torch.no_grad()

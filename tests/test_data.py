@@ -307,6 +307,43 @@ def test_small_jitter_keeps_a_mask_on_its_part_and_none_keeps_it_exactly():
 # ---------------------------------------------------------------------------------------------- toy world
 
 
+class ThresholdAutoencoder(torch.nn.Module):
+    """A stand-in for the stage-2 mask autoencoder whose features are the mask itself and whose decoder says
+    "inside" where a feature exceeds one half: mixing two masks' features with weight w then decodes to the first
+    mask's shape for w < 1/2 and to the partner's for w > 1/2, so mixed_mask's moves can be checked exactly."""
+
+    def __init__(self, empty=False):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))  # mixed_mask reads the device off a parameter
+        self.encoder = lambda masks: masks
+        self.decoder = (lambda f: -torch.ones_like(f)) if empty else (lambda f: f * 2 - 1)
+
+
+def square(size, top, left, h, w):
+    mask = torch.zeros(1, size, size)
+    mask[:, top:top + h, left:left + w] = 1
+    return mask
+
+
+def test_mixed_mask_takes_a_shape_between_two_examples_at_the_first_ones_place():
+    """The shape comes from the features the weight favours, the place from the first mask: its own shape comes
+    back where it was, the partner's is moved to the first one's centre; an empty decode gives the first mask."""
+    g = torch.Generator().manual_seed(0)
+    first, partner = square(32, 4, 6, 3, 3), square(32, 20, 18, 7, 5)
+    autoencoder = ThresholdAutoencoder()
+    assert torch.equal(data.mixed_mask(autoencoder, first, partner, g, weights=(0.1, 0.1)), first)
+    moved = data.mixed_mask(autoencoder, first, partner, g, weights=(0.9, 0.9))
+    assert torch.equal(moved, square(32, 2, 5, 7, 5))  # the 7x5 partner, its centre on the first one's, (5, 7)
+    assert data.mask_centre(moved) == data.mask_centre(first)
+    assert torch.equal(data.mixed_mask(ThresholdAutoencoder(empty=True), first, partner, g), first)
+
+
+def test_shifted_cuts_what_leaves_the_square_instead_of_wrapping_it():
+    mask = square(8, 0, 5, 2, 3)
+    assert torch.equal(data.shifted(mask, 1, 2), square(8, 1, 7, 2, 1))
+    assert torch.equal(data.shifted(mask, -1, -5), square(8, 0, 0, 1, 3))
+
+
 def test_toy_is_byte_identical_for_a_seed_and_differs_across_seeds(tmp_path):
     """Experiments on the toy world are reproducible only if the same seed writes the same files."""
     a = _files_digest(toy.make_toy(tmp_path / "a", "bottle", size=32, seed=0))

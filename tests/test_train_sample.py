@@ -218,6 +218,21 @@ def test_sampling_refuses_a_folder_of_another_category_or_data_folder(sampled, t
     assert json.loads((older / sample.MANIFEST).read_text())["category"] == "bottle"
 
 
+def test_learned_masks_fill_a_category_folder_and_need_the_mask_autoencoder(checkpoint_once, trained, tmp_path):
+    """--masks learned draws every sample inside a new non-empty mask (data.load_category refuses an empty one) from
+    the stage-2 mask autoencoder beside the checkpoint; without that file it is refused before anything is written."""
+    out = tmp_path / "learned"
+    sample.main(checkpoint_once + ["--n", "2", "--masks", "learned", "--out_dir", str(out)])
+    assert len(data.load_category(out).anomalies) == 2 * len(toy.TOY_DEFECTS["bottle"])
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(trained / "axf.pt", lone / "axf.pt")
+    flags = checkpoint_once[:2] + ["--ckpt", str(lone), "--masks", "learned", "--out_dir", str(tmp_path / "none")]
+    with pytest.raises(FileNotFoundError, match=r"lone/mask_ae.pt: no file there"):
+        sample.main(flags)
+    assert not (tmp_path / "none").exists()
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--sample_batch_size", "0"], "--sample_batch_size must be at least 1, got 0"),
     (["--sample_steps", "51"], "--sample_steps 51: this checkpoint has 50 diffusion steps"),
