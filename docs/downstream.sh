@@ -11,17 +11,18 @@
 #
 # Per generator run: results/downstream/<category>-s<seed>.json (and .md). A finished one is skipped. More
 # evaluate.py flags in EXTRA (e.g. "--seg_epochs 20" for 4x the segmenter's epochs, with NAME=downstream_epochs4), other
-# rows in METHODS.
+# rows in METHODS; other generators' samples in GENERATED/<category>-ROW-s<seed>/<category> (e.g. GENERATED=
+# samples/attention_levels ROW=level1, docs/attention_levels.sh's).
 set -euo pipefail
 CATEGORIES=${CATEGORIES:-bottle cable pill} SEEDS=${SEEDS:-0 1} DSEEDS=${DSEEDS:-0,1,2,3,4}
-NAME=${NAME:-downstream} GENERATED=${GENERATED:-samples/toy_vae} EXTRA=${EXTRA:-}
+NAME=${NAME:-downstream} GENERATED=${GENERATED:-samples/toy_vae} ROW=${ROW:-all} EXTRA=${EXTRA:-}
 METHODS=${METHODS:-real,real+axf,real+aug,real+crop_paste}
 [ "${1:-}" = summary ] && SEEDS=
 mkdir -p "results/$NAME"
 for s in $SEEDS; do for c in $CATEGORIES; do
   out=results/$NAME/$c-s$s.json
   [ -f "$out" ] && continue
-  python evaluate.py --toy --category "$c" --generated "$GENERATED/$c-all-s$s/$c" --methods "$METHODS" \
+  python evaluate.py --toy --category "$c" --generated "$GENERATED/$c-$ROW-s$s/$c" --methods "$METHODS" \
     --seeds "$DSEEDS" --out "$out" $EXTRA > "results/$NAME/$c-s$s.log" 2>&1 || { echo "failed: $out"; continue; }
   echo "done: $out"
 done; done
