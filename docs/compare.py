@@ -26,8 +26,8 @@ METRICS = {  # name -> value of one run's result (a fraction in [0, 1]) or None 
     "defect type (recall)": lambda r, log: r["toy_checks"]["defect_type_recognised"],
     "colour drawn (control)": lambda r, log: r["toy_checks"].get("control", {}).get("colour_named_is_drawn"),
     "defect type (control)": lambda r, log: r["toy_checks"].get("control", {}).get("defect_type_recognised"),
-    "pixel AP": lambda r, log: r["axf"]["segmentation"]["pixel_ap"],
-    "pixel AU-PRO": lambda r, log: r["axf"]["segmentation"]["pixel_au_pro"],
+    "pixel AP": lambda r, log: r["axf"]["segmentation"]["pixel_ap"] if "axf" in r else None,
+    "pixel AU-PRO": lambda r, log: r["axf"]["segmentation"]["pixel_au_pro"] if "axf" in r else None,
     "mean abs change inside": lambda r, log: inside_change(log),
 }
 

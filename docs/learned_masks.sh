@@ -10,7 +10,9 @@
 #     bash docs/learned_masks.sh                               # then: bash docs/learned_masks.sh summary
 #
 # Per generator run: samples/learned_masks/<category>-level1-s<seed>/, results/learned_masks/<category>-s<seed>.json
-# and results/learned_masks/merged/<category>-s<seed>.json (the jittered masks' rows and "real+axf learned").
+# and results/learned_masks/merged/<category>-s<seed>.json (the jittered masks' rows and "real+axf learned"); the
+# toy checks' recall on both kinds of masks in results/learned_masks/checks/ (control is drawn from the checkpoint,
+# the same for both).
 set -euo pipefail
 CATEGORIES=${CATEGORIES:-bottle pill} SEEDS=${SEEDS:-0 1 2} DSEEDS=${DSEEDS:-0,1} N=${N:-48}
 JITTERED=${JITTERED:-results/downstream_level1_epochs4}
@@ -29,12 +31,20 @@ done; done
 python - "$JITTERED" <<'PY'
 import json, sys
 from pathlib import Path
+checks = Path("results/learned_masks/checks")
+checks.mkdir(exist_ok=True)
 for learned in sorted(Path("results/learned_masks").glob("*-s*.json")):
     jittered = Path(sys.argv[1]) / learned.name
     if jittered.is_file():
-        rows = json.loads(jittered.read_text())
-        rows["real+axf learned"] = json.loads(learned.read_text())["real+axf"]
+        rows, new = json.loads(jittered.read_text()), json.loads(learned.read_text())
+        category, seed = learned.stem.rsplit("-s", 1)
+        for name, result in (("jittered", rows), ("learned", new)):
+            recall = {k: v for k, v in result["toy_checks"].items() if k != "control"}  # control: the checkpoint's, alike
+            (checks / f"{category}-{name}-s{seed}.json").write_text(json.dumps({"toy_checks": recall}))
+        rows["real+axf learned"] = new["real+axf"]
         Path("results/learned_masks/merged", learned.name).write_text(json.dumps(rows))
 PY
 ls results/learned_masks/merged/*.json > /dev/null 2>&1 || exit 0
-python docs/compare.py --methods results/learned_masks/merged/*.json real
+python docs/compare.py --methods results/learned_masks/merged/*.json real          # every row against the real few
+python docs/compare.py --methods results/learned_masks/merged/*.json real+axf      # ... against the jittered masks
+python docs/compare.py results/learned_masks/checks jittered learned
