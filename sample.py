@@ -402,11 +402,11 @@ def mask_autoencoder(path, config):
         raise FileNotFoundError(f"--masks learned mixes masks with the stage-2 mask autoencoder, {stage2}: no file "
                                 f"there (train.py writes it beside axf.pt)")
     checkpoint = checkpoints.read_checkpoint(stage2)
-    autoencoder = axf.build_mask_autoencoder(checkpoint["config"])
-    autoencoder.load_state_dict(checkpoint["model"])
-    if checkpoint["config"]["image_size"] != config["image_size"]:
+    if checkpoint["config"]["image_size"] != config["image_size"]:  # another run's: its layers would not fit
         raise ValueError(f"{stage2} is of {checkpoint['config']['image_size']} px masks, {path} of "
                          f"{config['image_size']} px")
+    autoencoder = axf.build_mask_autoencoder(checkpoint["config"])
+    autoencoder.load_state_dict(checkpoint["model"])
     return autoencoder.eval()
 
 
