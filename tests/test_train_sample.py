@@ -220,7 +220,8 @@ def test_sampling_refuses_a_folder_of_another_category_or_data_folder(sampled, t
 
 def test_learned_masks_fill_a_category_folder_and_need_the_mask_autoencoder(checkpoint_once, trained, tmp_path):
     """--masks learned draws every sample inside a new non-empty mask (data.load_category refuses an empty one) from
-    the stage-2 mask autoencoder beside the checkpoint; without that file it is refused before anything is written."""
+    the stage-2 mask autoencoder beside the checkpoint; without that file, or with one of another image size, it is
+    refused before anything is written."""
     out = tmp_path / "learned"
     sample.main(checkpoint_once + ["--n", "2", "--masks", "learned", "--out_dir", str(out)])
     assert len(data.load_category(out).anomalies) == 2 * len(toy.TOY_DEFECTS["bottle"])
@@ -229,6 +230,11 @@ def test_learned_masks_fill_a_category_folder_and_need_the_mask_autoencoder(chec
     shutil.copy(trained / "axf.pt", lone / "axf.pt")
     flags = checkpoint_once[:2] + ["--ckpt", str(lone), "--masks", "learned", "--out_dir", str(tmp_path / "none")]
     with pytest.raises(FileNotFoundError, match=r"lone/mask_ae.pt: no file there"):
+        sample.main(flags)
+    other = torch.load(trained / "mask_ae.pt", weights_only=True)  # another run's, of 64 px masks
+    other["config"]["image_size"] = 64
+    torch.save(other, lone / "mask_ae.pt")
+    with pytest.raises(ValueError, match=r"lone/mask_ae.pt is of 64 px masks, .* of 32 px"):
         sample.main(flags)
     assert not (tmp_path / "none").exists()
 
