@@ -5,6 +5,8 @@ protocol stamp that makes a table citable. In reading order:
                                       flips/turns/jitter of the real few (`aug`), `real` (the few-shot real
                                       anomalies alone), `real+<method>` (real's batches, plus the method's in
                                       extra slots: the real anomalies are seen exactly as in `real`)
+  augmented_mix, OPT_IN_METHODS       `real+aug+axf`: the real few and the generated ones, both augmented as
+                                      `aug`, in the extra slots
   EVAL_KEYS, EVAL_PRESETS, resolve_eval_config   sizes and budgets, one table of config.py's Key rows: toy
                                       (CPU, minutes), mvtec (one GPU)
   train_segmenter, classification_accuracy   downstream models: fixed epochs, the last one is reported
@@ -156,7 +158,17 @@ def augmented_anomalies(real, counts, g):
     return torch.stack(out_images), torch.stack(out_masks), torch.tensor(out_labels)
 
 
+def augmented_mix(real, generated, counts, g):
+    """Per defect type, half the pool the real few augmented (as `aug`), half the generated ones augmented the same
+    way: generated anomalies moved to new places and orientations by the transforms that help the real few, where
+    the generator itself draws them worse (docs/results.md, "Wider places")."""
+    shares = ((real, {d: n // 2 for d, n in counts.items()}), (generated, {d: n - n // 2 for d, n in counts.items()}))
+    halves = [augmented_anomalies(source, share, g) for source, share in shares if sum(share.values())]
+    return tuple(torch.cat(parts) for parts in zip(*halves))
+
+
 METHODS = ("axf", "draem", "crop_paste", "aug", "real", "real+axf", "real+draem", "real+crop_paste", "real+aug")
+OPT_IN_METHODS = ("real+aug+axf",)   # named in --methods only: the default table keeps its nine rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,7 +425,8 @@ def parse_args(argv):
     arg("--resnet", help="torchvision ResNet-34 state dict for the classifier (default: from scratch)")
     arg("--methods", default=",".join(METHODS), help="comma-separated rows: axf (--generated), draem (Perlin noise), "
         "crop_paste (few-shot anomalies pasted), aug (the few-shot ones flipped, turned, jittered), real (the few-shot "
-        "anomalies), real+<method> (real's batches, the method's anomalies in extra slots)")
+        "anomalies), real+<method> (real's batches, the method's anomalies in extra slots); not in the default: "
+        "real+aug+axf (extra slots: half the real few, half the generated ones, each flipped, turned, jittered as aug)")
     arg("--seeds", help="comma-separated seeds of the downstream models, e.g. 0,1,2 (default: the seed key)")
     arg("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
     arg("--ckpt", help="with --toy, the generator's checkpoint, for the control checks (toy_checks.py; default: the "
@@ -466,7 +479,9 @@ def anomaly_sets(methods, generated, ctx, eval_config):
     g, normals, real = torch.Generator().manual_seed(eval_config["seed"]), ctx["normals"], ctx["real"]
     make = {"axf": lambda: generated, "real": lambda: real, "crop_paste": lambda: crop_paste_anomalies(
         real, normals, counts, g), "draem": lambda: draem_anomalies(normals, counts, g, eval_config["image_size"]),
-        "aug": lambda: augmented_anomalies(real, counts, g)}
+        "aug": lambda: augmented_anomalies(real, counts, g),
+        # its own draws: the same pool whichever rows run beside it, and theirs unchanged by it
+        "aug+axf": lambda: augmented_mix(real, generated, counts, torch.Generator().manual_seed(eval_config["seed"] + 1))}
     sets = {m: make[m]() for m in make if m in methods or f"real+{m}" in methods}
     return {m: (sets[m], None) if m in sets else (real, sets[m.removeprefix("real+")]) for m in methods}
 
@@ -528,8 +543,9 @@ def main(argv=None):
     args, overrides = parse_args(argv)
     _said.clear()   # each run explains its nulls
     methods = comma_list("--methods", args.methods, str, "axf,draem,real")
-    if set(methods) - set(METHODS):
-        raise ValueError(f"--methods: unknown {sorted(set(methods) - set(METHODS))}; choose from {','.join(METHODS)}")
+    if set(methods) - set(METHODS + OPT_IN_METHODS):
+        raise ValueError(f"--methods: unknown {sorted(set(methods) - set(METHODS + OPT_IN_METHODS))}; choose from "
+                         f"{','.join(METHODS + OPT_IN_METHODS)}")
     seeds = (comma_list("--seeds", args.seeds, int, "0,1,2") if args.seeds is not None
              else [overrides.get("seed", EVAL_KEYS["seed"].default)])
     out, table_path = output_files(args)

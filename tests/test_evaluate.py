@@ -364,6 +364,32 @@ def test_real_plus_a_method_sees_the_real_anomalies_exactly_as_real_does():
     assert sets["real+aug"][0] is real and len(sets["real+aug"][1][0]) == len(extra[0])   # aug at the same count
 
 
+def test_real_plus_aug_plus_axf_mixes_half_real_half_generated_each_augmented_with_draws_of_its_own():
+    """real+aug+axf's extra pool: per defect type as many as were generated, half of them (rounded down) the real
+    few augmented and the rest the generated ones augmented (told apart by their mask values), each mask a turn or
+    flip of one of its source's masks of that type; the pool is the same whichever rows run beside it, and the aug
+    row is unchanged by it."""
+    eval_config = E.resolve_eval_config("toy", {"batch_size": 4})
+    real = (torch.rand(4, 3, 8, 8), torch.rand(4, 1, 8, 8), torch.tensor([0, 0, 1, 1]))            # masks < 1
+    generated = (torch.rand(7, 3, 8, 8), torch.rand(7, 1, 8, 8) + 2, torch.tensor([0, 0, 0, 0, 0, 1, 1]))  # >= 2
+    ctx = {"normals": torch.rand(6, 3, 8, 8), "real": real, "defects": ["a", "b"]}
+    alone = E.anomaly_sets(["real+aug+axf"], generated, ctx, eval_config)["real+aug+axf"]
+    beside = E.anomaly_sets(["real+aug", "real+aug+axf"], generated, ctx, eval_config)
+    assert alone[0] is real and all(torch.equal(a, b) for a, b in zip(alone[1], beside["real+aug+axf"][1]))
+    aug_only = E.anomaly_sets(["real+aug"], generated, ctx, eval_config)["real+aug"][1]
+    assert all(torch.equal(a, b) for a, b in zip(aug_only, beside["real+aug"][1]))
+    _, masks, labels = alone[1]
+    from_real = masks.flatten(1).amax(1) < 1
+    assert [int((labels == d).sum()) for d in (0, 1)] == [5, 2]                  # as many as generated per type
+    assert [int((from_real & (labels == d)).sum()) for d in (0, 1)] == [2, 1]    # half of them real (5 // 2, 2 // 2)
+    views = lambda m: [v.rot90(k, (1, 2)) for v in (m, m.flip(-1)) for k in range(4)]
+    for mask, d, is_real in zip(masks, labels.tolist(), from_real.tolist()):
+        source = real if is_real else generated
+        assert any(torch.equal(mask, v) for k in torch.nonzero(source[2] == d).flatten() for v in views(source[1][k]))
+    with pytest.raises(ValueError, match="real\\+aug\\+axf"):   # opt-in rows are named when refusing others
+        E.main(["--toy", "--category", "bottle", "--generated", "nowhere", "--methods", "real,real+typo"])
+
+
 def _write_png(path, array):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
