@@ -9,6 +9,8 @@ paired difference between successive rows (the same categories and seeds) with i
     python docs/compare.py --methods results/downstream/*.json real  # several (one per generator run, named
         # <category>-s<seed>.json): each run's mean over its downstream seeds, paired by run, per category and pooled
     python docs/compare.py --chain results/counts/merged/*.json real  # each row against the one before it
+    python docs/compare.py --by_seed results/downstream/*.json real  # paired by (category, downstream seed), each
+        # row's mean over the category's runs: for a base that does not depend on the generator
 
 Reads <dir>/<category>-<row>-s<seed>.json (evaluate.py --toy) and, for the mean |generated - normal| inside
 the masks, sample.py's line in runs/<name>/<category>/<row>-s<seed>/log.txt. Prints a markdown table.
@@ -94,21 +96,34 @@ DOWNSTREAM = {"pixel AP": ("segmentation", "pixel_ap"), "pixel AU-PRO": ("segmen
               "image AUROC": ("segmentation", "image_auroc"), "accuracy": ("classification", "accuracy")}
 
 
-def methods_against(paths, base, chain=False):
+def methods_against(paths, base, chain=False, by_seed=False):
     """The rows of evaluate.py results against their row `base`. One file: mean ± sample std over its downstream
     seeds and the paired difference (the same seed trains both) with its 95% interval. Several files (one per
     generator run): the unit is the run, valued by its mean over its downstream seeds, so that the spread and the
     interval include the generator's seed; per category (the name's part before the first "-") and pooled. With
-    chain, each row against the row before it (the files' order of rows) instead of against `base`."""
+    chain, each row against the row before it (the files' order of rows) instead of against `base`.
+
+    by_seed: the unit is (category, downstream seed), each row valued by its mean over the category's generator
+    runs, for a base that does not depend on the generator (real, real+aug, real+crop_paste): paired by run, its
+    value would count once per run though the runs of a category share it, and the interval would be too narrow."""
     results = {Path(p).stem: json.loads(Path(p).read_text()) for p in paths}
     first = next(iter(results.values()))
     rows = [name for name in first if isinstance(first[name], dict) and "per_seed" in first[name]]
-
-    def values(result, name, part, key):  # the run's values of a method: per downstream seed, or their mean
-        per_seed = [result[name]["per_seed"][s][part][key] for s in sorted(result[base]["per_seed"])]
-        return per_seed if len(results) == 1 else [sum(per_seed) / len(per_seed)]
-
     categories = sorted({run.split("-")[0] for run in results})
+
+    def values(runs_of, name, part, key):  # the group's values of a method, one per unit
+        per_run = [[results[r][name]["per_seed"][s][part][key] for s in sorted(results[r][base]["per_seed"])]
+                   for r in runs_of]
+        if len(results) == 1:
+            return per_run[0]
+        if not by_seed:
+            return [sum(v) / len(v) for v in per_run]
+        units = []
+        for c in sorted({r.split("-")[0] for r in runs_of}):
+            of_c = [v for r, v in zip(runs_of, per_run) if r.split("-")[0] == c]
+            units += [sum(v[i] for v in of_c) / len(of_c) for i in range(len(of_c[0]))]
+        return units
+
     groups = [(c, [r for r in results if r.split("-")[0] == c]) for c in categories]
     if len(results) > 1 and len(categories) > 1:
         groups.append(("pooled", list(results)))
@@ -118,10 +133,10 @@ def methods_against(paths, base, chain=False):
             against = rows[i - 1] if chain and i > 0 else None if chain else base
             cells = []
             for part, key in DOWNSTREAM.values():
-                run_values = [v for r in runs_of for v in values(results[r], name, part, key)]
+                run_values = values(runs_of, name, part, key)
                 text = cell(run_values, 100, 1)
                 if against not in (None, name):
-                    base_values = [v for r in runs_of for v in values(results[r], against, part, key)]
+                    base_values = values(runs_of, against, part, key)
                     text += f"; vs {against} " + difference(base_values, run_values, 100, 1)
                 cells.append(text)
             print(f"| {category} | {name} | " + " | ".join(cells) + " |")
@@ -130,6 +145,8 @@ def methods_against(paths, base, chain=False):
 if __name__ == "__main__":
     if sys.argv[1] == "--methods":
         methods_against(sys.argv[2:-1], sys.argv[-1])
+    elif sys.argv[1] == "--by_seed":  # --by_seed FILE ... BASE: units (category, downstream seed)
+        methods_against(sys.argv[2:-1], sys.argv[-1], by_seed=True)
     elif sys.argv[1] == "--chain":  # --chain FILE ... FIRST_ROW: each row against the one before it
         methods_against(sys.argv[2:-1], sys.argv[-1], chain=True)
     elif sys.argv[1] == "--pairs":  # --pairs text:text+mif,text:text+ddf FOLDER ROW ...
