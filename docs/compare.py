@@ -11,6 +11,8 @@ paired difference between successive rows (the same categories and seeds) with i
     python docs/compare.py --chain results/counts/merged/*.json real  # each row against the one before it
     python docs/compare.py --by_seed results/downstream/*.json real  # paired by (category, downstream seed), each
         # row's mean over the category's runs: for a base that does not depend on the generator
+    python docs/compare.py --by_seed results/a/*.json results/b/*.json real  # a run's files in several folders
+        # (the same name): their downstream seeds joined; only rows that have every seed of the base are shown
 
 Reads <dir>/<category>-<row>-s<seed>.json (evaluate.py --toy) and, for the mean |generated - normal| inside
 the masks, sample.py's line in runs/<name>/<category>/<row>-s<seed>/log.txt. Prints a markdown table.
@@ -96,6 +98,18 @@ DOWNSTREAM = {"pixel AP": ("segmentation", "pixel_ap"), "pixel AU-PRO": ("segmen
               "image AUROC": ("segmentation", "image_auroc"), "accuracy": ("classification", "accuracy")}
 
 
+def merge_seeds(into, result, path):
+    """Add an evaluate.py result's rows to `into`, row by row and downstream seed by seed; a seed two files both
+    hold must agree."""
+    for name, row in result.items():
+        if not (isinstance(row, dict) and "per_seed" in row):
+            continue
+        have = into.setdefault(name, {"per_seed": {}})["per_seed"]
+        for seed, value in row["per_seed"].items():
+            if have.setdefault(seed, value) != value:
+                raise ValueError(f"{path}: {name} at downstream seed {seed} differs from another file's")
+
+
 def methods_against(paths, base, chain=False, by_seed=False):
     """The rows of evaluate.py results against their row `base`. One file: mean ± sample std over its downstream
     seeds and the paired difference (the same seed trains both) with its 95% interval. Several files (one per
@@ -106,9 +120,12 @@ def methods_against(paths, base, chain=False, by_seed=False):
     by_seed: the unit is (category, downstream seed), each row valued by its mean over the category's generator
     runs, for a base that does not depend on the generator (real, real+aug, real+crop_paste): paired by run, its
     value would count once per run though the runs of a category share it, and the interval would be too narrow."""
-    results = {Path(p).stem: json.loads(Path(p).read_text()) for p in paths}
-    first = next(iter(results.values()))
-    rows = [name for name in first if isinstance(first[name], dict) and "per_seed" in first[name]]
+    results = {}
+    for path in paths:  # one run's files in several folders (the same name): their downstream seeds joined
+        merge_seeds(results.setdefault(Path(path).stem, {}), json.loads(Path(path).read_text()), path)
+    seeds = lambda result, name: set(result.get(name, {}).get("per_seed", {}))
+    # the rows every run has at every downstream seed of the base
+    rows = [name for name in next(iter(results.values())) if all(seeds(r, base) <= seeds(r, name) for r in results.values())]
     categories = sorted({run.split("-")[0] for run in results})
 
     def values(runs_of, name, part, key):  # the group's values of a method, one per unit

@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "docs"))
 import compare  # noqa: E402
 from metrics import paired_difference  # noqa: E402
@@ -38,3 +40,26 @@ def test_by_seed_pairs_a_generator_free_base_once_per_category_and_downstream_se
         n, mean, (low, high) = paired_difference([100 * b for b, _ in pairs], [100 * x for _, x in pairs])
         assert n == 4
         assert f"vs base {mean:+.1f} [{low:+.1f}, {high:+.1f}] (n=4)" in _pooled_new_cell(capsys, flag, paths)
+
+
+def test_a_runs_files_in_two_folders_join_their_downstream_seeds_and_must_agree_where_both_hold_one(tmp_path, capsys):
+    """Seeds 0,1 of both rows in one folder, seeds 2,3 of `new` and `base` in another: the run has four seeds of
+    each; a row with only seeds 0,1 (`old`) is left out of the table; a seed two files hold with other values
+    stops the comparison naming the file."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    one = _result([0.5, 0.6], [0.7, 0.8])
+    one["old"] = one["base"]
+    (first / "a-s0.json").write_text(json.dumps(one))
+    (second / "a-s0.json").write_text(json.dumps({name: {"per_seed": {str(d + 2): v["per_seed"][str(d)]
+                                                                      for d in (0, 1)}}
+                                                  for name, v in _result([0.4, 0.3], [0.9, 1.0]).items()}))
+    compare.methods_against([str(first / "a-s0.json"), str(second / "a-s0.json")], "base")
+    out = capsys.readouterr().out
+    assert "| old |" not in out
+    n, mean, (low, high) = paired_difference([50, 60, 40, 30], [70, 80, 90, 100])
+    assert f"vs base {mean:+.1f} [{low:+.1f}, {high:+.1f}] (n=4)" in out
+    clash = _result([0.5, 0.6], [0.7, 0.81])
+    (second / "a-s0.json").write_text(json.dumps(clash))
+    with pytest.raises(ValueError, match="a-s0.json: new at downstream seed 1 differs"):
+        compare.methods_against([str(first / "a-s0.json"), str(second / "a-s0.json")], "base")
