@@ -124,8 +124,9 @@ def methods_against(paths, base, chain=False, by_seed=False):
     for path in paths:  # one run's files in several folders (the same name): their downstream seeds joined
         merge_seeds(results.setdefault(Path(path).stem, {}), json.loads(Path(path).read_text()), path)
     seeds = lambda result, name: set(result.get(name, {}).get("per_seed", {}))
-    # the rows every run has at every downstream seed of the base
-    rows = [name for name in next(iter(results.values())) if all(seeds(r, base) <= seeds(r, name) for r in results.values())]
+    # the rows every run has at every downstream seed of the base, in the order the files name them
+    names = dict.fromkeys(name for result in results.values() for name in result)
+    rows = [name for name in names if all(seeds(r, base) <= seeds(r, name) for r in results.values())]
     categories = sorted({run.split("-")[0] for run in results})
 
     def values(runs_of, name, part, key):  # the group's values of a method, one per unit
