@@ -5,8 +5,7 @@ protocol stamp that makes a table citable. In reading order:
                                       flips/turns/jitter of the real few (`aug`), `real` (the few-shot real
                                       anomalies alone), `real+<method>` (real's batches, plus the method's in
                                       extra slots: the real anomalies are seen exactly as in `real`)
-  augmented_mix, OPT_IN_METHODS       `real+aug+axf`: the real few and the generated ones, both augmented as
-                                      `aug`, in the extra slots
+  augmented_mix, OPT_IN_METHODS       `real+aug+axf`: the real few and the generated ones, augmented as `aug`
   EVAL_KEYS, EVAL_PRESETS, resolve_eval_config   sizes and budgets, one table of config.py's Key rows: toy
                                       (CPU, minutes), mvtec (one GPU)
   train_segmenter, classification_accuracy   downstream models: fixed epochs, the last one is reported
@@ -159,9 +158,8 @@ def augmented_anomalies(real, counts, g):
 
 
 def augmented_mix(real, generated, counts, g):
-    """Per defect type, half the pool the real few augmented (as `aug`), half the generated ones augmented the same
-    way: generated anomalies moved to new places and orientations by the transforms that help the real few, where
-    the generator itself draws them worse (docs/results.md, "Wider places")."""
+    """Per defect type, half the pool the real few augmented as `aug`, half the generated ones augmented alike: moved
+    to new places and turns after they are drawn, where the generator draws worse (docs/results.md, "Wider places")."""
     shares = ((real, {d: n // 2 for d, n in counts.items()}), (generated, {d: n - n // 2 for d, n in counts.items()}))
     halves = [augmented_anomalies(source, share, g) for source, share in shares if sum(share.values())]
     return tuple(torch.cat(parts) for parts in zip(*halves))
@@ -543,9 +541,8 @@ def main(argv=None):
     args, overrides = parse_args(argv)
     _said.clear()   # each run explains its nulls
     methods = comma_list("--methods", args.methods, str, "axf,draem,real")
-    if set(methods) - set(METHODS + OPT_IN_METHODS):
-        raise ValueError(f"--methods: unknown {sorted(set(methods) - set(METHODS + OPT_IN_METHODS))}; choose from "
-                         f"{','.join(METHODS + OPT_IN_METHODS)}")
+    if unknown := sorted(set(methods) - set(METHODS + OPT_IN_METHODS)):
+        raise ValueError(f"--methods: unknown {unknown}; choose from {','.join(METHODS + OPT_IN_METHODS)}")
     seeds = (comma_list("--seeds", args.seeds, int, "0,1,2") if args.seeds is not None
              else [overrides.get("seed", EVAL_KEYS["seed"].default)])
     out, table_path = output_files(args)
