@@ -98,6 +98,11 @@ DOWNSTREAM = {"pixel AP": ("segmentation", "pixel_ap"), "pixel AU-PRO": ("segmen
               "image AUROC": ("segmentation", "image_auroc"), "accuracy": ("classification", "accuracy")}
 
 
+def category_of(run):
+    """A run's category: its file name's part before the first "-" (<category>-s<seed>.json)."""
+    return run.split("-")[0]
+
+
 def merge_seeds(into, result, path):
     """Add an evaluate.py result's rows to `into`, row by row and downstream seed by seed; a seed two files both
     hold must agree."""
@@ -127,7 +132,7 @@ def methods_against(paths, base, chain=False, by_seed=False):
     # the rows every run has at every downstream seed of the base, in the order the files name them
     names = dict.fromkeys(name for result in results.values() for name in result)
     rows = [name for name in names if all(seeds(r, base) <= seeds(r, name) for r in results.values())]
-    categories = sorted({run.split("-")[0] for run in results})
+    categories = sorted({category_of(run) for run in results})
 
     def values(runs_of, name, part, key):  # the group's values of a method, one per unit
         per_run = [[results[r][name]["per_seed"][s][part][key] for s in sorted(results[r][base]["per_seed"])]
@@ -137,12 +142,12 @@ def methods_against(paths, base, chain=False, by_seed=False):
         if not by_seed:
             return [sum(v) / len(v) for v in per_run]
         units = []
-        for c in sorted({r.split("-")[0] for r in runs_of}):
-            of_c = [v for r, v in zip(runs_of, per_run) if r.split("-")[0] == c]
+        for c in sorted({category_of(r) for r in runs_of}):
+            of_c = [v for r, v in zip(runs_of, per_run) if category_of(r) == c]
             units += [sum(v[i] for v in of_c) / len(of_c) for i in range(len(of_c[0]))]
         return units
 
-    groups = [(c, [r for r in results if r.split("-")[0] == c]) for c in categories]
+    groups = [(c, [r for r in results if category_of(r) == c]) for c in categories]
     if len(results) > 1 and len(categories) > 1:
         groups.append(("pooled", list(results)))
     print("| category | method | " + " | ".join(DOWNSTREAM) + " |\n" + "| --- " * (len(DOWNSTREAM) + 2) + "|")

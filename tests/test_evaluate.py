@@ -315,6 +315,11 @@ def test_baselines_change_only_the_masked_pixels():
     assert [m.sum().item() for m in masks] == [24] * 3 + [20] * 2   # pasted shapes keep their area
 
 
+def _turns_and_flips(t):
+    """The 8 turns by multiples of 90 degrees and flips of an image or mask [C, H, W]."""
+    return [v.rot90(k, (1, 2)) for v in (t, t.flip(-1)) for k in range(4)]
+
+
 def test_augmented_anomalies_turn_and_flip_the_mask_with_its_image():
     """Each aug anomaly is a real one of its type, flipped and/or turned by a multiple of 90 degrees (the mask
     exactly so), its pixels an affine brightness/contrast change of the same turned image within U(0.9, 1.1)."""
@@ -323,14 +328,13 @@ def test_augmented_anomalies_turn_and_flip_the_mask_with_its_image():
     masks[0, :, 1:4, 2:9], masks[1, :, 9:15, 12:14] = 1, 1
     real = (torch.rand(2, 3, 16, 16) * 0.5 + 0.25, masks, torch.tensor([0, 1]))   # no clamping at 0 or 1
     images, aug_masks, labels = E.augmented_anomalies(real, {0: 6, 1: 6}, g)
-    views = lambda t: [v.rot90(k, (1, 2)) for v in (t, t.flip(-1)) for k in range(4)]   # the 8 turns and flips
     seen = set()
     for image, mask, d in zip(images, aug_masks, labels.tolist()):
-        matches = [i for i, m in enumerate(views(masks[d])) if torch.equal(m, mask)]
+        matches = [i for i, m in enumerate(_turns_and_flips(masks[d])) if torch.equal(m, mask)]
         assert matches, "the mask is not a turn or flip of its type's real mask"
         fits = []
         for i in matches:
-            view = views(real[0][d])[i]
+            view = _turns_and_flips(real[0][d])[i]
             mean = view.mean()
             contrast = ((image - image.mean()) * (view - mean)).sum() / ((view - mean) ** 2).sum()
             brightness = (image.mean() / mean).item()
@@ -382,10 +386,10 @@ def test_real_plus_aug_plus_axf_mixes_half_real_half_generated_each_augmented_wi
     from_real = masks.flatten(1).amax(1) < 1
     assert [int((labels == d).sum()) for d in (0, 1)] == [5, 2]                  # as many as generated per type
     assert [int((from_real & (labels == d)).sum()) for d in (0, 1)] == [2, 1]    # half of them real (5 // 2, 2 // 2)
-    views = lambda m: [v.rot90(k, (1, 2)) for v in (m, m.flip(-1)) for k in range(4)]
     for mask, d, is_real in zip(masks, labels.tolist(), from_real.tolist()):
         source = real if is_real else generated
-        assert any(torch.equal(mask, v) for k in torch.nonzero(source[2] == d).flatten() for v in views(source[1][k]))
+        same_type = torch.nonzero(source[2] == d).flatten()
+        assert any(torch.equal(mask, v) for k in same_type for v in _turns_and_flips(source[1][k]))
     with pytest.raises(ValueError, match="real\\+aug\\+axf"):   # opt-in rows are named when refusing others
         E.main(["--toy", "--category", "bottle", "--generated", "nowhere", "--methods", "real,real+typo"])
 
