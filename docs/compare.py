@@ -3,6 +3,7 @@ paired difference between successive rows (the same categories and seeds) with i
 
     python docs/compare.py results/mask_channel on off          # rows named in the result files
     python docs/compare.py results/table6 none text text+mif text+ddf all
+    python docs/compare.py results/label_noise random faithful  # real+axf rows where a run has no axf row
     python docs/compare.py --pairs text:text+mif,text:text+ddf results/table6 text text+mif text+ddf  # chosen pairs
     python docs/compare.py --methods out/evaluate_bottle.json real   # one evaluate.py JSON: each method against
                                                                      # `real`, paired by downstream seed
@@ -30,10 +31,17 @@ METRICS = {  # name -> value of one run's result (a fraction in [0, 1]) or None 
     "defect type (recall)": lambda r, log: r["toy_checks"]["defect_type_recognised"],
     "colour drawn (control)": lambda r, log: r["toy_checks"].get("control", {}).get("colour_named_is_drawn"),
     "defect type (control)": lambda r, log: r["toy_checks"].get("control", {}).get("defect_type_recognised"),
-    "pixel AP": lambda r, log: r["axf"]["segmentation"]["pixel_ap"] if "axf" in r else None,
-    "pixel AU-PRO": lambda r, log: r["axf"]["segmentation"]["pixel_au_pro"] if "axf" in r else None,
+    "pixel AP": lambda r, log: generated_row(r, "pixel_ap"),
+    "pixel AU-PRO": lambda r, log: generated_row(r, "pixel_au_pro"),
     "mean abs change inside": lambda r, log: inside_change(log),
 }
+
+
+def generated_row(result, metric):
+    """A segmentation metric of the row trained on the generated anomalies: `axf` alone, else `real+axf` (the real
+    few with the generated ones in extra slots); None where the run has neither."""
+    row = result.get("axf", result.get("real+axf"))
+    return row["segmentation"][metric] if row else None
 
 
 def inside_change(log):

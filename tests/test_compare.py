@@ -63,3 +63,22 @@ def test_a_runs_files_in_two_folders_join_their_downstream_seeds_and_must_agree_
     (second / "a-s0.json").write_text(json.dumps(clash))
     with pytest.raises(ValueError, match="a-s0.json: new at downstream seed 1 differs"):
         compare.methods_against([str(first / "a-s0.json"), str(second / "a-s0.json")], "base")
+
+
+def test_rows_named_by_file_read_the_real_plus_generated_row_where_a_run_has_no_generated_row_alone(tmp_path, capsys):
+    """<category>-<row>-s<seed>.json files of evaluate.py runs with only `real+axf` (docs/label_noise.sh): the
+    pixel AP of the two rows, paired by generator seed, is that row's; a run with `axf` reads `axf`."""
+    values = {"random": [0.80, 0.70, 0.90], "faithful": [0.85, 0.72, 0.89]}
+    for row, per_seed in values.items():
+        for s, v in enumerate(per_seed):
+            result = {"real+axf": {"segmentation": {"pixel_ap": v, "pixel_au_pro": v}}, "real": {"segmentation": {
+                "pixel_ap": 0.0, "pixel_au_pro": 0.0}}, "toy_checks": {"colour_named_is_drawn": None,
+                                                                          "defect_type_recognised": None}}
+            if row == "faithful" and s == 0:   # a run with the generated row alone: that one is read
+                result["axf"] = {"segmentation": {"pixel_ap": 0.95, "pixel_au_pro": 0.95}}
+                values[row][0] = 0.95
+            (tmp_path / f"bottle-{row}-s{s}.json").write_text(json.dumps(result))
+    compare.main(tmp_path, ["random", "faithful"])
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("| pixel AP | bottle |"))
+    n, mean, (low, high) = paired_difference([100 * v for v in values["random"]], [100 * v for v in values["faithful"]])
+    assert f"{mean:+.1f} [{low:+.1f}, {high:+.1f}] (n=3)" in line
