@@ -5,6 +5,7 @@ What this file holds, in reading order:
   Anomaly, Category, load_category   one category folder, validated up front, errors in one line
   load_generated                     generated anomalies: sample.py's folder or AnomalyDiffusion's layout
   few_shot_split                     the first third of each defect type trains the generator (§5)
+  validation_split                   a folder of the few-shot anomalies alone, to choose a recipe on
   read_image, read_mask              tensors: images [3, S, S] in [0, 1], masks [1, S, S] in {0, 1}
   perlin_mask, JITTER, sample_mask   masks to generate at: DRAEM's Perlin blobs or jittered real masks
   shifted, mask_centre, mixed_mask   new masks of a defect type: two of its examples mixed by the mask autoencoder
@@ -13,6 +14,7 @@ Depends on torch, numpy and pillow; main() on toy.py.
 """
 import argparse
 import math
+import shutil
 import textwrap
 import time
 from dataclasses import dataclass, field
@@ -198,6 +200,30 @@ def few_shot_split(anomalies):
         items = sorted((a for a in anomalies if a.defect == defect), key=lambda a: a.image.name)
         train, held_out = train + items[:max(1, len(items) // 3)], held_out + items[max(1, len(items) // 3):]
     return train, held_out
+
+
+def validation_split(category, out, good_every=5):
+    """A category folder for choosing a recipe without the test set: its anomalies are the few-shot ones alone
+    (so few_shot_split of it gives the generator the first third of those and holds out the rest as validation),
+    its test/good every `good_every`-th normal training image, its train/good the others. train.py, sample.py and
+    evaluate.py run on it unchanged (--data_root); no held-out anomaly and no test image is copied. Returns
+    out/<category name>, written whole: any earlier copy there is replaced."""
+    target = Path(out) / category.name
+    if target.resolve() == category.folder.resolve():
+        raise ValueError(f"{out}: the validation folder would replace {category.folder} itself; choose another")
+    if target.exists():
+        shutil.rmtree(target)
+    few, _ = few_shot_split(category.anomalies)
+    held_goods = set(category.train_good[good_every - 1::good_every])
+    copies = [(p, Path("train/good") / p.name) for p in category.train_good if p not in held_goods]
+    copies += [(p, Path("test/good") / p.name) for p in sorted(held_goods)]
+    for a in few:   # the image, its mask file(s) and its caption, each at its place in the layout
+        caption = category.folder / "prompt" / a.defect / f"{a.image.stem}.txt"
+        copies += [(p, p.relative_to(category.folder)) for p in (a.image, *a.mask_files, caption)]
+    for source, relative in copies:
+        (target / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target / relative)
+    return target
 
 
 def read_image(path, size):

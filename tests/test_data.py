@@ -252,6 +252,30 @@ def test_few_shot_split_is_first_third_disjoint_and_deterministic():
         assert all(t < h for t in names_t for h in names_h)
 
 
+def test_validation_split_holds_the_few_shot_anomalies_alone_and_a_fifth_of_the_normals(toy_world, tmp_path):
+    """The validation folder reads as a category: its anomalies are the few-shot ones (same bytes, masks and
+    captions), none held out; its normal images split the training ones, every fifth one held as test/good; and
+    its own few-shot split gives the generator a third of those, so validation anomalies are never trained on."""
+    cable = toy_world["cable"]
+    folder = data.validation_split(cable, tmp_path / "val")
+    assert folder == tmp_path / "val" / "cable"
+    val = data.load_category(folder)
+    few, held = data.few_shot_split(cable.anomalies)
+    key = lambda a: (a.defect, a.image.name, a.caption)
+    assert sorted(map(key, val.anomalies)) == sorted(map(key, few))
+    assert not {(a.defect, a.image.name) for a in val.anomalies} & {(a.defect, a.image.name) for a in held}
+    for a, b in zip(sorted(val.anomalies, key=key), sorted(few, key=key)):
+        assert a.image.read_bytes() == b.image.read_bytes()
+        assert torch.equal(data.read_mask(a, SIZE), data.read_mask(b, SIZE))
+    names = lambda paths: [p.name for p in paths]
+    assert names(val.test_good) == names(cable.train_good)[4::5]
+    assert sorted(names(val.train_good) + names(val.test_good)) == names(cable.train_good)
+    fit, validation = data.few_shot_split(val.anomalies)
+    assert len(fit) < len(validation) and not set(map(key, fit)) & set(map(key, validation))
+    with pytest.raises(ValueError, match="would replace"):
+        data.validation_split(cable, cable.folder.parent)
+
+
 # ---------------------------------------------------------------------------------------------- masks
 
 
