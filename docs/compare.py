@@ -29,8 +29,8 @@ from metrics import mean_std, paired_difference  # noqa: E402
 METRICS = {  # name -> value of one run's result (a fraction in [0, 1]) or None where the run lacks it
     "colour drawn (recall)": lambda r, log: r["toy_checks"]["colour_named_is_drawn"],
     "defect type (recall)": lambda r, log: r["toy_checks"]["defect_type_recognised"],
-    "colour drawn (control)": lambda r, log: r["toy_checks"].get("control", {}).get("colour_named_is_drawn"),
-    "defect type (control)": lambda r, log: r["toy_checks"].get("control", {}).get("defect_type_recognised"),
+    "colour drawn (control)": lambda r, log: (r["toy_checks"].get("control") or {}).get("colour_named_is_drawn"),
+    "defect type (control)": lambda r, log: (r["toy_checks"].get("control") or {}).get("defect_type_recognised"),
     "pixel AP": lambda r, log: generated_row(r, "pixel_ap"),
     "pixel AU-PRO": lambda r, log: generated_row(r, "pixel_au_pro"),
     "mean abs change inside": lambda r, log: inside_change(log),

@@ -66,14 +66,16 @@ def test_a_runs_files_in_two_folders_join_their_downstream_seeds_and_must_agree_
 
 
 def test_rows_named_by_file_read_the_real_plus_generated_row_where_a_run_has_no_generated_row_alone(tmp_path, capsys):
-    """<category>-<row>-s<seed>.json files of evaluate.py runs with only `real+axf` (docs/label_noise.sh): the
-    pixel AP of the two rows, paired by generator seed, is that row's; a run with `axf` reads `axf`."""
+    """<category>-<row>-s<seed>.json files of evaluate.py runs with only `real+axf` and no control checks (a
+    folder without its generator: docs/label_noise.sh): the pixel AP of the two rows, paired by generator seed, is
+    that row's; a run with `axf` reads `axf`."""
     values = {"random": [0.80, 0.70, 0.90], "faithful": [0.85, 0.72, 0.89]}
     for row, per_seed in values.items():
         for s, v in enumerate(per_seed):
             result = {"real+axf": {"segmentation": {"pixel_ap": v, "pixel_au_pro": v}}, "real": {"segmentation": {
                 "pixel_ap": 0.0, "pixel_au_pro": 0.0}}, "toy_checks": {"colour_named_is_drawn": None,
-                                                                          "defect_type_recognised": None}}
+                                                                          "defect_type_recognised": None,
+                                                                          "control": None}}
             if row == "faithful" and s == 0:   # a run with the generated row alone: that one is read
                 result["axf"] = {"segmentation": {"pixel_ap": 0.95, "pixel_au_pro": 0.95}}
                 values[row][0] = 0.95
