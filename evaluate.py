@@ -5,7 +5,7 @@ protocol stamp that makes a table citable. In reading order:
                                       flips/turns/jitter of the real few (`aug`), `real` (the few-shot real
                                       anomalies alone), `real+<method>` (real's batches, plus the method's in
                                       extra slots: the real anomalies are seen exactly as in `real`)
-  augmented_mix, OPT_IN_METHODS       `real+aug+axf`: the real few and the generated ones, augmented as `aug`
+  augmented_mix, OPT_IN_METHODS       opt-in rows that mix the generated ones in: `real+aug+axf`, `real+crop_paste+axf`
   EVAL_KEYS, EVAL_PRESETS, resolve_eval_config   sizes and budgets, one table of config.py's Key rows: toy
                                       (CPU, minutes), mvtec (one GPU)
   train_segmenter, classification_accuracy   downstream models: fixed epochs, the last one is reported
@@ -18,6 +18,7 @@ check live in metrics.py and are re-exported here. Protocol: train on a method's
 images; test on the held-out two thirds of the real anomalies (data.few_shot_split) plus all good test images.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -97,8 +98,7 @@ def draem_anomalies(normals, counts, g, size):
     """DRAEM's recipe: a Perlin-noise mask filled with another normal image or colour noise, blended.
 
     Without downloads there is no DTD texture set: the texture is a random other normal image (DRAEM's
-    self-augmentation) or uniform colour noise. The defect label only spreads samples over the types.
-    """
+    self-augmentation) or uniform colour noise. The defect label only spreads samples over the types."""
     out_images, out_masks, labels = [], [], []
     for d, n in counts.items():
         for _ in range(n):
@@ -166,7 +166,7 @@ def augmented_mix(real, generated, counts, g):
 
 
 METHODS = ("axf", "draem", "crop_paste", "aug", "real", "real+axf", "real+draem", "real+crop_paste", "real+aug")
-OPT_IN_METHODS = ("real+aug+axf",)   # named in --methods only: the default table keeps its nine rows
+OPT_IN_METHODS = ("real+aug+axf", "real+crop_paste+axf")   # named in --methods only: the default table keeps nine
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,8 +306,7 @@ def classification_accuracy(anomalies, test, num_classes, steps, eval_config, de
 
     An epoch is `steps` batches (sized by the normal training set, as the segmenter's), so every method
     gets the same training budget however many anomalies it made; `extra` adds a batch of its own to each
-    step, drawn by g_extra (as segmenter_batches does).
-    """
+    step, drawn by g_extra (as segmenter_batches does)."""
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)   # ImageNet statistics
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     images, labels = (anomalies[0] - mean) / std, anomalies[2]
@@ -326,9 +325,6 @@ def classification_accuracy(anomalies, test, num_classes, steps, eval_config, de
                           for x in test[0].split(eval_config["batch_size"])])
     return float((pred == test[1]).double().mean())
 
-
-# ----------------------------------------------------------------------------------------------
-# A run says its time before the long work starts.
 
 
 def estimate_seconds(ctx, eval_config, device, runs):
@@ -424,7 +420,8 @@ def parse_args(argv):
     arg("--methods", default=",".join(METHODS), help="comma-separated rows: axf (--generated), draem (Perlin noise), "
         "crop_paste (few-shot anomalies pasted), aug (the few-shot ones flipped, turned, jittered), real (the few-shot "
         "anomalies), real+<method> (real's batches, the method's anomalies in extra slots); not in the default: "
-        "real+aug+axf (extra slots: half the real few, half the generated ones, each flipped, turned, jittered as aug)")
+        "real+aug+axf (extra slots: half the real few, half the generated ones, each flipped, turned, jittered as aug), "
+        "real+crop_paste+axf (extra slots: crop_paste's and the generated ones)")
     arg("--seeds", help="comma-separated seeds of the downstream models, e.g. 0,1,2 (default: the seed key)")
     arg("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
     arg("--ckpt", help="with --toy, the generator's checkpoint, for the control checks (toy_checks.py; default: the "
@@ -472,11 +469,14 @@ def real_data(category, eval_config):
 
 def anomaly_sets(methods, generated, ctx, eval_config):
     """Each method's material: (anomalies, extra), each (images, masks, defect index) or None. The baselines make as
-    many per defect type as were generated; real+<method> trains on the real ones, the method's in extra slots."""
+    many per defect type as were generated; real+<method> trains on the real ones, the method's in extra slots
+    (real+crop_paste+axf: the crop_paste row's very pool and the generated ones, about half the slots each)."""
     counts = {d: n for d in range(len(ctx["defects"])) if (n := int((generated[2] == d).sum()))}
     g, normals, real = torch.Generator().manual_seed(eval_config["seed"]), ctx["normals"], ctx["real"]
-    make = {"axf": lambda: generated, "real": lambda: real, "crop_paste": lambda: crop_paste_anomalies(
-        real, normals, counts, g), "draem": lambda: draem_anomalies(normals, counts, g, eval_config["image_size"]),
+    crop_paste = functools.cache(lambda: crop_paste_anomalies(real, normals, counts, g))   # drawn first from g
+    make = {"axf": lambda: generated, "real": lambda: real, "crop_paste": crop_paste,
+        "crop_paste+axf": lambda: tuple(torch.cat(parts) for parts in zip(crop_paste(), generated)),
+        "draem": lambda: draem_anomalies(normals, counts, g, eval_config["image_size"]),
         "aug": lambda: augmented_anomalies(real, counts, g),
         # its own draws: the same pool whichever rows run beside it, and theirs unchanged by it
         "aug+axf": lambda: augmented_mix(real, generated, counts, torch.Generator().manual_seed(eval_config["seed"] + 1))}

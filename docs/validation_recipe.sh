@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The recipe for training data, chosen on the validation folder (docs/validation_split.py), never on the test set.
 # Per category and generator seed: train.py on the folder, three sample.py candidates, evaluate.py on each at the toy
-# preset with 20 segmenter epochs; real and real+crop_paste run beside the default candidate (48 per type):
+# preset with 20 segmenter epochs; real, real+crop_paste and real+crop_paste+axf (crop-paste's pool and the generated
+# ones) run beside the default candidate (48 per type):
 #     J48   sample.py's defaults (a few-shot mask, jittered), --n 48 per defect type   -> row real+axf
 #     L48   --masks learned, --n 48                                                   -> row real+axf learned
 #     J144  the defaults, --n 144                                                     -> row real+axf 144
@@ -25,7 +26,7 @@ for s in $SEEDS; do for c in $CATEGORIES; do
     out=$R/$c-s$s-$candidate.json
     [ -f "$out" ] && continue
     case $candidate in
-      J48) flags="--n 48" methods=real,real+axf,real+crop_paste ;;
+      J48) flags="--n 48" methods=real,real+axf,real+crop_paste,real+crop_paste+axf ;;
       L48) flags="--n 48 --masks learned" methods=real+axf ;;
       J144) flags="--n 144" methods=real+axf ;;
     esac

@@ -394,6 +394,27 @@ def test_real_plus_aug_plus_axf_mixes_half_real_half_generated_each_augmented_wi
         E.main(["--toy", "--category", "bottle", "--generated", "nowhere", "--methods", "real,real+typo"])
 
 
+
+def test_real_plus_crop_paste_plus_axf_pools_the_crop_paste_rows_very_anomalies_and_the_generated_ones():
+    """real+crop_paste+axf's extra pool is the real+crop_paste row's pool followed by every generated anomaly,
+    whether or not that row (or the draem and aug rows, which draw from the same generator after it) runs beside
+    it; and it leaves their pools as they are without it."""
+    eval_config = E.resolve_eval_config("toy", {"batch_size": 4, "image_size": 32})
+    real = (torch.rand(4, 3, 32, 32), (torch.rand(4, 1, 32, 32) > 0.5).float(), torch.tensor([0, 0, 1, 1]))
+    generated = (torch.rand(5, 3, 32, 32), torch.rand(5, 1, 32, 32) + 2, torch.tensor([0, 0, 0, 1, 1]))
+    ctx = {"normals": torch.rand(6, 3, 32, 32), "real": real, "defects": ["a", "b"]}
+    rows = ["real+crop_paste", "real+draem", "real+aug"]
+    without = E.anomaly_sets(rows, generated, ctx, eval_config)
+    beside = E.anomaly_sets(rows + ["real+crop_paste+axf"], generated, ctx, eval_config)
+    alone = E.anomaly_sets(["real+aug", "real+crop_paste+axf"], generated, ctx, eval_config)
+    pasted = without["real+crop_paste"][1]
+    for sets in (beside, alone):
+        anomalies, extra = sets["real+crop_paste+axf"]
+        assert anomalies is real and len(extra[0]) == len(pasted[0]) + len(generated[0])
+        assert all(torch.equal(e, torch.cat([p, g])) for e, p, g in zip(extra, pasted, generated))
+    for row in rows:
+        assert all(torch.equal(a, b) for a, b in zip(without[row][1], beside[row][1]))
+
 def _write_png(path, array):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
