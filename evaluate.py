@@ -326,7 +326,6 @@ def classification_accuracy(anomalies, test, num_classes, steps, eval_config, de
     return float((pred == test[1]).double().mean())
 
 
-
 def estimate_seconds(ctx, eval_config, device, runs):
     """`runs` trainings of both downstream models, from the time of each one's second step (the first warms up)."""
     B, S, seconds = eval_config["batch_size"], eval_config["image_size"], []
