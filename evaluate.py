@@ -472,7 +472,7 @@ def anomaly_sets(methods, generated, ctx, eval_config):
     (real+crop_paste+axf: the crop_paste row's very pool and the generated ones, about half the slots each)."""
     counts = {d: n for d in range(len(ctx["defects"])) if (n := int((generated[2] == d).sum()))}
     g, normals, real = torch.Generator().manual_seed(eval_config["seed"]), ctx["normals"], ctx["real"]
-    crop_paste = functools.cache(lambda: crop_paste_anomalies(real, normals, counts, g))   # drawn first from g
+    crop_paste = functools.cache(lambda: crop_paste_anomalies(real, normals, counts, g))   # once, before draem/aug
     make = {"axf": lambda: generated, "real": lambda: real, "crop_paste": crop_paste,
         "crop_paste+axf": lambda: tuple(torch.cat(parts) for parts in zip(crop_paste(), generated)),
         "draem": lambda: draem_anomalies(normals, counts, g, eval_config["image_size"]),
